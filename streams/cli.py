@@ -1,0 +1,250 @@
+"""The `paysaga` command line: the user's interface, so its spellings are kept stable.
+
+Every option also reads a `PAYSAGA_*` environment variable (named in its help); an explicit
+option wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from paysaga.streams.settings import Settings
+
+
+def _env_opt(p: argparse.ArgumentParser, flag: str, env: str, default: Any, typ=str, **kw) -> None:
+    raw = os.environ.get(env)
+    value = typ(raw) if raw not in (None, "") else default
+    p.add_argument(flag, type=typ, default=value, help=f"{kw.pop('help', '')} [${env}]", **kw)
+
+
+def _settings_opts(p: argparse.ArgumentParser, *names: str) -> None:
+    """Options that map onto Settings fields; unset ones fall back to env, then default."""
+    for name in names:
+        field = Settings.model_fields[name]
+        typ = int if field.annotation is int else str
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=typ,
+            default=None,
+            help=f"{field.description or name} [$PAYSAGA_{name.upper()}]",
+        )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings.from_env(**overrides)
+
+
+# ---- broker ---------------------------------------------------------------------------------
+def _broker(args: argparse.Namespace) -> int:
+    from paysaga.streams.broker import BrokerError, LocalBroker
+
+    broker = LocalBroker(Path(args.broker_data_dir), args.port)
+    try:
+        if args.action == "up":
+            took = broker.up()
+            print(f"broker up at {broker.bootstrap} in {took:.1f}s (log {broker.log_file})")
+        elif args.action == "down":
+            print("broker stopped" if broker.down() else "broker was not running")
+        else:
+            print(broker.status())
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- topics ---------------------------------------------------------------------------------
+def _topics(args: argparse.Namespace) -> int:
+    from paysaga.streams.topics import create_topics
+
+    try:
+        result = asyncio.run(create_topics(_settings(args)))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    created = sorted(k for k, v in result.items() if v == "created")
+    print(f"{len(result)} topics: {len(created)} created, {len(result) - len(created)} existed")
+    for name in created:
+        print(f"  + {name}")
+    return 0
+
+
+# ---- worker ---------------------------------------------------------------------------------
+def _worker(args: argparse.Namespace) -> int:
+    from paysaga.streams.worker import run_worker
+
+    run_worker(_settings(args))
+    return 0
+
+
+# ---- produce --------------------------------------------------------------------------------
+def _produce(args: argparse.Namespace) -> int:
+    from paysaga.schemas.codec import AvroCodec
+    from paysaga.schemas.registry import SchemaRegistry
+    from paysaga.streams.topics import Topics
+    from paysaga.streams.upstream import UpstreamConfig, produce
+
+    cfg = UpstreamConfig(
+        count=args.count,
+        seed=args.seed,
+        duplicate_rate=args.duplicate_rate,
+        conflict_rate=args.conflict_rate,
+    )
+    codec = AvroCodec(SchemaRegistry())
+    settings = _settings(args)
+    topic = Topics(settings.topic_prefix).initiated
+    sent = asyncio.run(produce(settings.bootstrap, codec, cfg, rate=args.rate, topic=topic))
+    print(f"produced {sent} PaymentInitiated events")
+    return 0
+
+
+# ---- operators ------------------------------------------------------------------------------
+def _get_json(settings: Settings, path: str) -> tuple[int, Any]:
+    url = f"http://{settings.web_host}:{settings.web_port}{path}"
+    req = urllib.request.Request(url)
+    if settings.web_token:
+        req.add_header("Authorization", f"Bearer {settings.web_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _payment(args: argparse.Namespace) -> int:
+    code, body = _get_json(_settings(args), f"/payments/{args.payment_id}/")
+    if code != 200:
+        print(f"error: {code} {body}", file=sys.stderr)
+        return 1
+    if args.action == "history":
+        for entry in body.get("history", []):
+            print(
+                f"{entry['occurred_at']}  {entry['status']:<10} {entry['kind']:<20} "
+                f"{entry['event_id']}"
+            )
+    else:
+        print(json.dumps({k: v for k, v in body.items() if k != "history"}, indent=2))
+    return 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from paysaga.streams.inspect import dlq_list, dlq_show
+
+    settings = _settings(args)
+    if args.action == "list":
+        return asyncio.run(dlq_list(settings, limit=args.limit))
+    return asyncio.run(dlq_show(settings, args.ref))
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from paysaga.streams.inspect import watch
+
+    return asyncio.run(watch(_settings(args), seconds=args.seconds))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from paysaga.streams.demo import run_demo
+
+    return run_demo(
+        _settings(args),
+        count=args.count,
+        rate=args.rate,
+        port=args.broker_port,
+        broker_dir=Path(args.broker_data_dir),
+    )
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paysaga", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    def broker_opts(p: argparse.ArgumentParser, prefix: str = "") -> None:
+        _env_opt(p, f"--{prefix}port", "PAYSAGA_BROKER_PORT", 9092, int, help="broker port")
+        _env_opt(
+            p,
+            f"--{prefix}data-dir",
+            "PAYSAGA_BROKER_DATA_DIR",
+            "data/broker",
+            dest="broker_data_dir",
+            help="broker data directory",
+        )
+
+    p = cmd("broker", _broker, "the local Apache Kafka node (KRaft, loopback)")
+    p.add_argument("action", choices=("up", "down", "status"))
+    broker_opts(p)
+
+    p = cmd("topics", _topics, "create every topic, idempotently")
+    p.add_argument("action", choices=("create",))
+    _settings_opts(p, "bootstrap", "topic_prefix", "partitions", "replication_factor", "app_id")
+
+    p = cmd("worker", _worker, "run one paysaga worker")
+    _settings_opts(
+        p,
+        "bootstrap",
+        "topic_prefix",
+        "data_dir",
+        "web_port",
+        "web_host",
+        "app_id",
+        "partitions",
+        "log_level",
+    )
+
+    p = cmd("produce", _produce, "the upstream producer simulator (Avro PaymentInitiated)")
+    _settings_opts(p, "bootstrap", "topic_prefix")
+    _env_opt(p, "--count", "PAYSAGA_COUNT", 1000, int, help="events to send")
+    _env_opt(p, "--rate", "PAYSAGA_RATE", 0.0, float, help="events/s, 0 = unthrottled")
+    _env_opt(p, "--seed", "PAYSAGA_SEED", 42, int, help="random seed")
+    _env_opt(p, "--duplicate-rate", "PAYSAGA_DUPLICATE_RATE", 0.05, float, help="retries")
+    _env_opt(p, "--conflict-rate", "PAYSAGA_CONFLICT_RATE", 0.01, float, help="key reuse")
+
+    p = cmd("payment", _payment, "show a payment or its history (through the web views)")
+    p.add_argument("action", choices=("show", "history"))
+    p.add_argument("payment_id")
+    _settings_opts(p, "web_host", "web_port", "web_token")
+
+    p = cmd("dlq", _dlq, "inspect the dead-letter queue")
+    p.add_argument("action", choices=("list", "show"))
+    p.add_argument("ref", nargs="?", help="PARTITION:OFFSET for show")
+    _env_opt(p, "--limit", "PAYSAGA_DLQ_LIMIT", 50, int, help="rows to list")
+    _settings_opts(p, "bootstrap", "topic_prefix")
+
+    p = cmd("watch", _watch, "live counts of payment.status outcomes and the DLQ")
+    _settings_opts(p, "bootstrap", "topic_prefix")
+    _env_opt(p, "--seconds", "PAYSAGA_WATCH_SECONDS", 0.0, float, help="0 = until Ctrl-C")
+
+    p = cmd("demo", _demo, "broker + topics + worker + producer + live progress (make run)")
+    _settings_opts(p, "data_dir", "web_port", "partitions")
+    _env_opt(p, "--count", "PAYSAGA_COUNT", 50_000, int, help="events to produce")
+    _env_opt(p, "--rate", "PAYSAGA_RATE", 500.0, float, help="events/s")
+    broker_opts(p, prefix="broker-")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "dlq" and args.action == "show" and not args.ref:
+        print("error: dlq show needs PARTITION:OFFSET", file=sys.stderr)
+        return 2
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""`make run`: broker, topics, worker and producer together, with live progress.
+
+Ctrl-C (or SIGTERM) stops everything this command started, in reverse order; a broker that
+was already running before is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from paysaga.streams.broker import LocalBroker, free_port
+from paysaga.streams.settings import Settings
+from paysaga.streams.topics import create_topics
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = open(log, "ab")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "paysaga.streams.cli", *args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return True
+        time.sleep(0.3)
+    return False
+
+
+def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir: Path) -> int:
+    broker = LocalBroker(broker_dir, port)
+    owned_broker = broker.pid() is None
+    print(f"starting the local Kafka broker on 127.0.0.1:{port} ...", flush=True)
+    took = broker.up()
+    print(f"broker ready in {took:.1f}s (log {broker.log_file})")
+    web_port = settings.web_port or free_port()
+    settings = settings.model_copy(update={"bootstrap": broker.bootstrap, "web_port": web_port})
+    result = asyncio.run(create_topics(settings))
+    print(f"topics: {sum(v == 'created' for v in result.values())} created, {len(result)} total")
+    logs = Path(settings.data_dir)
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PAYSAGA_BOOTSTRAP": settings.bootstrap,
+        "PAYSAGA_DATA_DIR": str(settings.data_dir),
+        "PAYSAGA_WEB_PORT": str(web_port),
+        "PAYSAGA_PARTITIONS": str(settings.partitions),
+    }
+    procs: list[subprocess.Popen] = []
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        worker = _spawn(["worker"], env, logs / "worker.log")
+        procs.append(worker)
+        base = f"http://{settings.web_host}:{web_port}"
+        if not _wait_http(base + "/health/", 60):
+            print(f"error: worker did not come up; see {logs / 'worker.log'}", file=sys.stderr)
+            return 1
+        print(
+            f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
+            f"(worker log {logs / 'worker.log'})"
+        )
+        producer = _spawn(
+            ["produce", "--count", str(count), "--rate", str(rate)], env, logs / "producer.log"
+        )
+        procs.append(producer)
+        print(
+            f"producing {count} payments at {rate:.0f}/s; live outcomes below "
+            "(Ctrl-C stops everything)",
+            flush=True,
+        )
+        from paysaga.streams.inspect import watch
+
+        asyncio.run(watch(settings))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping ...", flush=True)
+        for proc in reversed(procs):
+            _stop(proc)
+        if owned_broker:
+            broker.down()
+        print("stopped")
+    return 0

@@ -1,0 +1,71 @@
+"""Small Kafka reading helpers shared by the operator commands, the demo and the tests.
+
+Everything reads with `isolation_level="read_committed"`: what paysaga's outputs mean is
+what a committed reader sees, never records of aborted transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+
+def consumer(bootstrap: str, **kw) -> AIOKafkaConsumer:
+    """A group-less read_committed consumer (assign partitions yourself)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **kw,
+    )
+
+
+async def partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    parts = c.partitions_for_topic(topic)
+    if parts is None:
+        await c._client.force_metadata_update()
+        parts = c.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+async def read_all(bootstrap: str, *topics: str, timeout: float = 60.0) -> list[ConsumerRecord]:
+    """Every committed record of `topics`, from the beginning to the end as of now."""
+    return [r async for r in iter_records(bootstrap, *topics, follow=False, timeout=timeout)]
+
+
+async def iter_records(
+    bootstrap: str, *topics: str, follow: bool = True, timeout: float | None = None
+) -> AsyncIterator[ConsumerRecord]:
+    """Committed records of `topics` from the beginning; `follow=False` stops at today's end."""
+    c = consumer(bootstrap)
+    await c.start()
+    try:
+        tps = [tp for t in topics for tp in await partitions(c, t)]
+        if not tps:
+            raise RuntimeError(f"no partitions for {topics}: were the topics created?")
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        end = await c.end_offsets(tps) if not follow else {}
+        remaining = {tp for tp in tps if not follow and end[tp] > 0}
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while follow or remaining:
+            if deadline is not None and loop.time() > deadline:
+                raise TimeoutError(f"reading {topics} did not reach the end in {timeout}s")
+            batch = await c.getmany(timeout_ms=200, max_records=5000)
+            for tp, records in batch.items():
+                for r in records:
+                    if follow or r.offset < end[tp]:
+                        yield r
+                if not follow and await c.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+            if not follow:
+                for tp in list(remaining):
+                    if await c.position(tp) >= end[tp]:
+                        remaining.discard(tp)
+    finally:
+        await c.stop()

@@ -1,0 +1,57 @@
+"""Settings for every paysaga process, read from `PAYSAGA_*` environment variables.
+
+One model so that the worker, the CLI, the simulators and the tests agree on names and
+defaults; the CLI overlays its options on top of what the environment says.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "PAYSAGA_"
+DAY_MS = 24 * 3600 * 1000
+
+
+class Settings(BaseModel):
+    """Everything a paysaga process needs to know about its environment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    app_id: str = Field("paysaga", description="Faust application id (consumer group)")
+    topic_prefix: str = Field("", description="prefix of every topic name (isolation)")
+    partitions: int = Field(3, ge=1, description="partition count of every payment topic")
+    replication_factor: int = Field(1, ge=1)
+    data_dir: Path = Field(Path("data"), description="where worker state lives")
+    web_host: str = Field("127.0.0.1", description="web views bind address (loopback)")
+    web_port: int = Field(6066, ge=0, le=65535, description="0 picks a free port")
+    web_token: str | None = Field(None, description="bearer token required off loopback")
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    initiated_retention_ms: int = Field(7 * DAY_MS, description="payment.initiated retention")
+    lifecycle_retention_ms: int = Field(-1, description="audit topics; -1 keeps forever")
+    dlq_retention_ms: int = Field(-1)
+    idempotency_ttl_ms: int = Field(DAY_MS, ge=DAY_MS, description="idempotency key lifetime")
+    rocksdb_block_cache_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
+    rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+    max_amount_major_units: int = Field(10_000_000, ge=1)
+    log_level: str = Field("WARNING")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `PAYSAGA_<FIELD>` variables, then explicit overrides.
+
+        Overrides whose value is None are ignored so CLI options left unset fall back to
+        the environment and then to the defaults.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,220 @@
+"""Every paysaga topic, declared once, and the idempotent `topics create` that applies them.
+
+Every topic keyed by payment_id gets the same partition count (`Settings.partitions`):
+the payments table is fed by several of them, and co-partitioning only holds when their
+partition counts agree. An existing topic with another count is reported, never ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from paysaga.streams.settings import Settings
+
+RETRY_LEVELS = ("1s", "5s", "30s", "300s")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: its name, what it carries, how it is partitioned and kept."""
+
+    name: str
+    value: str
+    key: str = "payment_id"
+    retention_ms: int = -1
+    cleanup_policy: str = "delete"
+    partitions: int | None = None  # None: the shared payment partition count
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, str]:
+        return {
+            "cleanup.policy": self.cleanup_policy,
+            **(
+                {} if self.cleanup_policy == "compact" else {"retention.ms": str(self.retention_ms)}
+            ),
+            **self.extra,
+        }
+
+
+class Topics:
+    """Topic names for one deployment, so code never spells a topic name twice.
+
+    `prefix` isolates a deployment's topics on a shared cluster (a replay's output topics,
+    or one test among many on the same broker).
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.initiated = prefix + "payment.initiated"
+        self.authorized = prefix + "payment.authorized"
+        self.captured = prefix + "payment.captured"
+        self.failed = prefix + "payment.failed"
+        self.reversed = prefix + "payment.reversed"
+        self.settled = prefix + "payment.settled"
+        self.commands = prefix + "payment.commands"
+        self.status = prefix + "payment.status"
+        self.dlq = prefix + "payment.dlq"
+        self.inventory_commands = prefix + "inventory.commands"
+        self.inventory_events = prefix + "inventory.events"
+        self.shipping_commands = prefix + "shipping.commands"
+        self.shipping_events = prefix + "shipping.events"
+        self.bank_statements = prefix + "bank.statements"
+        self.recon_reports = prefix + "reconciliation.reports"
+        self.recon_discrepancies = prefix + "reconciliation.discrepancies"
+
+    def retry(self, level: str) -> str:
+        return f"{self.prefix}payment.retry.{level}"
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The declarative topic table of DESIGN.md section 3."""
+    audit = settings.lifecycle_retention_ms
+    t = Topics(settings.topic_prefix)
+    specs = [
+        TopicSpec(t.initiated, "PaymentInitiated", retention_ms=settings.initiated_retention_ms),
+        *(
+            TopicSpec(name, value, retention_ms=audit)
+            for name, value in (
+                (t.authorized, "PaymentAuthorized"),
+                (t.captured, "PaymentCaptured"),
+                (t.failed, "PaymentFailed"),
+                (t.reversed, "PaymentReversed"),
+                (t.settled, "PaymentSettled"),
+                (t.commands, "PaymentCommand"),
+                (t.status, "PaymentStatusChanged"),
+                (t.inventory_commands, "InventoryCommand"),
+                (t.inventory_events, "InventoryEvent"),
+                (t.shipping_commands, "ShippingCommand"),
+                (t.shipping_events, "ShippingEvent"),
+            )
+        ),
+        *(
+            TopicSpec(t.retry(level), "retry envelope", retention_ms=7 * 24 * 3600 * 1000)
+            for level in RETRY_LEVELS
+        ),
+        TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
+        TopicSpec(t.bank_statements, "BankStatementLine", key="merchant_id", retention_ms=audit),
+        TopicSpec(t.recon_reports, "ReconciliationReport", key="merchant_id", retention_ms=audit),
+        TopicSpec(
+            t.recon_discrepancies,
+            "ReconciliationDiscrepancy",
+            key="merchant_id",
+            retention_ms=audit,
+        ),
+    ]
+    return specs + internal_specs(settings)
+
+
+def internal_specs(settings: Settings) -> list[TopicSpec]:
+    """The Faust app's own topics: table changelogs (compacted) and the assignor topic.
+
+    paysaga declares these itself (the app runs with `topic_allow_declare=False`), so every
+    topic the worker touches exists with the intended partitions and policy before it starts.
+    """
+    from paysaga.tables import TABLES
+
+    app = settings.app_id
+    return [
+        *(
+            TopicSpec(f"{app}-{table}-changelog", "table changelog", cleanup_policy="compact")
+            for table in TABLES
+        ),
+        TopicSpec(f"{app}-__assignor-__leader", "Faust leader election", key="-", partitions=1),
+    ]
+
+
+def partitions_of(spec: TopicSpec, settings: Settings) -> int:
+    return spec.partitions or settings.partitions
+
+
+async def create_topics(
+    settings: Settings, specs: list[TopicSpec] | None = None, log=print
+) -> dict[str, str]:
+    """Create missing topics; check existing ones. Returns {topic: "created" | "exists"}.
+
+    Raises RuntimeError listing every existing topic whose partition count differs from its
+    declaration: silently living with it would break co-partitioning of the payments table.
+    """
+    specs = topic_specs(settings) if specs is None else specs
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = await _partition_counts(admin)
+        missing = [s for s in specs if s.name not in existing]
+        result = {s.name: "exists" for s in specs if s.name in existing}
+        if missing:
+            new = [
+                NewTopic(
+                    name=s.name,
+                    num_partitions=partitions_of(s, settings),
+                    replication_factor=settings.replication_factor,
+                    topic_configs=s.config(),
+                )
+                for s in missing
+            ]
+            resp = await admin.create_topics(new, validate_only=False)
+            for name, code, *_ in resp.topic_errors:
+                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS, a concurrent creator won
+                    raise RuntimeError(f"creating topic {name} failed with error code {code}")
+            for s in missing:
+                result[s.name] = "created"
+        # Check the final state, not the listing taken before: a topic created meanwhile
+        # (by another process, or not yet in the broker's metadata) is checked too.
+        await _wait_for_metadata(admin, {s.name for s in specs})
+        final = await _partition_counts(admin, [s.name for s in specs])
+        wrong = [
+            f"{s.name}: has {final.get(s.name)} partitions, declared {partitions_of(s, settings)}"
+            for s in specs
+            if final.get(s.name) != partitions_of(s, settings)
+        ]
+        if wrong:
+            raise RuntimeError(
+                "partition counts differ from the declaration (co-partitioning would break):\n  "
+                + "\n  ".join(wrong)
+            )
+        return result
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(
+    admin: AIOKafkaAdminClient, names: list[str] | None = None
+) -> dict[str, int]:
+    names = names if names is not None else await admin.list_topics()
+    if not names:
+        return {}
+    described = await admin.describe_topics(list(names))
+    return {d["topic"]: len(d["partitions"]) for d in described if d.get("error_code", 0) == 0}
+
+
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str], timeout=30.0) -> None:
+    """Wait until every topic has a leader for every partition, so producers can start."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        described = await admin.describe_topics(sorted(names))
+        ready = all(
+            d.get("error_code", 0) == 0 and all(p["leader"] >= 0 for p in d["partitions"])
+            for d in described
+        )
+        if ready:
+            return
+        if loop.time() > deadline:
+            raise RuntimeError(f"topics have no leaders after {timeout:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def describe_configs(settings: Settings, name: str) -> dict[str, str]:
+    """A topic's effective configuration (used by tests and `topics create` reporting)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        entries = resp[0].resources[0][4]
+        return {e[0]: e[1] for e in entries}
+    finally:
+        await admin.close()

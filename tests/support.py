@@ -1,0 +1,120 @@
+"""Test helpers: a worker subprocess, polling with deadlines, and Kafka read-outs.
+
+Waiting is always a poll for an observable condition with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from paysaga.streams.settings import Settings
+
+T = TypeVar("T")
+
+
+def wait_for(
+    probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
+) -> T:
+    """Poll `probe` until it returns a truthy value; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """PAYSAGA_* variables that reproduce `settings` in a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env["PAYSAGA_" + name.upper()] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """One `paysaga worker` in its own process, so tests can stop or SIGKILL it."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.web_host}:{self.settings.web_port}"
+
+    def start(self, wait_ready: bool = True) -> WorkerProcess:
+        out = open(self.log, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "paysaga.streams.cli", "worker"],
+            env=settings_env(self.settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait_ready:
+            wait_for(self.ready, 90, what=f"worker ready (log {self.log})")
+        return self
+
+    def ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}: {self.tail()}")
+        code, _ = self.get("/ready/")
+        return code == 200
+
+    def get(self, path: str) -> tuple[int, Any]:
+        req = urllib.request.Request(self.base_url + path)
+        if self.settings.web_token:
+            req.add_header("Authorization", f"Bearer {self.settings.web_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                return exc.code, json.loads(body) if body else None
+            except ValueError:
+                return exc.code, body.decode(errors="replace")
+        except (OSError, ValueError):
+            return 0, None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
