@@ -1,21 +1,24 @@
 """Intake: payment.initiated (Avro) -> payments table + payment.status, or payment.dlq.
 
-`IntakeStep` is the per-record logic with no Faust in it (decode, validate, decide); the
-agent registered by `register_intake` is the glue that reads the table, writes it and sends.
+`IntakeStep` is the per-record logic with no Kafka in it (decode, validate, decide); the
+agent built by `intake_agent` is the glue that reads the table, writes it and sends, inside
+the engine's transaction for the record's partition.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
-import faust
+from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
-from paysaga.agents.dlq import DeadLetter
 from paysaga.domain.payment import Payment, initiate, status_event
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import PaymentInitiated, validation_reason
+from paysaga.streams.engine import AgentSpec, Context
+from paysaga.tables.payments import PAYMENTS
 
 INITIATED = "PaymentInitiated"
 STATUS = "PaymentStatusChanged"
@@ -73,31 +76,22 @@ class IntakeStep:
         return Accepted(event.payment_id, payment.to_table(), self.codec.encode(STATUS, status))
 
 
-def register_intake(
-    app: faust.App,
-    step: IntakeStep,
-    source: faust.TopicT,
-    status_topic: faust.TopicT,
-    dlq_topic: faust.TopicT,
-    payments: faust.Table,
-) -> Any:
-    """Register the intake agent on `app`."""
+def intake_agent(step: IntakeStep, source: str, status_topic: str, dlq_topic: str) -> AgentSpec:
+    """The intake agent: glue between the engine's context and `IntakeStep`."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    loads = json.loads
 
-    @app.agent(source, name="paysaga.intake")
-    async def intake(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            msg = event.message
-            parsed = step.parse(event.value)
-            if isinstance(parsed, Rejected):
-                letter = DeadLetter(
-                    parsed.kind, parsed.reason, msg.topic, msg.partition, msg.offset
-                )
-                await dlq_topic.send(key=msg.key, value=event.value, headers=letter.headers())
-                continue
-            key = parsed.payment_id.encode()
-            out = step.apply(parsed, payments.get(key))
-            if out.store is not None:
-                payments[key] = out.store
-            await status_topic.send(key=key, value=out.status)
+    def process(ctx: Context, record: ConsumerRecord) -> None:
+        parsed = step.parse(record.value)
+        if isinstance(parsed, Rejected):
+            ctx.dead_letter(parsed.kind, parsed.reason, dlq_topic)
+            return
+        key = parsed.payment_id.encode()
+        payments = ctx.table(PAYMENTS)
+        current = payments.get(key)
+        out = step.apply(parsed, None if current is None else loads(current))
+        if out.store is not None:
+            payments.set(key, dumps(out.store).encode())
+        ctx.send(status_topic, key, out.status)
 
-    return intake
+    return AgentSpec("paysaga.intake", source, process, tables=(PAYMENTS,))

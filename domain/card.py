@@ -1,40 +1,121 @@
-"""Keep card numbers out: detect a PAN (Luhn-valid 13-19 digits) and redact it from text.
+"""Detect and redact primary account numbers (PANs) in text.
 
-paysaga carries a card token, BIN and last4 at most. Anything that looks like a full PAN is
-rejected at the edge, and every error text that could echo input goes through `redact`.
+PCI DSS keeps full card numbers out of anything we store or print: events, tables, logs and
+error messages. Only a token, the BIN and the last four digits may travel. These helpers are
+the last line of defence: validators reject fields that carry a PAN, and anything echoed in a
+log line or a DLQ reason goes through :func:`redact` first.
+
+A "PAN" here is 13-19 digits (ISO/IEC 7812 lengths) that pass the Luhn check, optionally
+grouped with single spaces or dashes ("4111 1111 1111 1111", "4111-1111-1111-1111").
+Digits are any Unicode decimal digits (``\\d`` in `re`), not only ASCII.
+
+Pure module: no Faust or Kafka imports.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
-#: 13-19 digits, optionally grouped by single spaces or dashes, not inside a longer number.
-_PAN_RUN = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
-_SEPARATORS = re.compile(r"[ -]")
+__all__ = ["REDACTED", "contains_pan", "looks_like_pan", "luhn_valid", "pan_spans", "redact"]
+
 REDACTED = "[REDACTED-PAN]"
+
+_MIN_DIGITS = 13
+_MAX_DIGITS = 19
+
+#: A maximal run of digit groups joined by single spaces or dashes.
+_RUN_RE = re.compile(r"\d+(?:[ -]\d+)*")
+_GROUP_RE = re.compile(r"\d+")
+#: Cheap pre-filter: no 13 digits in a (separated) row means no PAN; most text stops here.
+_CANDIDATE_RE = re.compile(r"\d(?:[ -]?\d){12}")
+_SEPARATORS = str.maketrans("", "", " -")
 
 
 def luhn_valid(digits: str) -> bool:
+    """Luhn (mod 10) check of a non-empty string of ASCII digits."""
     total = 0
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
         total += d
     return total % 10 == 0
 
 
-def looks_like_pan(text: str) -> bool:
-    """True if `text` (spaces/dashes removed) is 13-19 digits and passes the Luhn check."""
-    digits = _SEPARATORS.sub("", text)
-    return 13 <= len(digits) <= 19 and digits.isdigit() and luhn_valid(digits)
+def _is_pan_digits(digits: str) -> bool:
+    # Any Unicode decimal digit counts ("４１１１..." is still a card number to Python's
+    # int() and to many systems downstream), so map them to ASCII before the Luhn check.
+    if not (_MIN_DIGITS <= len(digits) <= _MAX_DIGITS and digits.isdecimal()):
+        return False
+    if not digits.isascii():
+        digits = "".join(str(unicodedata.decimal(ch)) for ch in digits)
+    return luhn_valid(digits)
+
+
+def looks_like_pan(s: str) -> bool:
+    """True if ``s`` as a whole, without spaces and dashes, is a Luhn-valid 13-19 digit number."""
+    return _is_pan_digits(s.translate(_SEPARATORS))
+
+
+def pan_spans(text: str) -> list[tuple[int, int]]:
+    """Return the ``(start, end)`` spans of ``text`` that hold a PAN, in order, non-overlapping.
+
+    Within a run of digit groups, every sequence of consecutive groups totalling 13-19 digits
+    is checked, so two card numbers separated by a space ("4111... 4242...") or a PAN followed
+    by other numbers are still found. Digits are never split inside a group: a long unbroken
+    number (say a 24-digit reference) is not a PAN, and checking its substrings would flag
+    most long numbers by chance (one window in ten passes Luhn).
+    """
+    if _CANDIDATE_RE.search(text) is None:
+        return []
+    spans: list[tuple[int, int]] = []
+    for run in _RUN_RE.finditer(text):
+        run_text = run.group()
+        if len(run_text) < _MIN_DIGITS:
+            continue
+        groups = [(m.start(), m.end()) for m in _GROUP_RE.finditer(run_text)]
+        offset = run.start()
+        for i, (start, _) in enumerate(groups):
+            digits = ""
+            for j in range(i, len(groups)):
+                g_start, g_end = groups[j]
+                digits += run_text[g_start:g_end]
+                if len(digits) > _MAX_DIGITS:
+                    break
+                if len(digits) >= _MIN_DIGITS and _is_pan_digits(digits):
+                    spans.append((offset + start, offset + g_end))
+    return _merge(spans)
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def contains_pan(text: str) -> bool:
-    """True if any digit run in free text looks like a PAN."""
-    return any(looks_like_pan(m.group()) for m in _PAN_RUN.finditer(text))
+    """True if any part of free ``text`` holds a PAN (see :func:`pan_spans`)."""
+    return bool(pan_spans(text))
 
 
 def redact(text: str) -> str:
-    """`text` with every PAN-looking digit run replaced by a marker."""
-    return _PAN_RUN.sub(lambda m: REDACTED if looks_like_pan(m.group()) else m.group(), text)
+    """Replace every PAN in ``text`` with ``[REDACTED-PAN]``; other text is left as is."""
+    spans = pan_spans(text)
+    if not spans:
+        return text
+    parts: list[str] = []
+    last = 0
+    for start, end in spans:
+        parts.append(text[last:start])
+        parts.append(REDACTED)
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)

@@ -1,15 +1,20 @@
 """Pydantic models at the edge: what a decoded event must satisfy before the domain sees it.
 
+The Avro schema only says "a long" and "a string"; these models add what a payment needs:
+a positive amount within the per-currency limit, a payable ISO 4217 currency, ISO 3166
+country codes, a card token that is not a card number. Money fields are strict ints (no
+bool, float or numeric string sneaks in through lax coercion).
+
 Validation errors become DLQ reasons through `validation_reason`, which is built from field
-locations and messages only: pydantic's default text echoes the input, and the input may be
-a card number.
+locations and messages only: pydantic's default text (``str(exc)``) echoes the input, and
+the input may be a card number. Never log ``str(ValidationError)``.
 """
 
 from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -18,64 +23,130 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from paysaga.domain.card import contains_pan, looks_like_pan, redact
-from paysaga.domain.money import MAX_MAJOR_UNITS, currency_exponent, validate_amount
+from paysaga.domain.money import MoneyError, currency_exponent, validate_amount
+
+__all__ = [
+    "STATUSES",
+    "CaptureMode",
+    "PaymentInitiated",
+    "PaymentStatusChanged",
+    "to_record",
+    "validation_reason",
+]
 
 _COUNTRY = re.compile(r"[A-Z]{2}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+MAX_REASON = 1000
+
+#: An identifier: non-empty, bounded (it becomes a Kafka key and a RocksDB key).
 Id = Annotated[str, Field(min_length=1, max_length=64)]
+#: A UUID string as Avro's ``uuid`` logical type carries it.
+EventId = Annotated[str, Field(min_length=36, max_length=36)]
+EpochMillis = Annotated[StrictInt, Field(ge=0)]
+Text = Annotated[str, Field(max_length=128)]
+
+STATUSES = (
+    "INITIATED",
+    "AUTHORIZED",
+    "CAPTURED",
+    "SETTLED",
+    "FAILED",
+    "REVERSED",
+    "REJECTED",
+    "IDEMPOTENCY_CONFLICT",
+)
+Status = Literal[
+    "INITIATED",
+    "AUTHORIZED",
+    "CAPTURED",
+    "SETTLED",
+    "FAILED",
+    "REVERSED",
+    "REJECTED",
+    "IDEMPOTENCY_CONFLICT",
+]
 
 
 class CaptureMode(StrEnum):
+    """Avro enum io.paysaga.CaptureMode."""
+
     AUTOMATIC = "AUTOMATIC"
     MANUAL = "MANUAL"
 
 
+def _check_uuid(v: str) -> str:
+    if _UUID.fullmatch(v) is None:
+        raise ValueError("must be a UUID string (8-4-4-4-12 hex digits)")
+    return v
+
+
+def _check_currency(v: str) -> str:
+    currency_exponent(v)
+    return v
+
+
+def _check_country(v: str | None) -> str | None:
+    if v is not None and _COUNTRY.fullmatch(v) is None:
+        raise ValueError("must be an ISO 3166-1 alpha-2 code (2 uppercase letters)")
+    return v
+
+
 class PaymentInitiated(BaseModel):
-    """A payment request as upstream sends it (Avro record io.paysaga.PaymentInitiated)."""
+    """A payment request as upstream sends it (Avro record io.paysaga.PaymentInitiated).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``currency`` is declared before ``amount_minor`` (Avro has the opposite order) so the
+    amount validator can see the validated currency and report on the ``amount_minor`` field.
+    """
 
-    event_id: Id
-    occurred_at: StrictInt = Field(ge=0)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    event_id: EventId
+    occurred_at: EpochMillis
     payment_id: Id
     correlation_id: Id
-    causation_id: str | None = None
+    causation_id: Id | None = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
     merchant_id: Id
     customer_id: Id
     order_id: Id
-    amount_minor: StrictInt
     currency: str
+    amount_minor: StrictInt
     card_token: Annotated[str, Field(min_length=1, max_length=128)]
-    card_bin: str | None = Field(None, pattern=r"^\d{6,8}$")
-    card_last4: str | None = Field(None, pattern=r"^\d{4}$")
+    card_bin: str | None = Field(None, pattern=r"^[0-9]{6,8}$")
+    card_last4: str | None = Field(None, pattern=r"^[0-9]{4}$")
     country: str
     capture_mode: CaptureMode = CaptureMode.AUTOMATIC
-    ip_address: str | None = Field(None, max_length=64)
-    device_id: str | None = Field(None, max_length=128)
-    customer_email_hash: str | None = Field(None, max_length=128)
-    customer_age_days: StrictInt | None = Field(None, ge=0)
+    ip_address: Annotated[str, Field(max_length=64)] | None = None
+    device_id: Text | None = None
+    customer_email_hash: Text | None = None
+    customer_age_days: Annotated[StrictInt, Field(ge=0)] | None = None
     is_first_purchase: StrictBool = False
     shipping_country: str | None = None
     billing_country: str | None = None
-    description: str | None = Field(None, max_length=500)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
+    description: Annotated[str, Field(max_length=500)] | None = None
+    metadata: Annotated[
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=500)]],
+        Field(max_length=50),
+    ] = Field(default_factory=dict)
 
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, v: str) -> str:
-        currency_exponent(v)
-        return v
+    _event_id = field_validator("event_id")(_check_uuid)
+    _currency = field_validator("currency")(_check_currency)
+    _country = field_validator("country", "shipping_country", "billing_country")(_check_country)
 
-    @field_validator("country", "shipping_country", "billing_country")
+    @field_validator("amount_minor")
     @classmethod
-    def _country(cls, v: str | None) -> str | None:
-        if v is not None and not _COUNTRY.fullmatch(v):
-            raise ValueError("must be an ISO 3166-1 alpha-2 code (2 uppercase letters)")
+    def _amount(cls, v: int, info: ValidationInfo) -> int:
+        currency = info.data.get("currency")
+        if currency is not None:
+            validate_amount(v, currency)
+        elif v <= 0:  # the currency error is reported on its own field
+            raise MoneyError(f"amount_minor {v} must be positive")
         return v
 
     @field_validator("card_token")
@@ -85,9 +156,11 @@ class PaymentInitiated(BaseModel):
             raise ValueError("looks like a full card number (PAN); send a token")
         return v
 
-    @field_validator("description", "idempotency_key", "customer_id", "order_id")
+    @field_validator("description")
     @classmethod
     def _no_pan_text(cls, v: str | None) -> str | None:
+        # Only free-text fields are scanned: long numeric ids (order numbers such as
+        # 114-1234567-1234567) would pass Luhn one time in ten and be rejected wrongly.
         if v is not None and contains_pan(v):
             raise ValueError("contains what looks like a card number (PAN)")
         return v
@@ -99,20 +172,87 @@ class PaymentInitiated(BaseModel):
             raise ValueError("contains what looks like a card number (PAN)")
         return v
 
+    def to_avro(self) -> dict[str, Any]:
+        """The Avro-ready dict (enums as their symbols, ints stay ints)."""
+        return self.model_dump(mode="json")
+
+
+class PaymentStatusChanged(BaseModel):
+    """An outcome on payment.status (Avro record io.paysaga.PaymentStatusChanged).
+
+    Built by paysaga, validated anyway: this is what upstream reads, so a negative or
+    float amount here would be our bug leaking out.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    event_id: EventId
+    occurred_at: EpochMillis
+    payment_id: Id
+    correlation_id: Id
+    causation_id: Id | None = None
+    merchant_id: Id | None = None
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    status: Status
+    previous_status: Status | None = None
+    currency: str | None = None
+    amount_minor: StrictInt | None = None
+    authorized_minor: StrictInt = 0
+    captured_minor: StrictInt = 0
+    refunded_minor: StrictInt = 0
+    replay: StrictBool = False
+    reason: Annotated[str, Field(max_length=MAX_REASON)] | None = None
+    version: Annotated[StrictInt, Field(ge=0)] = 0
+
+    _event_id = field_validator("event_id")(_check_uuid)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, v: str | None) -> str | None:
+        return None if v is None else _check_currency(v)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str | None) -> str | None:
+        return None if v is None else redact(v)
+
     @model_validator(mode="after")
-    def _amount(self) -> PaymentInitiated:
-        validate_amount(self.amount_minor, self.currency, max_major_units=MAX_MAJOR_UNITS)
+    def _amounts(self) -> PaymentStatusChanged:
+        amounts = {
+            "amount_minor": self.amount_minor,
+            "authorized_minor": self.authorized_minor,
+            "captured_minor": self.captured_minor,
+            "refunded_minor": self.refunded_minor,
+        }
+        for name, value in amounts.items():
+            if value is None or (value == 0 and self.currency is None):
+                continue
+            if self.currency is None:
+                raise MoneyError(f"{name} is set but currency is missing")
+            try:
+                validate_amount(value, self.currency, allow_zero=True)
+            except MoneyError as exc:
+                raise MoneyError(f"{name}: {exc}") from None
         return self
+
+    def to_avro(self) -> dict[str, Any]:
+        """The Avro-ready dict for `AvroCodec.encode("PaymentStatusChanged", ...)`."""
+        return self.model_dump()
 
 
 def validation_reason(exc: ValidationError) -> str:
-    """'field: message; ...' without any input value, PAN-redacted."""
+    """``"field: message; ..."`` without any input value, PAN-redacted, bounded.
+
+    Built from ``loc`` and ``msg`` only (``include_input=False``); a location can still
+    carry input (an unexpected metadata key, an extra field name), hence the redaction.
+    """
     parts = []
     for err in exc.errors(include_input=False, include_url=False, include_context=False):
         loc = ".".join(str(p) for p in err["loc"]) or "record"
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
-    return redact("; ".join(parts))
+    reason = redact("; ".join(parts))
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
 def to_record(model: BaseModel) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The paysaga Faust application: topics, tables, agents and web views wired together.
+"""The paysaga application: a Faust app plus the exactly-once engine beneath its agents.
 
 `create_app(settings)` is the one place the topology is assembled, so the worker, the tests
-and the benchmark all run the same thing.
+and the benchmark all run the same thing. Faust runs in producer-only mode: it provides the
+worker lifecycle, the web views and the service tree, while consumption, state and
+transactions belong to `ExactlyOnceEngine` (why: DESIGN.md section 10, faust-streaming #177).
 """
 
 from __future__ import annotations
@@ -10,44 +12,61 @@ from dataclasses import dataclass
 
 import faust
 
-from paysaga.agents.intake import IntakeStep, register_intake
+from paysaga.agents.intake import IntakeStep, intake_agent
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
+from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine
 from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
-from paysaga.tables.payments import payments_table, rocksdb_options
+from paysaga.streams.topics import Topics, changelog_topic
+from paysaga.tables import TABLES
+from paysaga.tables.store import StoreManager, StoreOptions
 
 
 @dataclass
 class Paysaga:
-    """The assembled application and the handles tests and views need."""
+    """The assembled application and the handles views, tests and benchmarks need."""
 
     settings: Settings
     app: faust.App
     codec: AvroCodec
-    payments: faust.Table
+    engine: ExactlyOnceEngine
 
 
 def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{hp.strip()}" for hp in bootstrap.split(",") if hp.strip())
 
 
+def store_manager(settings: Settings) -> StoreManager:
+    return StoreManager(
+        settings.data_dir / settings.app_id / "state",
+        StoreOptions(
+            block_cache_bytes=settings.rocksdb_block_cache_bytes,
+            memtable_bytes=settings.rocksdb_memtable_bytes,
+            write_buffer_bytes=settings.rocksdb_write_buffer_bytes,
+        ),
+    )
+
+
+def create_engine(settings: Settings, codec: AvroCodec) -> ExactlyOnceEngine:
+    names = Topics(settings.topic_prefix)
+    agents = [intake_agent(IntakeStep(codec), names.initiated, names.status, names.dlq)]
+    config = EngineConfig(
+        bootstrap=settings.bootstrap,
+        app_id=settings.app_id,
+        dlq_topic=names.dlq,
+        changelog=lambda table: changelog_topic(settings, table),
+        max_batch=settings.max_batch,
+    )
+    return ExactlyOnceEngine(config, agents, store_manager(settings), TABLES)
+
+
 def create_app(settings: Settings) -> Paysaga:
-    """Build the Faust app for `settings` (nothing connects until the worker starts)."""
+    """Build the app for `settings` (nothing connects until the worker starts)."""
     app = faust.App(
-        settings.app_id,
+        f"{settings.app_id}-web",
         broker=faust_broker_url(settings.bootstrap),
-        store="rocksdb://",
-        datadir=str(settings.data_dir),
-        processing_guarantee=settings.processing_guarantee,
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
+        datadir=str(settings.data_dir / settings.app_id / "faust"),
         topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        key_serializer="raw",
-        value_serializer="raw",
-        producer_linger=0.005,
-        rocksdb_options=rocksdb_options(settings),
         web_enabled=True,
         web_bind=settings.web_host,
         web_port=settings.web_port,
@@ -55,17 +74,13 @@ def create_app(settings: Settings) -> Paysaga:
         web_graph_enabled=False,
         web_stats_enabled=False,
         web_metrics_enabled=False,
+        web_router_enabled=False,
         autodiscover=False,
     )
+    app.producer_only = True  # no Faust consumer group: the engine owns consumption
     codec = AvroCodec(SchemaRegistry())
-    payments = payments_table(app, settings)
-    names = Topics(settings.topic_prefix)
-    topic = app.topic
-    source = topic(names.initiated, key_type=bytes, value_type=bytes, allow_empty=True)
-    status = topic(names.status, key_type=bytes, value_type=bytes)
-    dlq = topic(names.dlq, key_type=bytes, value_type=bytes)
-    register_intake(app, IntakeStep(codec), source, status, dlq, payments)
+    engine = create_engine(settings, codec)
     from paysaga.streams.web import register_views
 
-    register_views(app, settings, payments)
-    return Paysaga(settings, app, codec, payments)
+    register_views(app, settings, engine)
+    return Paysaga(settings, app, codec, engine)

@@ -30,12 +30,16 @@ class Settings(BaseModel):
     web_host: str = Field("127.0.0.1", description="web views bind address (loopback)")
     web_port: int = Field(6066, ge=0, le=65535, description="0 picks a free port")
     web_token: str | None = Field(None, description="bearer token required off loopback")
-    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    processing_guarantee: Literal["exactly_once"] = Field(
+        "exactly_once", description="paysaga's engine: outputs, changelog, offsets in one txn"
+    )
+    max_batch: int = Field(2000, ge=1, description="records fetched per engine batch")
     initiated_retention_ms: int = Field(7 * DAY_MS, description="payment.initiated retention")
     lifecycle_retention_ms: int = Field(-1, description="audit topics; -1 keeps forever")
     dlq_retention_ms: int = Field(-1)
     idempotency_ttl_ms: int = Field(DAY_MS, ge=DAY_MS, description="idempotency key lifetime")
-    rocksdb_block_cache_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
+    rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
     max_amount_major_units: int = Field(10_000_000, ge=1)
     log_level: str = Field("WARNING")

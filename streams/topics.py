@@ -109,21 +109,17 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return specs + internal_specs(settings)
 
 
-def internal_specs(settings: Settings) -> list[TopicSpec]:
-    """The Faust app's own topics: table changelogs (compacted) and the assignor topic.
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"
 
-    paysaga declares these itself (the app runs with `topic_allow_declare=False`), so every
-    topic the worker touches exists with the intended partitions and policy before it starts.
-    """
+
+def internal_specs(settings: Settings) -> list[TopicSpec]:
+    """The app's own topics: one compacted changelog per table, co-partitioned with inputs."""
     from paysaga.tables import TABLES
 
-    app = settings.app_id
     return [
-        *(
-            TopicSpec(f"{app}-{table}-changelog", "table changelog", cleanup_policy="compact")
-            for table in TABLES
-        ),
-        TopicSpec(f"{app}-__assignor-__leader", "Faust leader election", key="-", partitions=1),
+        TopicSpec(changelog_topic(settings, table), "table changelog", cleanup_policy="compact")
+        for table in TABLES
     ]
 
 

@@ -11,12 +11,13 @@ import hmac
 import ipaddress
 from typing import Any
 
-import aiohttp
 import faust
 from faust.web import Request, Response, View
 
+from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.partitioner import partition_for
 from paysaga.streams.settings import Settings
+from paysaga.tables.payments import PAYMENTS
 
 
 class WebConfigError(ValueError):
@@ -39,34 +40,7 @@ def check_web_settings(settings: Settings) -> None:
         )
 
 
-def owner_url(app: faust.App, table: faust.Table, key: bytes) -> str | None:
-    """URL of the worker owning `key` in `table`, or None when it is this worker.
-
-    Faust's own `table_route` asks the producer for the changelog topic's metadata, which
-    a transactional producer may never have loaded (it then fails with a TypeError); the
-    assignor's changelog distribution plus our partitioner answer without it.
-    """
-    topic = table.changelog_topic.get_topic_name()
-    partition = partition_for(key, table.partitions or app.conf.topic_partitions)
-    me = str(app.conf.canonical_url).rstrip("/")
-    for url, topics in app.assignor.changelog_distribution.items():
-        if partition in topics.get(topic, ()):
-            return None if str(url).rstrip("/") == me else str(url).rstrip("/")
-    return None
-
-
-async def forward(view: View, request: Request, base_url: str) -> Response:
-    """Proxy a GET to the worker that owns the key (auth header included)."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(base_url + request.path, headers=headers) as resp,
-    ):
-        body = await resp.read()
-        return view.bytes(body, content_type=resp.content_type, status=resp.status)
-
-
-def register_views(app: faust.App, settings: Settings, payments: faust.Table) -> None:
+def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine) -> None:
     """Register /health, /ready and /payments/{payment_id}/ on `app`."""
     check_web_settings(settings)
     token = settings.web_token
@@ -87,10 +61,15 @@ def register_views(app: faust.App, settings: Settings, payments: faust.Table) ->
     @app.page("/ready/")
     class Ready(View):
         async def get(self, request: Request) -> Response:
-            recovered = app.tables.recovery.completed.is_set()
-            ready = recovered and not getattr(app, "rebalancing", False)
-            body: dict[str, Any] = {"ready": ready, "recovered": recovered}
-            return self.json(body, status=200 if ready else 503)
+            body: dict[str, Any] = {
+                "ready": engine.ready,
+                "assigned": engine.assigned,
+                "recovering": engine.recovering,
+                "failing": engine.failed,
+                "tasks": sorted(engine.tasks),
+                "stats": engine.stats,
+            }
+            return self.json(body, status=200 if engine.ready else 503)
 
     @app.page("/payments/{payment_id}/")
     class PaymentView(View):
@@ -98,9 +77,13 @@ def register_views(app: faust.App, settings: Settings, payments: faust.Table) ->
             if (resp := denied(self, request)) is not None:
                 return resp
             key = payment_id.encode()
-            if (owner := owner_url(app, payments, key)) is not None:
-                return await forward(self, request, owner)
-            value = payments.get(key)
+            partition = partition_for(key, settings.partitions)
+            store = engine.store(PAYMENTS, partition)
+            if store is None:
+                # Another worker owns this partition (cross-worker routing: not yet).
+                body = {"error": "not owned by this worker", "partition": partition}
+                return self.json(body, status=421)
+            value = store.get(key)
             if value is None:
                 return self.json({"error": "not found", "payment_id": payment_id}, status=404)
-            return self.json(value)
+            return self.bytes(value, content_type="application/json")

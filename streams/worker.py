@@ -30,6 +30,7 @@ def run_worker(settings: Settings) -> None:
 
     if settings.web_port == 0:
         settings = settings.model_copy(update={"web_port": free_port()})
+    (settings.data_dir / settings.app_id / "faust").mkdir(parents=True, exist_ok=True)
     paysaga = create_app(settings)
     print(
         f"paysaga worker {settings.app_id}: bootstrap {settings.bootstrap}, "
@@ -38,6 +39,7 @@ def run_worker(settings: Settings) -> None:
     )
     worker = PaysagaWorker(
         paysaga.app,
+        paysaga.engine,
         loglevel=settings.log_level,
         quiet=True,
         redirect_stdouts=False,

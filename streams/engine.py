@@ -1,0 +1,453 @@
+"""paysaga's exactly-once processing engine, beneath the agents.
+
+Why it exists (DESIGN.md section 10): Faust's own `exactly_once` routes outputs to topics
+its consumer does not read through a NON-transactional producer (faust-streaming #177),
+commits on a timer that cuts through the agent's work, and does not flush changelog records
+before committing. Here a worker runs as a Faust app (web views, lifecycle, services) and
+this engine, a service of that worker, owns consumption:
+
+- A *task* is one partition number p across every source topic and every table (all are
+  co-partitioned; the range assignor hands the same p of every topic to one member). Each
+  task has one transactional producer, `transactional.id = <app_id>-task-<p>`: EOS v1
+  fencing, so a zombie owner of p can no longer commit once a new owner initialised.
+- A batch of a task runs the agents on its records with a state transaction that buffers
+  writes and serves reads of its own writes (`tables.transaction`). Then, in ONE Kafka
+  transaction: every output record (any topic, any partition), one changelog record per
+  changed key, and the input offsets; the commit happens after every send was acknowledged.
+  Only after the commit are the writes applied to RocksDB, together with the changelog
+  offset they reflect. A crash at any point leaves the store at or behind the committed
+  changelog, and recovery replays the difference; a store ahead of its changelog is wiped.
+- An exception in an agent marks that input record as poison; the batch is processed again
+  from the committed state, the poison record going to the DLQ instead of looping. A failed
+  send or commit aborts the transaction and the batch is processed again; a record whose
+  own output the broker refuses becomes poison too.
+- A rebalance waits for the in-flight batch (commit or abort) before giving partitions up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mode
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordTooLargeError,
+)
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+
+from paysaga.agents.dlq import DeadLetter
+from paysaga.domain.card import redact
+from paysaga.streams.partitioner import partition_for
+from paysaga.tables.store import PartitionStore, StoreManager
+from paysaga.tables.transaction import TableTransaction, TaskTransaction
+
+log = logging.getLogger(__name__)
+
+#: Broker answers that concern one record, not the transaction: its input becomes poison.
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError)
+#: The task now belongs to another producer instance: drop it, never commit again.
+FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
+
+
+class TaskLost(Exception):
+    """This worker no longer owns the task (fenced or revoked)."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One agent: what it reads, which tables it uses, and its per-record function."""
+
+    name: str
+    source: str
+    process: Callable[[Context, ConsumerRecord], None]
+    tables: tuple[str, ...] = ()
+
+
+@dataclass
+class EngineConfig:
+    bootstrap: str
+    app_id: str
+    dlq_topic: str
+    changelog: Callable[[str], str]
+    max_batch: int = 2000
+    linger_ms: int = 5
+    poll_timeout_ms: int = 100
+
+
+class Context:
+    """What an agent sees while it processes one record: tables, sends, dead letters."""
+
+    __slots__ = ("_outputs", "_txn", "index", "record")
+
+    def __init__(self, txn: TaskTransaction, outputs: list) -> None:
+        self._txn = txn
+        self._outputs = outputs
+        self.record: ConsumerRecord | None = None
+        self.index = 0
+
+    def table(self, name: str) -> TableTransaction:
+        return self._txn.table(name)
+
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        """Queue an output; it is produced inside this batch's transaction."""
+        self._outputs.append((topic, key, value, headers, self.index))
+
+    def dead_letter(self, kind: str, reason: str, dlq_topic: str, attempts: int = 1) -> None:
+        r = self.record
+        assert r is not None
+        letter = DeadLetter(kind, reason, r.topic, r.partition, r.offset, attempts)
+        self.send(dlq_topic, r.key, r.value, letter.headers())
+
+
+@dataclass
+class Task:
+    """One partition number's producer, stores and poison list."""
+
+    partition: int
+    producer: AIOKafkaProducer
+    stores: dict[str, PartitionStore]
+    poison: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
+    committed_batches: int = 0
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, engine: ExactlyOnceEngine) -> None:
+        self.engine = engine
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.engine.release({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.engine.acquire({tp.partition for tp in assigned})
+
+
+class ExactlyOnceEngine(mode.Service):
+    """Consume, process and produce with exactly-once semantics (see module docstring)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        agents: list[AgentSpec],
+        stores: StoreManager,
+        tables: tuple[str, ...],
+        **kwargs: Any,
+    ) -> None:
+        self.config = config
+        self.agents = {a.source: a for a in agents}
+        self.store_manager = stores
+        self.table_names = tables
+        self.tasks: dict[int, Task] = {}
+        self._lock = asyncio.Lock()
+        self._partition_counts: dict[str, int] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.recovering = False
+        self.assigned = False
+        self.failed: str | None = None
+        self.stats = {"records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0}
+        super().__init__(**kwargs)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def on_start(self) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.config.bootstrap,
+            group_id=self.config.app_id,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_interval_ms=600_000,
+        )
+        self.consumer.subscribe(sorted(self.agents), listener=_Rebalance(self))
+        await self.consumer.start()
+        self.add_future(self._run())
+
+    async def on_stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()  # revokes: in-flight batch finishes, tasks close
+        async with self._lock:
+            for p in list(self.tasks):
+                await self._close_task(p)
+
+    @property
+    def ready(self) -> bool:
+        return self.assigned and not self.recovering and self.failed is None
+
+    def store(self, table: str, partition: int) -> PartitionStore | None:
+        task = self.tasks.get(partition)
+        return None if task is None else task.stores.get(table)
+
+    # ---- rebalancing ------------------------------------------------------------------------
+    async def release(self, partitions: set[int]) -> None:
+        async with self._lock:  # waits for the in-flight batch to commit or abort
+            for p in partitions:
+                await self._close_task(p)
+
+    async def acquire(self, partitions: set[int]) -> None:
+        async with self._lock:
+            self.recovering = True
+            try:
+                for p in sorted(partitions - set(self.tasks)):
+                    self.tasks[p] = await self._open_task(p)
+                await self._seek_committed(partitions)
+            finally:
+                self.recovering = False
+                self.assigned = True
+
+    async def _seek_committed(self, partitions: set[int]) -> None:
+        """Start every assigned input partition at its committed offset.
+
+        Records fetched but not committed before (an aborted batch, a task lost to fencing)
+        must be read again; the committed offset is the only position that is true.
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        mine = [tp for tp in consumer.assignment() if tp.partition in partitions]
+        if not mine:
+            return
+        consumer.resume(*mine)
+        for tp in mine:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+
+    async def _open_task(self, p: int) -> Task:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.config.bootstrap,
+            transactional_id=f"{self.config.app_id}-task-{p}",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self.config.linger_ms,
+            max_batch_size=256 * 1024,
+        )
+        # start() runs InitProducerId: it fences any previous owner of this task and aborts
+        # its open transaction, so the changelog read below ends at a stable offset.
+        await producer.start()
+        stores = {}
+        for table in self.table_names:
+            stores[table] = await self._recover(table, p)
+        return Task(p, producer, stores)
+
+    async def _close_task(self, p: int) -> None:
+        task = self.tasks.pop(p, None)
+        if task is None:
+            return
+        for store in task.stores.values():
+            store.close()
+        try:
+            await task.producer.stop()
+        except KafkaError as exc:  # a fenced producer may fail to stop cleanly
+            log.warning("task %s producer stop: %r", p, exc)
+
+    async def _recover(self, table: str, p: int) -> PartitionStore:
+        """Open the store and replay its changelog from the offset it reflects to the end."""
+        store = self.store_manager.open(table, p)
+        tp = TopicPartition(self.config.changelog(table), p)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.config.bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await reader.start()
+        try:
+            reader.assign([tp])
+            end = (await reader.end_offsets([tp]))[tp]
+            applied = store.changelog_offset()
+            if applied is not None and applied >= end:
+                # Local state claims more than the committed changelog holds (the topic was
+                # recreated, or state came from elsewhere): it cannot be trusted.
+                log.warning("%s[%s]: local state ahead of changelog; rebuilding", table, p)
+                store.close()
+                self.store_manager.wipe(table, p)
+                store = self.store_manager.open(table, p)
+                applied = None
+            if applied is None:
+                await reader.seek_to_beginning(tp)
+            else:
+                reader.seek(tp, applied + 1)
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=1000, max_records=20_000)
+                records = batch.get(tp, [])
+                if records:
+                    store.apply({r.key: r.value for r in records}, records[-1].offset)
+                    self.stats["restored"] += len(records)
+            return store
+        finally:
+            await reader.stop()
+
+    # ---- processing -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        while not self.should_stop:
+            batch = await consumer.getmany(
+                timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
+            )
+            if not batch:
+                continue
+            async with self._lock:
+                by_task: dict[int, list[list[ConsumerRecord]]] = {}
+                for tp, records in batch.items():
+                    by_task.setdefault(tp.partition, []).append(records)
+                await asyncio.gather(
+                    *(self._process_task(p, lists) for p, lists in by_task.items())
+                )
+
+    async def _process_task(self, p: int, lists: list[list[ConsumerRecord]]) -> None:
+        task = self.tasks.get(p)
+        if task is None:  # revoked since the fetch: the new owner reads them
+            return
+        # Merge the partitions of the task by timestamp, keeping each partition's order.
+        records = (
+            list(heapq.merge(*lists, key=lambda r: r.timestamp)) if len(lists) > 1 else (lists[0])
+        )
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            txn = TaskTransaction(task.stores)
+            outputs: list = []
+            if not self._run_agents(task, txn, outputs, records):
+                continue  # an agent raised: that record is now poison; process again
+            try:
+                await self._commit(task, txn, outputs, records)
+                self.failed = None
+                return
+            except FENCED_ERRORS:
+                log.warning("task %s fenced: another worker owns it now", p)
+                await self._lose_task(p)
+                return
+            except KafkaError as exc:
+                self.stats["aborts"] += 1
+                await self._abort(task)
+                culprit = getattr(exc, "paysaga_record", None)
+                if culprit is not None:
+                    r = records[culprit]
+                    reason = f"output refused by the broker: {type(exc).__name__}"
+                    task.poison[(r.topic, r.partition, r.offset)] = ("poison", reason)
+                    continue
+                # Kafka is failing us: accept no further work for this task (readiness goes
+                # false), back off and process the same batch again from committed state.
+                log.warning("task %s batch attempt %s failed: %r; retrying", p, attempt, exc)
+                self.failed = f"task {p}: {type(exc).__name__}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if p not in self.tasks:
+                    return
+
+    def _run_agents(
+        self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
+    ) -> bool:
+        """Run the agents over the batch; False if one raised (its record is marked poison)."""
+        ctx = Context(txn, outputs)
+        dlq = self.config.dlq_topic
+        poison = task.poison
+        for i, record in enumerate(records):
+            ctx.record = record
+            ctx.index = i
+            mark = poison.get((record.topic, record.partition, record.offset))
+            if mark is not None:
+                ctx.dead_letter(mark[0], mark[1], dlq, attempts=2)
+                self.stats["dead_letters"] += 1
+                continue
+            try:
+                self.agents[record.topic].process(ctx, record)
+            except Exception as exc:
+                reason = redact(f"agent {self.agents[record.topic].name} raised "
+                                f"{type(exc).__name__}: {exc}")[:500]  # fmt: skip
+                log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
+                          record.offset, reason)  # fmt: skip
+                poison[(record.topic, record.partition, record.offset)] = ("poison", reason)
+                self.stats["aborts"] += 1
+                return False
+        return True
+
+    async def _partitions(self, producer: AIOKafkaProducer, topic: str) -> int:
+        count = self._partition_counts.get(topic)
+        if count is None:
+            count = len(await producer.partitions_for(topic))
+            self._partition_counts[topic] = count
+        return count
+
+    async def _commit(
+        self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
+    ) -> None:
+        producer = task.producer
+        await producer.begin_transaction()
+        futures = []
+        owners = []
+        for topic, key, value, headers, index in outputs:
+            n = await self._partitions(producer, topic)
+            part = partition_for(key, n) if key is not None else index % n
+            futures.append(
+                await producer.send(topic, value, key=key, partition=part, headers=headers)
+            )
+            owners.append(index)
+        changelog: list[tuple[str, TableTransaction, int]] = []
+        for name, table_txn in txn.changed():
+            topic = self.config.changelog(name)
+            first = len(futures)
+            for key, value in table_txn.changes.items():
+                futures.append(await producer.send(topic, value, key=key, partition=task.partition))
+            changelog.append((name, table_txn, first))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                if isinstance(result, RECORD_ERRORS) and i < len(owners):
+                    result.paysaga_record = owners[i]  # type: ignore[attr-defined]
+                raise result
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")
+        await producer.send_offsets_to_transaction(offsets, self.config.app_id)
+        await producer.commit_transaction()
+        # Committed: now (and only now) the local state may reflect the batch.
+        for name, table_txn, first in changelog:
+            last = results[first + len(table_txn.changes) - 1]
+            task.stores[name].apply(table_txn.changes, last.offset)
+        if task.poison:
+            for r in records:
+                task.poison.pop((r.topic, r.partition, r.offset), None)
+        task.committed_batches += 1
+        self.stats["records"] += len(records)
+        self.stats["batches"] += 1
+
+    async def _abort(self, task: Task) -> None:
+        try:
+            await task.producer.abort_transaction()
+        except FENCED_ERRORS:
+            await self._lose_task(task.partition)
+        except KafkaError as exc:
+            log.warning("abort of task %s failed: %r", task.partition, exc)
+
+    async def _lose_task(self, p: int) -> None:
+        """Stop working on a task we no longer own; its records are re-read by the owner."""
+        consumer = self.consumer
+        await self._close_task(p)
+        if consumer is not None:
+            mine = [tp for tp in consumer.assignment() if tp.partition == p]
+            if mine:
+                consumer.pause(*mine)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
