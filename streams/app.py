@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import faust
 
-from paysaga.agents.intake import IntakeStep, intake_agent
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine
 from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, changelog_topic
-from paysaga.tables import TABLES
+from paysaga.streams.topology import load_topology
 from paysaga.tables.store import StoreManager, StoreOptions
 
 
@@ -47,17 +46,16 @@ def store_manager(settings: Settings) -> StoreManager:
     )
 
 
-def create_engine(settings: Settings, codec: AvroCodec) -> ExactlyOnceEngine:
-    names = Topics(settings.topic_prefix)
-    agents = [intake_agent(IntakeStep(codec), names.initiated, names.status, names.dlq)]
+def create_engine(settings: Settings) -> ExactlyOnceEngine:
+    topology = load_topology(settings)
     config = EngineConfig(
         bootstrap=settings.bootstrap,
         app_id=settings.app_id,
-        dlq_topic=names.dlq,
+        dlq_topic=Topics(settings.topic_prefix).dlq,
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,
     )
-    return ExactlyOnceEngine(config, agents, store_manager(settings), TABLES)
+    return ExactlyOnceEngine(config, topology.agents, store_manager(settings), topology.tables)
 
 
 def create_app(settings: Settings) -> Paysaga:
@@ -79,7 +77,7 @@ def create_app(settings: Settings) -> Paysaga:
     )
     app.producer_only = True  # no Faust consumer group: the engine owns consumption
     codec = AvroCodec(SchemaRegistry())
-    engine = create_engine(settings, codec)
+    engine = create_engine(settings)
     from paysaga.streams.web import register_views
 
     register_views(app, settings, engine)

@@ -222,12 +222,10 @@ class ExactlyOnceEngine(mode.Service):
         if not mine:
             return
         consumer.resume(*mine)
+        beginnings = await consumer.beginning_offsets(mine)
         for tp in mine:
             committed = await consumer.committed(tp)
-            if committed is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, committed)
+            consumer.seek(tp, beginnings[tp] if committed is None else committed)
 
     async def _open_task(self, p: int) -> Task:
         producer = AIOKafkaProducer(
@@ -265,6 +263,7 @@ class ExactlyOnceEngine(mode.Service):
             bootstrap_servers=self.config.bootstrap,
             isolation_level="read_committed",
             enable_auto_commit=False,
+            auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         await reader.start()
@@ -280,16 +279,23 @@ class ExactlyOnceEngine(mode.Service):
                 self.store_manager.wipe(table, p)
                 store = self.store_manager.open(table, p)
                 applied = None
+            # Explicit offsets: aiokafka's seek_to_beginning right after assign() can lose
+            # to the initial reset and land at the end (seen with auto_offset_reset=latest).
             if applied is None:
-                await reader.seek_to_beginning(tp)
+                reader.seek(tp, (await reader.beginning_offsets([tp]))[tp])
             else:
                 reader.seek(tp, applied + 1)
+            start = await reader.position(tp)
+            restored = 0
             while await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=1000, max_records=20_000)
+                batch = await reader.getmany(tp, timeout_ms=50, max_records=20_000)
                 records = batch.get(tp, [])
                 if records:
                     store.apply({r.key: r.value for r in records}, records[-1].offset)
                     self.stats["restored"] += len(records)
+                    restored += len(records)
+            log.info("%s[%s]: restored %d changelog records (%d..%d)", table, p, restored,
+                     start, end)  # fmt: skip
             return store
         finally:
             await reader.stop()
@@ -317,9 +323,24 @@ class ExactlyOnceEngine(mode.Service):
         if task is None:  # revoked since the fetch: the new owner reads them
             return
         # Merge the partitions of the task by timestamp, keeping each partition's order.
-        records = (
-            list(heapq.merge(*lists, key=lambda r: r.timestamp)) if len(lists) > 1 else (lists[0])
-        )
+        if len(lists) == 1:
+            records = lists[0]
+        else:
+            records = list(heapq.merge(*lists, key=lambda r: r.timestamp))
+        if not await self._process_batch(task, records):
+            # The broker refused an output and several inputs could have caused it: commit
+            # one record per transaction, so the culprit is known and only it is poison.
+            for record in records:
+                if p not in self.tasks:
+                    return
+                await self._process_batch(task, [record])
+
+    async def _process_batch(self, task: Task, records: list[ConsumerRecord]) -> bool:
+        """Process and commit `records` as one transaction, retrying from committed state.
+
+        Returns False when a broker-refused output cannot be tied to one input record.
+        """
+        p = task.partition
         delay = 0.1
         attempt = 0
         while True:
@@ -331,17 +352,19 @@ class ExactlyOnceEngine(mode.Service):
             try:
                 await self._commit(task, txn, outputs, records)
                 self.failed = None
-                return
+                return True
             except FENCED_ERRORS:
                 log.warning("task %s fenced: another worker owns it now", p)
                 await self._lose_task(p)
-                return
+                return True
             except KafkaError as exc:
                 self.stats["aborts"] += 1
                 await self._abort(task)
-                culprit = getattr(exc, "paysaga_record", None)
-                if culprit is not None:
-                    r = records[culprit]
+                culprits = getattr(exc, "paysaga_records", None)
+                if culprits:
+                    if len(culprits) > 1:
+                        return False
+                    r = records[next(iter(culprits))]
                     reason = f"output refused by the broker: {type(exc).__name__}"
                     task.poison[(r.topic, r.partition, r.offset)] = ("poison", reason)
                     continue
@@ -352,7 +375,7 @@ class ExactlyOnceEngine(mode.Service):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 if p not in self.tasks:
-                    return
+                    return True
 
     def _run_agents(
         self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
@@ -398,9 +421,12 @@ class ExactlyOnceEngine(mode.Service):
         for topic, key, value, headers, index in outputs:
             n = await self._partitions(producer, topic)
             part = partition_for(key, n) if key is not None else index % n
-            futures.append(
-                await producer.send(topic, value, key=key, partition=part, headers=headers)
-            )
+            try:
+                fut = await producer.send(topic, value, key=key, partition=part, headers=headers)
+            except RECORD_ERRORS as exc:  # refused before sending (e.g. over max_request_size)
+                exc.paysaga_records = {index}  # type: ignore[attr-defined]
+                raise
+            futures.append(fut)
             owners.append(index)
         changelog: list[tuple[str, TableTransaction, int]] = []
         for name, table_txn in txn.changed():
@@ -410,11 +436,13 @@ class ExactlyOnceEngine(mode.Service):
                 futures.append(await producer.send(topic, value, key=key, partition=task.partition))
             changelog.append((name, table_txn, first))
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for i, result in enumerate(results):
-            if isinstance(result, BaseException):
-                if isinstance(result, RECORD_ERRORS) and i < len(owners):
-                    result.paysaga_record = owners[i]  # type: ignore[attr-defined]
-                raise result
+        errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if errors:
+            first = errors[0][1]
+            if all(isinstance(e, RECORD_ERRORS) and i < len(owners) for i, e in errors):
+                # All inputs whose outputs shared a refused producer batch are suspects.
+                first.paysaga_records = {owners[i] for i, _ in errors}  # type: ignore[attr-defined]
+            raise first
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in records:
             offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")

@@ -48,7 +48,8 @@ async def iter_records(
         if not tps:
             raise RuntimeError(f"no partitions for {topics}: were the topics created?")
         c.assign(tps)
-        await c.seek_to_beginning(*tps)
+        for tp, offset in (await c.beginning_offsets(tps)).items():
+            c.seek(tp, offset)  # explicit: seek_to_beginning can lose to the initial reset
         end = await c.end_offsets(tps) if not follow else {}
         remaining = {tp for tp in tps if not follow and end[tp] > 0}
         loop = asyncio.get_running_loop()

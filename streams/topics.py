@@ -115,11 +115,11 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 def internal_specs(settings: Settings) -> list[TopicSpec]:
     """The app's own topics: one compacted changelog per table, co-partitioned with inputs."""
-    from paysaga.tables import TABLES
+    from paysaga.streams.topology import load_topology
 
     return [
         TopicSpec(changelog_topic(settings, table), "table changelog", cleanup_policy="compact")
-        for table in TABLES
+        for table in load_topology(settings).tables
     ]
 
 
