@@ -27,8 +27,7 @@ _MAX_DIGITS = 19
 #: A maximal run of digit groups joined by single spaces or dashes.
 _RUN_RE = re.compile(r"\d+(?:[ -]\d+)*")
 _GROUP_RE = re.compile(r"\d+")
-#: Cheap pre-filter: no 13 digits in a (separated) row means no PAN; most text stops here.
-_CANDIDATE_RE = re.compile(r"\d(?:[ -]?\d){12}")
+_ASCII_DIGITS = b"0123456789"
 _SEPARATORS = str.maketrans("", "", " -")
 
 
@@ -46,8 +45,8 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _is_pan_digits(digits: str) -> bool:
-    # Any Unicode decimal digit counts ("４１１１..." is still a card number to Python's
-    # int() and to many systems downstream), so map them to ASCII before the Luhn check.
+    # Any Unicode decimal digit counts (fullwidth or Arabic-Indic digits are still a card
+    # number to Python's int() and to many systems downstream): map them to ASCII first.
     if not (_MIN_DIGITS <= len(digits) <= _MAX_DIGITS and digits.isdecimal()):
         return False
     if not digits.isascii():
@@ -55,8 +54,24 @@ def _is_pan_digits(digits: str) -> bool:
     return luhn_valid(digits)
 
 
+def _too_few_digits(text: str) -> bool:
+    """Cheap pre-filter (C speed): fewer than 13 digits in all of ``text`` means no PAN.
+
+    Most text on the hot path (tokens, descriptions) stops here; a regex scan costs 5-10x.
+    Non-ASCII text always gets the full scan (Unicode digits are not counted here).
+    """
+    if len(text) < _MIN_DIGITS:
+        return True
+    if not text.isascii():
+        return False
+    raw = text.encode("ascii")
+    return len(raw) - len(raw.translate(None, _ASCII_DIGITS)) < _MIN_DIGITS
+
+
 def looks_like_pan(s: str) -> bool:
     """True if ``s`` as a whole, without spaces and dashes, is a Luhn-valid 13-19 digit number."""
+    if _too_few_digits(s):
+        return False
     return _is_pan_digits(s.translate(_SEPARATORS))
 
 
@@ -69,7 +84,7 @@ def pan_spans(text: str) -> list[tuple[int, int]]:
     number (say a 24-digit reference) is not a PAN, and checking its substrings would flag
     most long numbers by chance (one window in ten passes Luhn).
     """
-    if _CANDIDATE_RE.search(text) is None:
+    if _too_few_digits(text):
         return []
     spans: list[tuple[int, int]] = []
     for run in _RUN_RE.finditer(text):

@@ -124,6 +124,10 @@ class Task:
     producer: AIOKafkaProducer
     stores: dict[str, PartitionStore]
     poison: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
+    #: Next offset to process per input partition: the committed offset at assignment,
+    #: then advanced by every commit. Records below it were already committed (a fetch made
+    #: before a seek can deliver them again) and are never processed twice.
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     committed_batches: int = 0
 
 
@@ -225,7 +229,11 @@ class ExactlyOnceEngine(mode.Service):
         beginnings = await consumer.beginning_offsets(mine)
         for tp in mine:
             committed = await consumer.committed(tp)
-            consumer.seek(tp, beginnings[tp] if committed is None else committed)
+            start = beginnings[tp] if committed is None else committed
+            consumer.seek(tp, start)
+            task = self.tasks.get(tp.partition)
+            if task is not None:
+                task.next_offsets[tp] = start
 
     async def _open_task(self, p: int) -> Task:
         producer = AIOKafkaProducer(
@@ -322,6 +330,22 @@ class ExactlyOnceEngine(mode.Service):
         task = self.tasks.get(p)
         if task is None:  # revoked since the fetch: the new owner reads them
             return
+        fresh = []
+        for records in lists:
+            tp = TopicPartition(records[0].topic, records[0].partition)
+            expected = task.next_offsets.get(tp)
+            if expected is None:
+                continue  # not positioned by this assignment: stale fetch, read again later
+            kept = (
+                [r for r in records if r.offset >= expected]
+                if records[0].offset < expected
+                else (records)
+            )
+            if kept:
+                fresh.append(kept)
+        if not fresh:
+            return
+        lists = fresh
         # Merge the partitions of the task by timestamp, keeping each partition's order.
         if len(lists) == 1:
             records = lists[0]
@@ -448,6 +472,8 @@ class ExactlyOnceEngine(mode.Service):
             offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")
         await producer.send_offsets_to_transaction(offsets, self.config.app_id)
         await producer.commit_transaction()
+        for tp, position in offsets.items():
+            task.next_offsets[tp] = position.offset
         # Committed: now (and only now) the local state may reflect the batch.
         for name, table_txn, first in changelog:
             last = results[first + len(table_txn.changes) - 1]

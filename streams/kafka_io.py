@@ -13,11 +13,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 
-def consumer(bootstrap: str, **kw) -> AIOKafkaConsumer:
-    """A group-less read_committed consumer (assign partitions yourself)."""
+def consumer(bootstrap: str, isolation: str = "read_committed", **kw) -> AIOKafkaConsumer:
+    """A group-less consumer, read_committed unless asked (assign partitions yourself)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
+        isolation_level=isolation,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         **kw,
@@ -32,16 +32,27 @@ async def partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
-async def read_all(bootstrap: str, *topics: str, timeout: float = 60.0) -> list[ConsumerRecord]:
-    """Every committed record of `topics`, from the beginning to the end as of now."""
-    return [r async for r in iter_records(bootstrap, *topics, follow=False, timeout=timeout)]
+async def read_all(
+    bootstrap: str, *topics: str, timeout: float = 60.0, isolation: str = "read_committed"
+) -> list[ConsumerRecord]:
+    """Every committed record of `topics`, from the beginning to the end as of now.
+
+    `isolation="read_uncommitted"` also returns records of aborted transactions (tests use
+    it to prove an abort happened and that committed readers do not see it).
+    """
+    records = iter_records(bootstrap, *topics, follow=False, timeout=timeout, isolation=isolation)
+    return [r async for r in records]
 
 
 async def iter_records(
-    bootstrap: str, *topics: str, follow: bool = True, timeout: float | None = None
+    bootstrap: str,
+    *topics: str,
+    follow: bool = True,
+    timeout: float | None = None,
+    isolation: str = "read_committed",
 ) -> AsyncIterator[ConsumerRecord]:
     """Committed records of `topics` from the beginning; `follow=False` stops at today's end."""
-    c = consumer(bootstrap)
+    c = consumer(bootstrap, isolation)
     await c.start()
     try:
         tps = [tp for t in topics for tp in await partitions(c, t)]
