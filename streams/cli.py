@@ -165,6 +165,19 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from paysaga.streams.bench import PIPELINES, BenchOptions, run_bench
+
+    pipelines = tuple(args.pipelines.split(",")) if args.pipelines else PIPELINES
+    opts = BenchOptions(
+        events=args.events, rate=args.rate, latency_seconds=args.latency_seconds,
+        partitions=args.partitions, keys=args.keys, bootstrap=args.bench_bootstrap or None,
+        results_dir=Path(args.results_dir), pipelines=pipelines,
+    )  # fmt: skip
+    asyncio.run(run_bench(opts))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paysaga", description=__doc__.splitlines()[0])
@@ -229,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("watch", _watch, "live counts of payment.status outcomes and the DLQ")
     _settings_opts(p, "bootstrap", "topic_prefix")
     _env_opt(p, "--seconds", "PAYSAGA_WATCH_SECONDS", 0.0, float, help="0 = until Ctrl-C")
+
+    p = cmd("bench", _bench, "benchmark: baseline loop vs textbook Faust vs paysaga")
+    _env_opt(p, "--events", "PAYSAGA_BENCH_EVENTS", 50_000, int, help="data set size")
+    _env_opt(p, "--rate", "PAYSAGA_BENCH_RATE", 1000.0, float, help="offered rate for latency")
+    _env_opt(p, "--latency-seconds", "PAYSAGA_BENCH_LATENCY_SECONDS", 10.0, float,
+             help="duration of the latency phase")  # fmt: skip
+    _env_opt(p, "--partitions", "PAYSAGA_BENCH_PARTITIONS", 3, int, help="input partitions")
+    _env_opt(p, "--keys", "PAYSAGA_BENCH_KEYS", 200_000, int,
+             help="changelog keys for restore/restart (0 skips)")  # fmt: skip
+    _env_opt(p, "--bootstrap", "PAYSAGA_BENCH_BOOTSTRAP", "", str, dest="bench_bootstrap",
+             help="use this broker instead of starting one")  # fmt: skip
+    _env_opt(p, "--pipelines", "PAYSAGA_BENCH_PIPELINES", "", str,
+             help="comma list of baseline,faust,paysaga")  # fmt: skip
+    _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
+             help="where JSON results go")  # fmt: skip
 
     p = cmd("demo", _demo, "broker + topics + worker + producer + live progress (make run)")
     _settings_opts(p, "data_dir", "web_port", "partitions")

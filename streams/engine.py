@@ -164,7 +164,10 @@ class ExactlyOnceEngine(mode.Service):
         self.recovering = False
         self.assigned = False
         self.failed: str | None = None
-        self.stats = {"records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0}
+        self.stats: dict[str, float] = {
+            "records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0,
+            "restore_seconds": 0.0,
+        }  # fmt: skip
         super().__init__(**kwargs)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -295,6 +298,7 @@ class ExactlyOnceEngine(mode.Service):
                 reader.seek(tp, applied + 1)
             start = await reader.position(tp)
             restored = 0
+            began = time.monotonic()
             while await reader.position(tp) < end:
                 batch = await reader.getmany(tp, timeout_ms=50, max_records=20_000)
                 records = batch.get(tp, [])
@@ -302,6 +306,7 @@ class ExactlyOnceEngine(mode.Service):
                     store.apply({r.key: r.value for r in records}, records[-1].offset)
                     self.stats["restored"] += len(records)
                     restored += len(records)
+            self.stats["restore_seconds"] += time.monotonic() - began
             log.info("%s[%s]: restored %d changelog records (%d..%d)", table, p, restored,
                      start, end)  # fmt: skip
             return store

@@ -24,12 +24,34 @@ def consumer(bootstrap: str, isolation: str = "read_committed", **kw) -> AIOKafk
     )
 
 
-async def partitions(c: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+async def partitions(
+    c: AIOKafkaConsumer, topic: str, timeout: float = 15.0
+) -> list[TopicPartition]:
+    """The topic's partitions, waiting (with a deadline) for a just-created topic.
+
+    A consumer's metadata can miss a topic created moments ago; the admin client's
+    DescribeTopics asks the controller-fed metadata directly, so it is polled instead.
+    """
     parts = c.partitions_for_topic(topic)
-    if parts is None:
-        await c._client.force_metadata_update()
-        parts = c.partitions_for_topic(topic) or set()
-    return [TopicPartition(topic, p) for p in sorted(parts)]
+    if parts:
+        return [TopicPartition(topic, p) for p in sorted(parts)]
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=c._client._bootstrap_servers)
+    await admin.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            described = await admin.describe_topics([topic])
+            found = [d for d in described if d.get("error_code", 0) == 0 and d["partitions"]]
+            if found:
+                return [TopicPartition(topic, p["partition"]) for p in found[0]["partitions"]]
+            if loop.time() > deadline:
+                return []
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
 
 
 async def read_all(

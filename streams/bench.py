@@ -1,0 +1,344 @@
+"""`paysaga bench`: paysaga's intake against a plain aiokafka loop and textbook Faust.
+
+One invocation, one local broker, one freshly produced data set of realistic Avro
+PaymentInitiated events (with retries and key conflicts). For each pipeline: throughput on
+the backlog, p50/p99 latency at a fixed offered rate (input timestamp to the output being
+visible to a read_committed consumer), and peak RSS of its process. Then paysaga's restore
+rate from the changelog and its restart-to-ready time with N keys on local disk. Results
+are ratios against the baseline measured in the same run (the machines are shared and
+noisy); nothing here is asserted by tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from paysaga.schemas.codec import AvroCodec
+from paysaga.schemas.registry import SchemaRegistry
+from paysaga.streams.broker import LocalBroker, free_port
+from paysaga.streams.kafka_io import iter_records
+from paysaga.streams.partitioner import partition_for
+from paysaga.streams.settings import Settings
+from paysaga.streams.topics import Topics, changelog_topic, create_topics
+from paysaga.streams.upstream import Progress, UpstreamConfig, produce
+
+PIPELINES = ("baseline", "faust", "paysaga")
+
+
+@dataclass
+class BenchOptions:
+    events: int = 50_000
+    rate: float = 1000.0
+    latency_seconds: float = 10.0
+    partitions: int = 3
+    keys: int = 200_000
+    bootstrap: str | None = None
+    results_dir: Path = Path("bench/results")
+    pipelines: tuple[str, ...] = PIPELINES
+
+
+@dataclass
+class PipelineResult:
+    events_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    peak_rss_mib: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _rss_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Pipeline:
+    """One pipeline process reading `source` and writing statuses to `output`."""
+
+    def __init__(self, kind: str, bootstrap: str, prefix: str, work: Path, partitions: int):
+        self.kind = kind
+        self.bootstrap = bootstrap
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.partitions = partitions
+        self.settings = Settings(
+            bootstrap=bootstrap, app_id=f"{prefix}{kind}".replace(".", "-"), topic_prefix=prefix,
+            partitions=partitions, data_dir=work / "state", web_port=free_port(),
+        )  # fmt: skip
+        names = Topics(prefix)
+        self.source = names.initiated
+        self.output = names.status if kind == "paysaga" else f"{prefix}{kind}.status"
+        self.proc: subprocess.Popen | None = None
+
+    async def prepare(self) -> None:
+        await create_topics(self.settings)
+        if self.kind != "paysaga":
+            from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            try:
+                group = self.settings.app_id
+                await admin.create_topics([
+                    NewTopic(name=self.output, num_partitions=self.partitions,
+                             replication_factor=1),
+                    NewTopic(name=f"{group}-changelog", num_partitions=self.partitions,
+                             replication_factor=1, topic_configs={"cleanup.policy": "compact"}),
+                ])  # fmt: skip
+            finally:
+                await admin.close()
+
+    def start(self) -> None:
+        log = open(self.work / f"{self.kind}.log", "ab")  # noqa: SIM115 - owned by the child
+        env = dict(os.environ)
+        if self.kind == "paysaga":
+            cmd = [sys.executable, "-m", "paysaga.streams.cli", "worker"]
+            for name, value in self.settings.model_dump(mode="json").items():
+                if value is not None:
+                    env["PAYSAGA_" + name.upper()] = str(value)
+        else:
+            cmd = [sys.executable, "-m", "paysaga.streams.bench_pipelines", self.kind,
+                   self.bootstrap, self.source, self.output, self.settings.app_id,
+                   str(self.work / "state"), str(self.partitions)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def rss(self) -> float:
+        return _rss_mib(self.proc.pid) if self.proc else 0.0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def _observe(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    codec: AvroCodec,
+    timeout: float,
+    bar: Progress | None = None,
+) -> tuple[float, list[float], int]:
+    """Follow `topic` (read_committed) until `expected` records; (seconds, latencies, n)."""
+    first = last = 0.0
+    latencies: list[float] = []
+    n = 0
+    deadline = time.monotonic() + timeout
+    async for r in iter_records(bootstrap, topic, follow=True, timeout=timeout):
+        now = time.time()
+        if n == 0:
+            first = now
+        last = now
+        n += 1
+        status = codec.decode(r.value, "PaymentStatusChanged")
+        latencies.append(now * 1000 - status["occurred_at"])
+        if bar is not None:
+            bar.update(n)
+        if n >= expected or time.monotonic() > deadline:
+            break
+    return last - first, latencies, n
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _throughput(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> PipelineResult:
+    bar = Progress(opts.events, f"{p.kind:>8} throughput")
+    p.start()
+    try:
+        seconds, _, n = await _observe(p.bootstrap, p.output, opts.events, codec, 900, bar)
+        bar.close(n)
+        rss = p.rss()
+    finally:
+        p.stop()
+    return PipelineResult(events_per_s=(n - 1) / seconds if seconds > 0 else 0.0,
+                          peak_rss_mib=rss, extra={"outputs": n})  # fmt: skip
+
+
+async def _latency(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> tuple[float, float]:
+    """p50/p99 ms at `opts.rate` offered, after a warm-up event went through."""
+    count = int(opts.rate * opts.latency_seconds)
+    p.start()
+    try:
+        warm = UpstreamConfig(count=1, seed=991, duplicate_rate=0, conflict_rate=0)
+        await produce(p.bootstrap, codec, warm, topic=p.source, progress=False)
+        await _observe(p.bootstrap, p.output, 1, codec, 120)
+        cfg = UpstreamConfig(count=count, seed=992)
+        sender = asyncio.create_task(
+            produce(p.bootstrap, codec, cfg, rate=opts.rate, topic=p.source, progress=False)
+        )
+        bar = Progress(count + 1, f"{p.kind:>8} latency @{opts.rate:.0f}/s")
+        _, latencies, n = await _observe(p.bootstrap, p.output, count + 1, codec,
+                                         opts.latency_seconds * 6 + 60, bar)  # fmt: skip
+        bar.close(n)
+        await sender
+    finally:
+        p.stop()
+    steady = latencies[1:]
+    return _percentile(steady, 0.50), _percentile(steady, 0.99)
+
+
+async def _restore(opts: BenchOptions, bootstrap: str, run: str, work: Path) -> dict[str, float]:
+    """Restore rate from the changelog, and restart-to-ready with `opts.keys` on disk."""
+    p = Pipeline("paysaga", bootstrap, f"{run}-restore.", work / "restore", opts.partitions)
+    await create_topics(p.settings)
+    topic = changelog_topic(p.settings, "payments")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
+                                max_batch_size=512 * 1024, acks=1)  # fmt: skip
+    await producer.start()
+    bar = Progress(opts.keys, "  changelog keys")
+    try:
+        pending = []
+        for i in range(opts.keys):
+            key = f"pay_restore_{i:010d}".encode()
+            record = {"payment_id": key.decode(), "amount_minor": 1000 + i, "currency": "EUR",
+                      "status": "INITIATED", "version": 1, "merchant_id": f"m_{i % 50:03d}",
+                      "history": []}  # fmt: skip
+            part = partition_for(key, opts.partitions)
+            value = json.dumps(record).encode()
+            pending.append(await producer.send(topic, value, key=key, partition=part))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+                bar.update(i + 1)
+        await asyncio.gather(*pending)
+        bar.close(opts.keys)
+    finally:
+        await producer.stop()
+
+    async def ready(timeout: float) -> tuple[float, dict]:
+        import urllib.request
+
+        began = time.monotonic()
+        url = f"http://127.0.0.1:{p.settings.web_port}/ready/"
+        while time.monotonic() - began < timeout:
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    return time.monotonic() - began, json.loads(resp.read())
+            except OSError:
+                await asyncio.sleep(0.05)  # polling readiness, with a deadline
+        raise TimeoutError("worker not ready")
+
+    p.start()
+    try:
+        cold, body = await ready(900)
+        rss = p.rss()
+    finally:
+        p.stop()
+    p.start()
+    try:
+        warm, _ = await ready(300)
+    finally:
+        p.stop()
+    stats = body["stats"]
+    return {
+        "keys": opts.keys,
+        "restored_records": stats["restored"],
+        "restore_records_per_s": stats["restored"] / max(stats["restore_seconds"], 1e-9),
+        "cold_start_to_ready_s": cold,
+        "restart_to_ready_s": warm,
+        "peak_rss_mib_during_restore": rss,
+    }
+
+
+async def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="paysaga-bench-"))
+    broker = None
+    bootstrap = opts.bootstrap
+    if bootstrap is None:
+        broker = LocalBroker(work / "broker", free_port())
+        took = await asyncio.to_thread(broker.up)
+        print(f"local broker up in {took:.1f}s at {broker.bootstrap}")
+        bootstrap = broker.bootstrap
+    codec = AvroCodec(SchemaRegistry())
+    run = f"bench{int(time.time())}"
+    results: dict[str, Any] = {
+        "run": run, "events": opts.events, "partitions": opts.partitions, "rate": opts.rate,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "pipelines": {},
+    }  # fmt: skip
+    ok = False
+    try:
+        # One data set, produced once, read by every pipeline from its own consumer group.
+        shared = Pipeline("paysaga", bootstrap, f"{run}.", work, opts.partitions)
+        await shared.prepare()
+        cfg = UpstreamConfig(count=opts.events, seed=2026)
+        await produce(bootstrap, codec, cfg, topic=shared.source)
+        for kind in opts.pipelines:
+            p = Pipeline(kind, bootstrap, f"{run}.", work / kind, opts.partitions)
+            await p.prepare()
+            res = await _throughput(p, opts, codec)
+            lat = Pipeline(kind, bootstrap, f"{run}-lat-{kind}.", work / f"lat-{kind}",
+                           opts.partitions)  # fmt: skip
+            await lat.prepare()
+            res.p50_ms, res.p99_ms = await _latency(lat, opts, codec)
+            results["pipelines"][kind] = res.__dict__
+        if "paysaga" in opts.pipelines and opts.keys > 0:
+            results["restore"] = await _restore(opts, bootstrap, run, work)
+        ok = True
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.down)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"bench failed; logs kept in {work}", file=sys.stderr)
+    base = results["pipelines"].get("baseline", {}).get("events_per_s")
+    for res in results["pipelines"].values():
+        res["ratio_to_baseline"] = res["events_per_s"] / base if base else None
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    path = opts.results_dir / f"{run}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(summary(results))
+    print(f"results: {path}")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = [
+        f"\npaysaga bench {results['run']}: {results['events']} events, "
+        f"{results['partitions']} partitions, latency at {results['rate']:.0f}/s offered",
+        f"{'pipeline':<10}{'events/s':>10}{'x baseline':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'peak RSS MiB':>14}",
+    ]
+    for kind, r in results["pipelines"].items():
+        ratio = r.get("ratio_to_baseline")
+        lines.append(
+            f"{kind:<10}{r['events_per_s']:>10,.0f}{(ratio or 0):>12.2f}{r['p50_ms']:>9.1f}"
+            f"{r['p99_ms']:>9.1f}{r['peak_rss_mib']:>14.0f}"
+        )
+    if "restore" in results:
+        r = results["restore"]
+        lines.append(
+            f"restore: {r['restored_records']:,} changelog records at "
+            f"{r['restore_records_per_s']:,.0f}/s; cold start to ready "
+            f"{r['cold_start_to_ready_s']:.1f}s; restart to ready with {r['keys']:,} keys "
+            f"{r['restart_to_ready_s']:.1f}s; peak RSS {r['peak_rss_mib_during_restore']:.0f} MiB"
+        )
+    return "\n".join(lines)
