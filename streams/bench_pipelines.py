@@ -36,7 +36,7 @@ async def baseline(bootstrap: str, source: str, output: str, group: str, state: 
     changelog = f"{group}-changelog"
     consumer = AIOKafkaConsumer(
         source, bootstrap_servers=bootstrap, group_id=group, isolation_level="read_committed",
-        enable_auto_commit=False, auto_offset_reset="earliest",
+        enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=20,
     )  # fmt: skip
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, transactional_id=f"{group}-txn", enable_idempotence=True,

@@ -20,6 +20,7 @@ def consumer(bootstrap: str, isolation: str = "read_committed", **kw) -> AIOKafk
         isolation_level=isolation,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        fetch_max_wait_ms=5,
         **kw,
     )
 

@@ -24,6 +24,7 @@ from paysaga.streams.topics import Topics
 
 CURRENCIES = (("USD", 60), ("EUR", 20), ("GBP", 8), ("JPY", 6), ("BHD", 3), ("CHF", 3))
 COUNTRIES = ("US", "DE", "FR", "GB", "JP", "BH", "CH", "NL", "ES", "IT")
+TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 BINS = ("411111", "510510", "378282", "601100", "353011")
 #: Typical ticket sizes in major units, per currency (JPY tickets are larger numbers).
 MAJOR_RANGE = {"JPY": (100, 60_000), "BHD": (1, 400)}
@@ -84,7 +85,8 @@ def generate(cfg: UpstreamConfig, now_ms: Callable[[], int] | None = None) -> It
             "order_id": f"ord_{cfg.seed}_{i:09d}",
             "amount_minor": _amount(rng, currency, currency_exponent(currency)),
             "currency": currency,
-            "card_token": f"tok_{rng.getrandbits(64):016x}",
+            # Letters and digits: a hex token can be 16 digits that pass Luhn, i.e. a PAN.
+            "card_token": "tok_" + "".join(rng.choices(TOKEN_ALPHABET, k=20)),
             "card_bin": rng.choice(BINS),
             "card_last4": f"{rng.randrange(10_000):04d}",
             "country": country,
