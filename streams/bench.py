@@ -272,6 +272,26 @@ async def _restore(opts: BenchOptions, bootstrap: str, run: str, work: Path) -> 
     }
 
 
+async def _pipelines(
+    opts: BenchOptions, bootstrap: str, run: str, work: Path, codec: AvroCodec, results: dict
+) -> None:
+    """Throughput, latency and RSS of each pipeline on one shared data set."""
+    # One data set, produced once, read by every pipeline from its own consumer group.
+    shared = Pipeline("paysaga", bootstrap, f"{run}.", work, opts.partitions)
+    await shared.prepare()
+    cfg = UpstreamConfig(count=opts.events, seed=2026)
+    await produce(bootstrap, codec, cfg, topic=shared.source)
+    for kind in opts.pipelines:
+        p = Pipeline(kind, bootstrap, f"{run}.", work / kind, opts.partitions)
+        await p.prepare()
+        res = await _throughput(p, opts, codec)
+        lat = Pipeline(kind, bootstrap, f"{run}-lat-{kind}.", work / f"lat-{kind}",
+                       opts.partitions)  # fmt: skip
+        await lat.prepare()
+        res.p50_ms, res.p99_ms = await _latency(lat, opts, codec)
+        results["pipelines"][kind] = res.__dict__
+
+
 async def run_bench(opts: BenchOptions) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="paysaga-bench-"))
     broker = None
@@ -290,20 +310,8 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
     }  # fmt: skip
     ok = False
     try:
-        # One data set, produced once, read by every pipeline from its own consumer group.
-        shared = Pipeline("paysaga", bootstrap, f"{run}.", work, opts.partitions)
-        await shared.prepare()
-        cfg = UpstreamConfig(count=opts.events, seed=2026)
-        await produce(bootstrap, codec, cfg, topic=shared.source)
-        for kind in opts.pipelines:
-            p = Pipeline(kind, bootstrap, f"{run}.", work / kind, opts.partitions)
-            await p.prepare()
-            res = await _throughput(p, opts, codec)
-            lat = Pipeline(kind, bootstrap, f"{run}-lat-{kind}.", work / f"lat-{kind}",
-                           opts.partitions)  # fmt: skip
-            await lat.prepare()
-            res.p50_ms, res.p99_ms = await _latency(lat, opts, codec)
-            results["pipelines"][kind] = res.__dict__
+        if opts.events > 0:
+            await _pipelines(opts, bootstrap, run, work, codec, results)
         if "paysaga" in opts.pipelines and opts.keys > 0:
             results["restore"] = await _restore(opts, bootstrap, run, work)
         ok = True

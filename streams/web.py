@@ -1,4 +1,4 @@
-"""Operator web views over the tables (Faust web), routed to the worker owning the key.
+"""Operator web views over the tables (Faust web), answering for the partitions this worker owns.
 
 Payment data is not public: the server binds to loopback by default, Faust's built-in
 `/table` dumps are off, and when `PAYSAGA_WEB_TOKEN` is set every view but `/health`
