@@ -132,6 +132,13 @@ class Task:
     #: before a seek can deliver them again) and are never processed twice.
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     committed_batches: int = 0
+    #: Fetched records waiting for this task's next batch, per input partition, in order.
+    inbox: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
+    runner: asyncio.Future | None = None
+    closing: bool = False
+
+    def queued(self) -> int:
+        return sum(len(records) for records in self.inbox.values())
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -191,11 +198,9 @@ class ExactlyOnceEngine(mode.Service):
         self.add_future(self._run())
 
     async def on_stop(self) -> None:
+        await self.release(set(self.tasks))  # in-flight batches commit or abort first
         if self.consumer is not None:
-            await self.consumer.stop()  # revokes: in-flight batch finishes, tasks close
-        async with self._lock:
-            for p in list(self.tasks):
-                await self._close_task(p)
+            await self.consumer.stop()
 
     @property
     def ready(self) -> bool:
@@ -207,8 +212,13 @@ class ExactlyOnceEngine(mode.Service):
 
     # ---- rebalancing ------------------------------------------------------------------------
     async def release(self, partitions: set[int]) -> None:
-        async with self._lock:  # waits for the in-flight batch to commit or abort
+        async with self._lock:
             for p in partitions:
+                task = self.tasks.get(p)
+                if task is not None:
+                    task.closing = True  # queued records are left to the next owner
+                    if task.runner is not None:
+                        await task.runner  # the in-flight batch commits or aborts first
                 await self._close_task(p)
 
     async def acquire(self, partitions: set[int]) -> None:
@@ -324,21 +334,40 @@ class ExactlyOnceEngine(mode.Service):
 
     # ---- processing -------------------------------------------------------------------------
     async def _run(self) -> None:
+        """Fetch and hand records to the tasks; each task commits on its own schedule.
+
+        A task starts its next batch as soon as its previous transaction committed, so one
+        slow commit does not hold back the other partitions. Fetching pauses while the
+        tasks have more than a few batches queued.
+        """
         consumer = self.consumer
         assert consumer is not None
+        limit = 4 * self.config.max_batch
         while not self.should_stop:
             batch = await consumer.getmany(
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
             )
-            if not batch:
-                continue
-            async with self._lock:
-                by_task: dict[int, list[list[ConsumerRecord]]] = {}
-                for tp, records in batch.items():
-                    by_task.setdefault(tp.partition, []).append(records)
-                await asyncio.gather(
-                    *(self._process_task(p, lists) for p, lists in by_task.items())
-                )
+            for tp, records in batch.items():
+                task = self.tasks.get(tp.partition)
+                if task is None or task.closing:
+                    continue  # not ours any more: the next owner reads them
+                task.inbox.setdefault(tp, []).extend(records)
+                if task.runner is None or task.runner.done():
+                    task.runner = asyncio.ensure_future(self._drain(task))
+            running = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
+            if running and sum(t.queued() for t in self.tasks.values()) > limit:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _drain(self, task: Task) -> None:
+        """Process a task's queued records batch by batch until none are left."""
+        try:
+            while task.inbox and not task.closing and self.tasks.get(task.partition) is task:
+                lists = [records for records in task.inbox.values() if records]
+                task.inbox = {}
+                await self._process_task(task.partition, lists)
+        except Exception as exc:  # a bug, not a Kafka error: stop accepting work, loudly
+            log.exception("task %s failed", task.partition)
+            self.failed = f"task {task.partition}: {type(exc).__name__}"
 
     async def _process_task(self, p: int, lists: list[list[ConsumerRecord]]) -> None:
         task = self.tasks.get(p)
