@@ -76,12 +76,8 @@ class CaptureMode(StrEnum):
     MANUAL = "MANUAL"
 
 
-class PaymentInitiated(BaseModel):
-    """A payment request as upstream sends it (Avro record io.paysaga.PaymentInitiated).
-
-    ``currency`` is declared before ``amount_minor`` (Avro has the opposite order) so the
-    amount validator can see the validated currency and report on the ``amount_minor`` field.
-    """
+class Envelope(BaseModel):
+    """The fields every paysaga event starts with (DESIGN.md section 4)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 
@@ -90,6 +86,15 @@ class PaymentInitiated(BaseModel):
     payment_id: Id
     correlation_id: Id
     causation_id: Id | None = None
+
+
+class PaymentInitiated(Envelope):
+    """A payment request as upstream sends it (Avro record io.paysaga.PaymentInitiated).
+
+    ``currency`` is declared before ``amount_minor`` (Avro has the opposite order) so the
+    amount validator can see the validated currency and report on the ``amount_minor`` field.
+    """
+
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)]
     merchant_id: Id
     customer_id: Id
@@ -158,20 +163,13 @@ class PaymentInitiated(BaseModel):
         return self.model_dump(mode="json")
 
 
-class PaymentStatusChanged(BaseModel):
+class PaymentStatusChanged(Envelope):
     """An outcome on payment.status (Avro record io.paysaga.PaymentStatusChanged).
 
     Built by paysaga, validated anyway: this is what upstream reads, so a negative or
     float amount here would be our bug leaking out.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
-
-    event_id: EventId
-    occurred_at: EpochMillis
-    payment_id: Id
-    correlation_id: Id
-    causation_id: Id | None = None
     merchant_id: Id | None = None
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     status: Status

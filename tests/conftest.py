@@ -16,7 +16,7 @@ import pytest
 from paysaga.streams.broker import LocalBroker, free_port
 from paysaga.streams.settings import Settings
 from paysaga.streams.topics import create_topics
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, isolated_settings
 
 _ids = itertools.count(1)
 
@@ -34,15 +34,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
 def settings(broker: LocalBroker, tmp_path: Path) -> Settings:
     """Settings for one test: its own topic prefix, app id, state dir and web port."""
     n = next(_ids)
-    return Settings(
-        bootstrap=broker.bootstrap,
-        app_id=f"paysaga-t{n}",
-        topic_prefix=f"t{n}.",
-        partitions=3,
-        data_dir=tmp_path / "state",
-        web_port=free_port(),
-        log_level="INFO",
-    )
+    return isolated_settings(broker.bootstrap, tmp_path / "state", f"t{n}")
 
 
 @pytest.fixture

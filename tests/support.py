@@ -37,6 +37,18 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def isolated_settings(bootstrap: str, state: Path, name: str, **overrides: Any) -> Settings:
+    """Settings for one test: its own topic prefix, app id, state dir and web port."""
+    from paysaga.streams.broker import free_port
+
+    values: dict[str, Any] = {
+        "bootstrap": bootstrap, "app_id": f"paysaga-{name}", "topic_prefix": f"{name}.",
+        "partitions": 3, "data_dir": state, "web_port": free_port(), "log_level": "INFO",
+    }  # fmt: skip
+    values.update(overrides)
+    return Settings(**values)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """PAYSAGA_* variables that reproduce `settings` in a child process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}

@@ -26,23 +26,14 @@ from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, changelog_topic
 from paysaga.tables.store import StoreManager
 from tests import pipelines
-from tests.support import WorkerProcess, wait_for
+from tests.support import WorkerProcess, isolated_settings, wait_for
 
 KEYS = 40
 
 
 def _settings(broker: LocalBroker, tmp_path: Path, name: str, **kw) -> Settings:
-    return Settings(
-        bootstrap=broker.bootstrap,
-        app_id=f"eos-{name}",
-        topic_prefix=f"{name}.",
-        partitions=3,
-        data_dir=tmp_path / "state",
-        web_port=free_port(),
-        topology="tests.pipelines:fold_topology",
-        log_level="INFO",
-        **kw,
-    )
+    return isolated_settings(broker.bootstrap, tmp_path / "state", name, app_id=f"eos-{name}",
+                             topology="tests.pipelines:fold_topology", **kw)  # fmt: skip
 
 
 def _inputs(n: int, seed: int) -> list[tuple[bytes, dict]]:
