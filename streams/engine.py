@@ -128,8 +128,8 @@ class Task:
     stores: dict[str, PartitionStore]
     poison: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
     #: Next offset to process per input partition: the committed offset at assignment,
-    #: then advanced by every commit. Records below it were already committed (a fetch made
-    #: before a seek can deliver them again) and are never processed twice.
+    #: then advanced by every commit. Records below it were already committed here (a
+    #: fetch made before a seek can deliver them again) and are never processed twice.
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     committed_batches: int = 0
     #: Fetched records waiting for this task's next batch, per input partition, in order.
@@ -169,6 +169,9 @@ class ExactlyOnceEngine(mode.Service):
         self.table_names = tables
         self.tasks: dict[int, Task] = {}
         self._lock = asyncio.Lock()
+        #: Bumped by every assignment change; a batch fetched under an older generation is
+        #: discarded whole, because its positions were reset by the seek to committed.
+        self._generation = 0
         self._partition_counts: dict[str, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.recovering = False
@@ -213,6 +216,7 @@ class ExactlyOnceEngine(mode.Service):
     # ---- rebalancing ------------------------------------------------------------------------
     async def release(self, partitions: set[int]) -> None:
         async with self._lock:
+            self._generation += 1
             for p in partitions:
                 task = self.tasks.get(p)
                 if task is not None:
@@ -229,14 +233,16 @@ class ExactlyOnceEngine(mode.Service):
                     self.tasks[p] = await self._open_task(p)
                 await self._seek_committed(partitions)
             finally:
+                self._generation += 1  # batches fetched before this point are stale
                 self.recovering = False
                 self.assigned = True
 
     async def _seek_committed(self, partitions: set[int]) -> None:
-        """Start every assigned input partition at its committed offset.
+        """Position every assigned input partition at its committed offset.
 
-        Records fetched but not committed before (an aborted batch, a task lost to fencing)
-        must be read again; the committed offset is the only position that is true.
+        The committed offset is the only position that is true for a new assignment:
+        records fetched under an earlier assignment (or left uncommitted by a lost task) are
+        read again from there. It also becomes each task's `next_offsets`.
         """
         consumer = self.consumer
         assert consumer is not None
@@ -340,20 +346,36 @@ class ExactlyOnceEngine(mode.Service):
         slow commit does not hold back the other partitions. Fetching pauses while the
         tasks have more than a few batches queued.
         """
+        try:
+            await self._fetch_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never die silently: report not-ready and say why
+            log.exception("fetch loop failed")
+            self.failed = f"fetch loop: {type(exc).__name__}: {exc}"
+            raise
+
+    async def _fetch_loop(self) -> None:
         consumer = self.consumer
         assert consumer is not None
         limit = 4 * self.config.max_batch
         while not self.should_stop:
+            generation = self._generation
             batch = await consumer.getmany(
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
             )
-            for tp, records in batch.items():
-                task = self.tasks.get(tp.partition)
-                if task is None or task.closing:
-                    continue  # not ours any more: the next owner reads them
-                task.inbox.setdefault(tp, []).extend(records)
-                if task.runner is None or task.runner.done():
-                    task.runner = asyncio.ensure_future(self._drain(task))
+            if not batch:
+                continue
+            async with self._lock:  # never interleave with an assignment change
+                if generation != self._generation:
+                    continue  # fetched before the last (re)assignment: read again
+                for tp, records in batch.items():
+                    task = self.tasks.get(tp.partition)
+                    if task is None or task.closing or tp not in task.next_offsets:
+                        continue  # not ours any more: the next owner reads them
+                    task.inbox.setdefault(tp, []).extend(records)
+                    if task.runner is None or task.runner.done():
+                        task.runner = asyncio.ensure_future(self._drain(task))
             running = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
             if running and sum(t.queued() for t in self.tasks.values()) > limit:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -376,9 +398,7 @@ class ExactlyOnceEngine(mode.Service):
         fresh = []
         for records in lists:
             tp = TopicPartition(records[0].topic, records[0].partition)
-            expected = task.next_offsets.get(tp)
-            if expected is None:
-                continue  # not positioned by this assignment: stale fetch, read again later
+            expected = task.next_offsets[tp]
             kept = (
                 [r for r in records if r.offset >= expected]
                 if records[0].offset < expected
