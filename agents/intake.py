@@ -1,7 +1,7 @@
 """Intake: payment.initiated (Avro) -> payments table + payment.status, or payment.dlq.
 
 `IntakeStep` is the per-record logic with no Kafka in it (decode, validate, decide); the
-agent built by `intake_agent` is the glue that reads the table, writes it and sends, inside
+agents built by `intake_agents` are the glue that reads the table, writes it and sends, inside
 the engine's transaction for the record's partition.
 """
 
@@ -18,6 +18,7 @@ from paysaga.domain.payment import Payment, initiate, status_event
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import PaymentInitiated, validation_reason
 from paysaga.streams.engine import AgentSpec, Context
+from paysaga.streams.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 
 INITIATED = "PaymentInitiated"
@@ -76,8 +77,21 @@ class IntakeStep:
         return Accepted(event.payment_id, payment.to_table(), self.codec.encode(STATUS, status))
 
 
-def intake_agent(step: IntakeStep, source: str, status_topic: str, dlq_topic: str) -> AgentSpec:
-    """The intake agent: glue between the engine's context and `IntakeStep`."""
+def intake_agents(
+    step: IntakeStep,
+    source: str,
+    repartition_topic: str,
+    status_topic: str,
+    dlq_topic: str,
+    partitions: int,
+) -> list[AgentSpec]:
+    """The intake agents: glue between the engine's context and `IntakeStep`.
+
+    State for a payment lives in the partition its payment_id maps to under paysaga's
+    partitioner. Upstream may key or partition differently (librdkafka's default is crc32,
+    not murmur2), so a record found on another partition is forwarded, inside the same
+    transaction, to `repartition_topic` keyed by payment_id; the same logic reads it there.
+    """
     dumps = json.JSONEncoder(separators=(",", ":")).encode
     loads = json.loads
 
@@ -87,6 +101,9 @@ def intake_agent(step: IntakeStep, source: str, status_topic: str, dlq_topic: st
             ctx.dead_letter(parsed.kind, parsed.reason, dlq_topic)
             return
         key = parsed.payment_id.encode()
+        if partition_for(key, partitions) != record.partition:
+            ctx.send(repartition_topic, key, record.value, list(record.headers or ()))
+            return
         payments = ctx.table(PAYMENTS)
         current = payments.get(key)
         out = step.apply(parsed, None if current is None else loads(current))
@@ -94,4 +111,7 @@ def intake_agent(step: IntakeStep, source: str, status_topic: str, dlq_topic: st
             payments.set(key, dumps(out.store).encode())
         ctx.send(status_topic, key, out.status)
 
-    return AgentSpec("paysaga.intake", source, process, tables=(PAYMENTS,))
+    return [
+        AgentSpec("paysaga.intake", source, process, tables=(PAYMENTS,)),
+        AgentSpec("paysaga.intake.repartitioned", repartition_topic, process, (PAYMENTS,)),
+    ]

@@ -50,6 +50,8 @@ class Topics:
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
         self.initiated = prefix + "payment.initiated"
+        #: payment.initiated re-keyed by payment_id with paysaga's partitioner (internal).
+        self.initiated_repartition = prefix + "paysaga.payment.initiated.repartition"
         self.authorized = prefix + "payment.authorized"
         self.captured = prefix + "payment.captured"
         self.failed = prefix + "payment.failed"
@@ -76,6 +78,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     t = Topics(settings.topic_prefix)
     specs = [
         TopicSpec(t.initiated, "PaymentInitiated", retention_ms=settings.initiated_retention_ms),
+        TopicSpec(
+            t.initiated_repartition,
+            "PaymentInitiated (repartitioned by payment_id)",
+            retention_ms=settings.initiated_retention_ms,
+        ),
         *(
             TopicSpec(name, value, retention_ms=audit)
             for name, value in (

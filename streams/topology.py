@@ -28,7 +28,7 @@ def load_topology(settings: Settings) -> Topology:
 
 def paysaga_topology(settings: Settings) -> Topology:
     """The payment topology: intake today; the saga, retries and reconciliation next."""
-    from paysaga.agents.intake import IntakeStep, intake_agent
+    from paysaga.agents.intake import IntakeStep, intake_agents
     from paysaga.schemas.codec import AvroCodec
     from paysaga.schemas.registry import SchemaRegistry
     from paysaga.streams.topics import Topics
@@ -36,4 +36,8 @@ def paysaga_topology(settings: Settings) -> Topology:
 
     names = Topics(settings.topic_prefix)
     step = IntakeStep(AvroCodec(SchemaRegistry()))
-    return Topology([intake_agent(step, names.initiated, names.status, names.dlq)], TABLES)
+    agents = intake_agents(
+        step, names.initiated, names.initiated_repartition, names.status, names.dlq,
+        settings.partitions,
+    )  # fmt: skip
+    return Topology(agents, TABLES)
