@@ -272,8 +272,10 @@ class ExactlyOnceEngine(mode.Service):
             # then shows up directly in end-to-end latency.
             retry_backoff_ms=10,
         )
-        # start() runs InitProducerId: it fences any previous owner of this task and aborts
-        # its open transaction, so the changelog read below ends at a stable offset.
+        # start() begins InitProducerId, which fences any previous owner of this task and
+        # aborts its open transaction (the first begin_transaction waits for it). The restore
+        # below reads up to the last stable offset, so a zombie's open transaction is never
+        # part of the restored state whichever happens first.
         await producer.start()
         stores = {}
         for table in self.table_names:
@@ -461,8 +463,8 @@ class ExactlyOnceEngine(mode.Service):
                 self.failed = f"task {p}: {type(exc).__name__}"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                if p not in self.tasks:
-                    return True
+                if task.closing or p not in self.tasks:
+                    return True  # given up: uncommitted, so the next owner reads it again
 
     def _run_agents(
         self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
