@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Namespace of every id paysaga derives; changing it would change every derived id.
 PAYSAGA_NS = uuid.UUID("6f1d0c52-8a0e-4d53-9a53-5f0b8d3c7a10")
-MAX_HISTORY = 64
 
 
 def derived_id(*parts: str) -> str:

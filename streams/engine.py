@@ -574,7 +574,3 @@ class ExactlyOnceEngine(mode.Service):
             mine = [tp for tp in consumer.assignment() if tp.partition == p]
             if mine:
                 consumer.pause(*mine)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
