@@ -32,7 +32,7 @@ class PaymentStatus(StrEnum):
 
 
 class HistoryEntry(BaseModel):
-    """One applied event, for `payment history` and the web view."""
+    """One applied event, for `payment history`, the web view and dedup by event_id."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -40,6 +40,61 @@ class HistoryEntry(BaseModel):
     kind: str
     status: PaymentStatus
     occurred_at: int
+
+
+class Outstanding(BaseModel):
+    """A command sent and not yet answered. Retries keep the idempotency key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idempotency_key: str
+    service: str  # payment | inventory | shipping
+    action: str  # AUTHORIZE, CAPTURE, VOID, REFUND, SETTLE, RESERVE, RELEASE, ...
+    step: str  # the saga step, or "refund" for a refund request
+    role: str  # action | compensation | request
+    attempt: int = 1
+    amount_minor: int = 0
+    deadline: int = 0  # wall-clock epoch ms after which the attempt is retried
+
+
+class RefundRequest(BaseModel):
+    """A refund requested by upstream, idempotent by its own key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fingerprint: str
+    amount_minor: int
+    state: str = "PENDING"  # PENDING | DONE | FAILED | IN_DOUBT
+    reason: str | None = None
+
+
+class SagaState(BaseModel):
+    """Where the payment's saga is. Lives in the payment record (the payments table)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str  # PAYMENT | ORDER
+    state: str = "RUNNING"  # RUNNING COMPENSATING COMPLETED COMPENSATED FAILED IN_DOUBT
+    step: int = 0  # index of the current step (RUNNING)
+    completed: list[int] = Field(default_factory=list)
+    #: Steps still to compensate, in order (COMPENSATING); the head is being compensated.
+    to_compensate: list[int] = Field(default_factory=list)
+    awaiting_request: bool = False  # manual capture: waiting for upstream's capture request
+    reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_SAGA_STATES
+
+
+TERMINAL_SAGA_STATES = frozenset({"COMPLETED", "COMPENSATED", "FAILED", "IN_DOUBT"})
+
+
+class OrderLine(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    sku: str
+    quantity: int
 
 
 class Payment(BaseModel):
@@ -57,10 +112,27 @@ class Payment(BaseModel):
     capture_mode: str
     card_token: str
     card_last4: str | None = None
+    shipping_country: str | None = None
+    items: list[OrderLine] = Field(default_factory=list)
     status: PaymentStatus = PaymentStatus.INITIATED
     authorized_minor: int = 0
     captured_minor: int = 0
+    #: Authorized but released when a partial capture closed the authorization.
+    released_minor: int = 0
+    voided_minor: int = 0
     refunded_minor: int = 0
+    #: Refunds sent to the gateway and not answered yet (counted against the captured amount).
+    refund_pending_minor: int = 0
+    #: Amount of the capture to send (manual capture: from the request; else authorized).
+    capture_minor: int | None = None
+    authorized_at: int | None = None
+    #: Event time after which an uncaptured authorization is voided (manual capture).
+    auth_expires_at: int | None = None
+    saga: SagaState | None = None
+    outstanding: dict[str, Outstanding] = Field(default_factory=dict)
+    refunds: dict[str, RefundRequest] = Field(default_factory=dict)
+    #: Capture and cancel request keys -> fingerprint (idempotent requests).
+    requests: dict[str, str] = Field(default_factory=dict)
     version: int = 0
     created_at: int
     updated_at: int
@@ -68,16 +140,28 @@ class Payment(BaseModel):
 
     def to_table(self) -> dict[str, Any]:
         """The JSON-safe dict stored in the table (ints stay ints; no floats anywhere)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude_defaults=True)
 
     @classmethod
     def from_table(cls, value: dict[str, Any]) -> Payment:
         return cls.model_validate(value)
 
+    def seen(self, event_id: str) -> bool:
+        """Has this input event already been applied (dedup by event_id)?"""
+        return any(h.event_id == event_id for h in self.history)
+
+    def record(self, event_id: str, kind: str, occurred_at: int) -> None:
+        """Note an applied input: history, version, last update (event time)."""
+        self.history.append(
+            HistoryEntry(event_id=event_id, kind=kind, status=self.status, occurred_at=occurred_at)
+        )
+        self.version += 1
+        self.updated_at = max(self.updated_at, occurred_at)
+
 
 def initiate(event: Any) -> Payment:
     """A new payment from a validated PaymentInitiated (duck-typed: the edge model)."""
-    return Payment(
+    payment = Payment(
         payment_id=event.payment_id,
         merchant_id=event.merchant_id,
         customer_id=event.customer_id,
@@ -88,18 +172,13 @@ def initiate(event: Any) -> Payment:
         capture_mode=str(getattr(event.capture_mode, "value", event.capture_mode)),
         card_token=event.card_token,
         card_last4=event.card_last4,
+        shipping_country=getattr(event, "shipping_country", None),
+        items=[OrderLine(sku=i.sku, quantity=i.quantity) for i in getattr(event, "items", ())],
         created_at=event.occurred_at,
         updated_at=event.occurred_at,
-        version=1,
-        history=[
-            HistoryEntry(
-                event_id=event.event_id,
-                kind="PaymentInitiated",
-                status=PaymentStatus.INITIATED,
-                occurred_at=event.occurred_at,
-            )
-        ],
     )
+    payment.record(event.event_id, "PaymentInitiated", event.occurred_at)
+    return payment
 
 
 def status_event(
@@ -111,10 +190,19 @@ def status_event(
     replay: bool = False,
     reason: str | None = None,
     status: str | None = None,
+    role: str | None = None,
+    terminal: bool = False,
+    step: str | None = None,
 ) -> dict[str, Any]:
-    """The PaymentStatusChanged record (as an Avro-ready dict) for a state change or replay."""
+    """The PaymentStatusChanged record (as an Avro-ready dict) for a state change or replay.
+
+    `role` distinguishes several status records caused by the same input (their ids must
+    differ and stay deterministic).
+    """
+    saga = payment.saga
+    tag = role or ("replay" if replay else "change")
     return {
-        "event_id": derived_id(cause_event_id, "status", "replay" if replay else "change"),
+        "event_id": derived_id(cause_event_id, "status", payment.payment_id, tag),
         "occurred_at": occurred_at,
         "payment_id": payment.payment_id,
         "correlation_id": payment.order_id,
@@ -131,4 +219,8 @@ def status_event(
         "replay": replay,
         "reason": reason,
         "version": payment.version,
+        "saga": None if saga is None else saga.kind,
+        "saga_state": None if saga is None else saga.state,
+        "step": step,
+        "terminal": terminal,
     }

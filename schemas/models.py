@@ -76,6 +76,22 @@ class CaptureMode(StrEnum):
     MANUAL = "MANUAL"
 
 
+class SagaKind(StrEnum):
+    """Avro enum io.paysaga.SagaKind: which saga a payment request runs."""
+
+    PAYMENT = "PAYMENT"
+    ORDER = "ORDER"
+
+
+class OrderItem(BaseModel):
+    """One order line (Avro record io.paysaga.OrderItem)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sku: Id
+    quantity: Annotated[StrictInt, Field(ge=1, le=10_000)]
+
+
 class Envelope(BaseModel):
     """The fields every paysaga event starts with (DESIGN.md section 4)."""
 
@@ -118,6 +134,8 @@ class PaymentInitiated(Envelope):
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=500)]],
         Field(max_length=50),
     ] = Field(default_factory=dict)
+    saga: SagaKind = SagaKind.PAYMENT
+    items: Annotated[list[OrderItem], Field(max_length=100)] = Field(default_factory=list)
 
     @field_validator("currency")
     @classmethod
@@ -158,6 +176,12 @@ class PaymentInitiated(Envelope):
             raise ValueError("contains what looks like a card number (PAN)")
         return v
 
+    @model_validator(mode="after")
+    def _order_lines(self) -> PaymentInitiated:
+        if self.saga is SagaKind.ORDER and not self.items:
+            raise ValueError("an ORDER saga needs at least one item to reserve")
+        return self
+
     def to_avro(self) -> dict[str, Any]:
         """The Avro-ready dict (enums as their symbols, ints stay ints)."""
         return self.model_dump(mode="json")
@@ -182,6 +206,10 @@ class PaymentStatusChanged(Envelope):
     replay: StrictBool = False
     reason: Annotated[str, Field(max_length=MAX_REASON)] | None = None
     version: Annotated[StrictInt, Field(ge=0)] = 0
+    saga: str | None = None
+    saga_state: str | None = None
+    step: str | None = None
+    terminal: StrictBool = False
 
     @field_validator("currency")
     @classmethod

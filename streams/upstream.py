@@ -38,6 +38,8 @@ class UpstreamConfig:
     conflict_rate: float = 0.01
     merchants: int = 20
     manual_capture_rate: float = 0.1
+    #: Share of requests that run the ORDER saga (inventory and shipping around payment).
+    order_rate: float = 0.3
 
 
 def _amount(rng: random.Random, currency: str, exponent: int) -> int:
@@ -100,7 +102,15 @@ def generate(cfg: UpstreamConfig, now_ms: Callable[[], int] | None = None) -> It
             "billing_country": country if rng.random() < 0.9 else rng.choice(COUNTRIES),
             "description": f"order {i}",
             "metadata": {"channel": rng.choice(("web", "ios", "android"))},
+            "saga": "PAYMENT",
+            "items": [],
         }
+        if rng.random() < cfg.order_rate:
+            event["saga"] = "ORDER"
+            event["items"] = [
+                {"sku": f"sku_{rng.randrange(500):04d}", "quantity": rng.randint(1, 3)}
+                for _ in range(rng.randint(1, 3))
+            ]
         sent.append(event)
         if len(sent) > 10_000:
             sent.pop(rng.randrange(len(sent)))

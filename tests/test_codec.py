@@ -426,9 +426,9 @@ def test_id_map_can_name_a_released_version() -> None:
 
 
 def test_registry_history_api() -> None:
-    assert sorted(REGISTRY.history("PaymentInitiated")) == [1, 2]
+    assert sorted(REGISTRY.history("PaymentInitiated")) == [1, 2, 3]
     latest = REGISTRY.latest_release("io.paysaga.PaymentInitiated")
-    assert latest is not None and latest.version == 2
+    assert latest is not None and latest.version == 3
     assert latest.fingerprint == REGISTRY.reader("PaymentInitiated").fingerprint
     with pytest.raises(SchemaError):
         REGISTRY.version("PaymentInitiated", 99)

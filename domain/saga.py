@@ -1,0 +1,420 @@
+"""Declarative sagas and the orchestrator that runs them over a payment record.
+
+A saga is an ordered list of `Step`s (Eventuate's step / action / compensation): each names
+its service, the command that performs it, the outcome that completes it, the outcome that
+fails it, and the command that undoes it. The orchestrator is pure: given a payment and an
+input (a service outcome, an upstream request, a timer) it changes the payment record and
+returns the commands to send; the agent sends them in the same Kafka transaction that
+stores the record, so a step's state change and its command commit together (seed 001's
+read-call-write capture is exactly what this avoids).
+
+Commands carry deterministic ids: the idempotency key is (payment, step, role) and stays the
+same across retries, as Stripe requires (a retried authorization must not authorize twice);
+the command id adds the attempt, so every send is distinguishable and a downstream service
+can dedup a command seen twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, transition
+from paysaga.domain.payment import Outstanding, Payment, RefundRequest, SagaState, derived_id
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Step:
+    """One saga step: do `action` on `service`; `compensation` undoes it."""
+
+    name: str
+    service: str  # payment | inventory | shipping
+    action: str
+    success: str
+    failure: str
+    compensation: str
+    compensated: str
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    name: str
+    steps: tuple[Step, ...]
+
+    def index(self, name: str) -> int:
+        return next(i for i, s in enumerate(self.steps) if s.name == name)
+
+
+RESERVE = Step("reserve_inventory", "inventory", "RESERVE", "RESERVED", "RESERVATION_FAILED",
+               "RELEASE", "RELEASED")  # fmt: skip
+AUTHORIZE = Step("authorize", "payment", "AUTHORIZE", "AUTHORIZED", "FAILED", "VOID", "VOIDED")
+CAPTURE = Step("capture", "payment", "CAPTURE", "CAPTURED", "FAILED", "REFUND", "REFUNDED")
+SHIP = Step("create_shipment", "shipping", "CREATE_SHIPMENT", "CREATED", "CREATION_FAILED",
+            "CANCEL_SHIPMENT", "CANCELLED")  # fmt: skip
+
+PAYMENT_SAGA = SagaDefinition("PAYMENT", (AUTHORIZE, CAPTURE))
+ORDER_SAGA = SagaDefinition("ORDER", (RESERVE, AUTHORIZE, CAPTURE, SHIP))
+SAGAS: dict[str, SagaDefinition] = {s.name: s for s in (PAYMENT_SAGA, ORDER_SAGA)}
+
+
+@dataclass(frozen=True)
+class SagaPolicy:
+    """Timing and retry limits (wall clock for command timeouts, event time for expiry)."""
+
+    command_timeout_ms: int = 10_000
+    #: Attempts of a command whose answer never came (same idempotency key each time).
+    timeout_attempts: int = 5
+    #: Attempts of a command answered with a retryable failure.
+    retry_attempts: int = 3
+    #: Compensations must not give up early: attempts before manual review (IN_DOUBT).
+    compensation_attempts: int = 6
+    #: An authorization not captured within this window (event time) is voided.
+    auth_window_ms: int = 7 * DAY_MS
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command to send to a service, with its deterministic ids."""
+
+    service: str
+    action: str
+    step: str
+    role: str
+    attempt: int
+    command_id: str
+    idempotency_key: str
+    amount_minor: int
+
+
+@dataclass
+class Effects:
+    """What one input did: commands to send and what the status record should say."""
+
+    commands: list[Command] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    step: str | None = None
+    terminal: bool = False
+    #: Reasons for manual review (a DLQ record each).
+    review: list[str] = field(default_factory=list)
+    #: The input was refused (status REJECTED and the DLQ); nothing was applied.
+    rejected: str | None = None
+    replay: bool = False
+    conflict: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.commands or self.notes or self.terminal or self.review)
+
+
+class Unmatched(ValueError):
+    """An outcome that answers no command this payment is waiting for."""
+
+
+def _request_key(p: Payment, o: Outstanding) -> str:
+    """The upstream refund key behind a refund command's idempotency key."""
+    return o.idempotency_key.removeprefix(f"{p.payment_id}:refund:")
+
+
+def command_id(idempotency_key: str, attempt: int) -> str:
+    return derived_id(idempotency_key, "attempt", str(attempt))
+
+
+class Orchestrator:
+    """Runs `SAGAS` over payment records. Every method mutates the payment it is given."""
+
+    def __init__(self, policy: SagaPolicy | None = None) -> None:
+        self.policy = policy or SagaPolicy()
+
+    # ---- starting and advancing ---------------------------------------------------------
+    def start(self, p: Payment, kind: str, now: int) -> Effects:
+        if kind not in SAGAS:
+            raise ValueError(f"unknown saga {kind!r}")
+        p.saga = SagaState(kind=kind)
+        eff = Effects(notes=[f"{kind} saga started"])
+        self._run_step(p, eff, now)
+        return eff
+
+    def _definition(self, p: Payment) -> SagaDefinition:
+        assert p.saga is not None
+        return SAGAS[p.saga.kind]
+
+    def _run_step(self, p: Payment, eff: Effects, now: int) -> None:
+        saga, steps = p.saga, self._definition(p).steps
+        assert saga is not None
+        if saga.step >= len(steps):
+            saga.state = "COMPLETED"
+            eff.terminal, eff.step = True, steps[-1].name
+            eff.notes.append(f"{saga.kind} saga completed")
+            if p.captured_minor > 0:
+                key = f"{p.payment_id}:settle:post"
+                self._send(p, eff, "payment", "SETTLE", "settle", "post", p.captured_minor, key,
+                           now)  # fmt: skip
+            return
+        step = steps[saga.step]
+        eff.step = step.name
+        if step is CAPTURE and p.capture_mode == "MANUAL" and p.capture_minor is None:
+            saga.awaiting_request = True
+            p.auth_expires_at = (p.authorized_at or p.updated_at) + self.policy.auth_window_ms
+            eff.notes.append("authorized; awaiting a capture request")
+            return
+        amount = {"AUTHORIZE": p.amount_minor,
+                  "CAPTURE": p.capture_minor or p.authorized_minor}.get(step.action, 0)  # fmt: skip
+        key = f"{p.payment_id}:{step.name}:action"
+        self._send(p, eff, step.service, step.action, step.name, "action", amount, key, now)
+
+    def _send(self, p: Payment, eff: Effects, service: str, action: str, step: str, role: str,
+              amount: int, key: str, now: int, attempt: int = 1) -> None:  # fmt: skip
+        p.outstanding[key] = Outstanding(
+            idempotency_key=key, service=service, action=action, step=step, role=role,
+            attempt=attempt, amount_minor=amount, deadline=now + self.policy.command_timeout_ms,
+        )  # fmt: skip
+        eff.commands.append(
+            Command(service, action, step, role, attempt, command_id(key, attempt), key, amount)
+        )
+
+    def _resend(self, p: Payment, eff: Effects, o: Outstanding, now: int) -> None:
+        self._send(p, eff, o.service, o.action, o.step, o.role, o.amount_minor,
+                   o.idempotency_key, now, o.attempt + 1)  # fmt: skip
+        eff.notes.append(f"{o.action} retried (attempt {o.attempt + 1})")
+
+    # ---- compensation -------------------------------------------------------------------
+    def _compensate(self, p: Payment, eff: Effects, reason: str, now: int) -> None:
+        saga = p.saga
+        assert saga is not None
+        saga.state, saga.reason, saga.awaiting_request = "COMPENSATING", reason, False
+        saga.to_compensate = list(reversed(saga.completed))
+        eff.notes.append(f"compensating: {reason}")
+        self._next_compensation(p, eff, now)
+
+    def _compensation_amount(self, p: Payment, step: Step) -> int:
+        if step.compensation == "VOID":
+            return p.authorized_minor - p.captured_minor - p.released_minor - p.voided_minor
+        if step.compensation == "REFUND":
+            return p.captured_minor - p.refunded_minor - p.refund_pending_minor
+        return 0
+
+    def _next_compensation(self, p: Payment, eff: Effects, now: int) -> None:
+        saga, steps = p.saga, self._definition(p).steps
+        assert saga is not None
+        while saga.to_compensate:
+            step = steps[saga.to_compensate[0]]
+            amount = self._compensation_amount(p, step)
+            if step.service == "payment" and amount <= 0:
+                saga.to_compensate.pop(0)  # nothing left to undo (e.g. void after capture)
+                continue
+            if step.compensation == "REFUND":
+                p.refund_pending_minor += amount
+            key = f"{p.payment_id}:{step.name}:compensation"
+            eff.step = step.name
+            self._send(p, eff, step.service, step.compensation, step.name, "compensation",
+                       amount, key, now)  # fmt: skip
+            return
+        saga.state = "COMPENSATED" if saga.completed else "FAILED"
+        eff.terminal = True
+        eff.notes.append(f"{saga.kind} saga {saga.state.lower()}: {saga.reason}")
+
+    def _in_doubt(self, p: Payment, eff: Effects, reason: str) -> None:
+        saga = p.saga
+        assert saga is not None
+        eff.review.append(reason)
+        eff.notes.append(reason)
+        if not saga.finished:
+            saga.state, saga.reason = "IN_DOUBT", reason
+            eff.terminal = True
+
+    # ---- outcomes from the services -----------------------------------------------------
+    def find(self, p: Payment, cmd_id: str | None) -> Outstanding | None:
+        if cmd_id is None:
+            return None
+        for o in p.outstanding.values():
+            if any(command_id(o.idempotency_key, a) == cmd_id for a in range(1, o.attempt + 1)):
+                return o
+        return None
+
+    def on_outcome(
+        self, p: Payment, service: str, outcome: GatewayOutcome, now: int
+    ) -> tuple[Payment, Effects]:
+        """Apply a service's answer. Raises Unmatched or InvalidTransition (nothing applied)."""
+        o = self.find(p, outcome.command_id)
+        if o is None or o.service != service:
+            raise Unmatched(f"{outcome.kind} answers no outstanding command of this payment")
+        eff = Effects(step=o.step)
+        expected = self._expected(p, o)
+        if outcome.kind not in expected:
+            raise InvalidTransition(f"{outcome.kind} does not answer {o.action}")
+        failed = outcome.kind == expected[1]
+        if failed and self._retries_left(o, outcome.retryable):
+            self._resend(p, eff, o, now)  # the payment itself does not change
+            eff.notes[-1] += f" after {outcome.reason or outcome.kind}"
+            return p, eff
+        if service == "payment" and (not failed or o.role == "action"):
+            p = transition(p, outcome)  # may raise InvalidTransition
+        del p.outstanding[o.idempotency_key]
+        if o.role == "action":
+            self._step_done(p, eff, o, failed, outcome, now)
+        elif o.role == "compensation":
+            if failed:
+                self._in_doubt(p, eff, f"{o.action} failed {o.attempt} times: {outcome.reason}")
+            else:
+                assert p.saga is not None
+                p.saga.to_compensate.pop(0)
+                eff.notes.append(f"{o.step} compensated ({o.action})")
+                self._next_compensation(p, eff, now)
+        elif o.role == "request":  # a refund upstream asked for
+            refund = p.refunds[_request_key(p, o)]
+            if failed:
+                refund.state, refund.reason = "FAILED", outcome.reason
+                p.refund_pending_minor -= o.amount_minor
+                eff.notes.append(f"refund of {o.amount_minor} failed: {outcome.reason}")
+            else:
+                refund.state = "DONE"
+                eff.notes.append(f"refunded {outcome.amount_minor}")
+        elif failed:  # post: settlement
+            eff.review.append(f"settlement failed: {outcome.reason}")
+            eff.notes.append(f"settlement failed: {outcome.reason}")
+        else:
+            eff.notes.append("settled")
+        return p, eff
+
+    def _expected(self, p: Payment, o: Outstanding) -> tuple[str, str]:
+        """(success, failure) outcome kinds that answer command `o`."""
+        if o.role in ("request", "post"):
+            return ("REFUNDED" if o.action == "REFUND" else "SETTLED"), "FAILED"
+        step = self._definition(p).steps[self._definition(p).index(o.step)]
+        if o.role == "action":
+            return step.success, step.failure
+        return step.compensated, ("FAILED" if step.service == "payment" else "_none_")
+
+    def _retries_left(self, o: Outstanding, retryable: bool) -> bool:
+        if o.role == "compensation":
+            return o.attempt < self.policy.compensation_attempts
+        return retryable and o.attempt < self.policy.retry_attempts
+
+    def _step_done(self, p: Payment, eff: Effects, o: Outstanding, failed: bool,
+                   outcome: GatewayOutcome, now: int) -> None:  # fmt: skip
+        saga = p.saga
+        assert saga is not None
+        if failed:
+            self._compensate(p, eff, f"{o.step} failed: {outcome.reason or outcome.kind}", now)
+            return
+        saga.completed.append(saga.step)
+        eff.notes.append(f"{o.step} done")
+        saga.step += 1
+        self._run_step(p, eff, now)
+
+    # ---- timers -------------------------------------------------------------------------
+    def on_timeout(self, p: Payment, now: int) -> Effects:
+        """Retry every command whose answer is overdue; give up to manual review after N."""
+        eff = Effects()
+        for o in sorted(p.outstanding.values(), key=lambda o: o.idempotency_key):
+            if o.deadline > now:
+                continue
+            limit = (self.policy.compensation_attempts if o.role == "compensation"
+                     else self.policy.timeout_attempts)  # fmt: skip
+            if o.attempt < limit:
+                self._resend(p, eff, o, now)
+                eff.notes[-1] += " after a timeout"
+                continue
+            del p.outstanding[o.idempotency_key]
+            reason = f"no answer to {o.action} after {o.attempt} attempts; outcome unknown"
+            if o.role == "request":
+                refund = p.refunds[_request_key(p, o)]
+                refund.state, refund.reason = "IN_DOUBT", reason
+                eff.review.append(reason)
+                eff.notes.append(reason)
+            elif o.role == "post":
+                eff.review.append(reason)
+                eff.notes.append(reason)
+            else:
+                self._in_doubt(p, eff, reason)
+        return eff
+
+    def next_deadline(self, p: Payment) -> int | None:
+        return min((o.deadline for o in p.outstanding.values()), default=None)
+
+    def expiry_due(self, p: Payment) -> int | None:
+        """Event time at which an uncaptured manual authorization expires, if waiting."""
+        saga = p.saga
+        if saga is not None and saga.awaiting_request and not saga.finished:
+            return p.auth_expires_at
+        return None
+
+    def on_auth_expiry(self, p: Payment, stream_time: int, now: int) -> Effects:
+        eff = Effects()
+        due = self.expiry_due(p)
+        if due is not None and due <= stream_time:
+            eff.step = CAPTURE.name
+            self._compensate(p, eff, "authorization not captured within its window", now)
+        return eff
+
+    # ---- upstream requests --------------------------------------------------------------
+    def _idempotent(self, known: str | None, fingerprint: str, eff: Effects) -> bool:
+        """True when the request was seen before (replay or conflict recorded in `eff`)."""
+        if known is None:
+            return False
+        if known == fingerprint:
+            eff.replay = True
+        else:
+            eff.conflict = "idempotency key reused with a different request"
+        return True
+
+    def request_capture(self, p: Payment, key: str, fingerprint: str, amount: int | None,
+                        now: int) -> Effects:  # fmt: skip
+        eff = Effects(step=CAPTURE.name)
+        if self._idempotent(p.requests.get(key), fingerprint, eff):
+            return eff
+        saga = p.saga
+        if saga is None or not saga.awaiting_request:
+            eff.rejected = (f"no authorization awaits capture (status {p.status.value}, "
+                            f"saga {None if saga is None else saga.state})")  # fmt: skip
+            return eff
+        amount = p.authorized_minor if amount is None else amount
+        if not 0 < amount <= p.authorized_minor:
+            eff.rejected = f"capture of {amount} is not within the {p.authorized_minor} authorized"
+            return eff
+        p.requests[key] = fingerprint
+        p.capture_minor, saga.awaiting_request = amount, False
+        eff.notes.append(f"capture of {amount} requested")
+        self._run_step(p, eff, now)
+        return eff
+
+    def request_cancel(self, p: Payment, key: str, fingerprint: str, now: int) -> Effects:
+        eff = Effects(step=CAPTURE.name)
+        if self._idempotent(p.requests.get(key), fingerprint, eff):
+            return eff
+        saga = p.saga
+        if saga is None or not saga.awaiting_request:
+            eff.rejected = "only an authorization awaiting capture can be cancelled"
+            return eff
+        p.requests[key] = fingerprint
+        self._compensate(p, eff, "cancelled by request", now)
+        return eff
+
+    def request_refund(self, p: Payment, key: str, fingerprint: str, amount: int | None,
+                       now: int) -> Effects:  # fmt: skip
+        eff = Effects(step="refund")
+        known = p.refunds.get(key)
+        if self._idempotent(None if known is None else known.fingerprint, fingerprint, eff):
+            return eff
+        saga = p.saga
+        room = p.captured_minor - p.refunded_minor - p.refund_pending_minor
+        if saga is None or saga.state != "COMPLETED" or p.captured_minor == 0:
+            eff.rejected = f"nothing captured to refund (status {p.status.value})"
+            return eff
+        amount = room if amount is None else amount
+        if not 0 < amount <= room:
+            eff.rejected = f"refund of {amount} exceeds the {room} refundable"
+            return eff
+        p.refunds[key] = RefundRequest(fingerprint=fingerprint, amount_minor=amount)
+        p.refund_pending_minor += amount
+        self._send(p, eff, "payment", "REFUND", "refund", "request", amount,
+                   f"{p.payment_id}:refund:{key}", now)  # fmt: skip
+        eff.notes.append(f"refund of {amount} requested")
+        return eff
+
+
+__all__ = [
+    "SAGAS", "Command", "Effects", "InvalidTransition", "Orchestrator", "SagaDefinition",
+    "SagaPolicy", "Step", "Unmatched", "command_id",
+]  # fmt: skip
