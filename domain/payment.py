@@ -133,6 +133,9 @@ class Payment(BaseModel):
     refunds: dict[str, RefundRequest] = Field(default_factory=dict)
     #: Capture and cancel request keys -> fingerprint (idempotent requests).
     requests: dict[str, str] = Field(default_factory=dict)
+    #: Due times currently in the table's timer indexes (so they can be moved or cleared).
+    timer_wall: int | None = None
+    timer_event: int | None = None
     version: int = 0
     created_at: int
     updated_at: int
@@ -140,7 +143,7 @@ class Payment(BaseModel):
 
     def to_table(self) -> dict[str, Any]:
         """The JSON-safe dict stored in the table (ints stay ints; no floats anywhere)."""
-        return self.model_dump(mode="json", exclude_defaults=True)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_table(cls, value: dict[str, Any]) -> Payment:

@@ -54,8 +54,11 @@ def create_engine(settings: Settings) -> ExactlyOnceEngine:
         dlq_topic=Topics(settings.topic_prefix).dlq,
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,
+        punctuate_ms=settings.punctuate_ms,
     )
-    return ExactlyOnceEngine(config, topology.agents, store_manager(settings), topology.tables)
+    return ExactlyOnceEngine(
+        config, topology.agents, store_manager(settings), topology.tables, topology.punctuators
+    )
 
 
 def create_app(settings: Settings) -> Paysaga:

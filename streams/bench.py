@@ -82,6 +82,7 @@ class Pipeline:
         self.settings = Settings(
             bootstrap=bootstrap, app_id=f"{prefix}{kind}".replace(".", "-"), topic_prefix=prefix,
             partitions=partitions, data_dir=work / "state", web_port=free_port(),
+            topology="paysaga.streams.bench_pipelines:intake_topology",
         )  # fmt: skip
         names = Topics(prefix)
         self.source = names.initiated

@@ -8,6 +8,10 @@ same `IntakeStep`, so the difference measured is the processing path, not the lo
   transaction per fetched batch (DESIGN.md section 10's reference point).
 - `faust`: the textbook Faust agent (`table[k] = v; await topic.send(...)`) under Faust's own
   `processing_guarantee="exactly_once"`.
+- `intake_topology`: the same step on paysaga's engine (a `paysaga worker` with
+  `PAYSAGA_TOPOLOGY=paysaga.streams.bench_pipelines:intake_topology`). The full payment
+  topology does more per request (idempotency stage, saga, commands), so the benchmark
+  keeps this like-for-like intake for its ratios.
 
 Usage: python -m paysaga.streams.bench_pipelines {baseline|faust} BOOTSTRAP INPUT OUTPUT
 GROUP STATE_DIR PARTITIONS
@@ -20,9 +24,17 @@ import json
 import sys
 from pathlib import Path
 
+from aiokafka.structs import ConsumerRecord
+
 from paysaga.agents.intake import IntakeStep, Rejected
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
+from paysaga.streams.engine import AgentSpec, Context
+from paysaga.streams.partitioner import partition_for
+from paysaga.streams.settings import Settings
+from paysaga.streams.topics import Topics
+from paysaga.streams.topology import Topology
+from paysaga.tables.payments import PAYMENTS
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -116,6 +128,36 @@ def faust_textbook(
         print("READY", flush=True)
 
     PaysagaWorker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+
+
+def intake_topology(settings: Settings) -> Topology:
+    """paysaga's engine running the same single-hop intake as the two pipelines above:
+    decode, validate, payment lookup and write, one status record (no saga after it)."""
+    names = Topics(settings.topic_prefix)
+    step = IntakeStep(AvroCodec(SchemaRegistry()))
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    def process(ctx: Context, record: ConsumerRecord) -> None:
+        parsed = step.parse(record.value)
+        if isinstance(parsed, Rejected):
+            ctx.dead_letter(parsed.kind, parsed.reason, names.dlq)
+            return
+        key = parsed.payment_id.encode()
+        if partition_for(key, settings.partitions) != record.partition:
+            ctx.send(names.initiated_repartition, key, record.value, list(record.headers or ()))
+            return
+        payments = ctx.table(PAYMENTS)
+        current = payments.get(key)
+        out = step.apply(parsed, None if current is None else json.loads(current))
+        if out.store is not None:
+            payments.set(key, dumps(out.store).encode())
+        ctx.send(names.status, key, out.status)
+
+    agents = [
+        AgentSpec("bench.intake", names.initiated, process, (PAYMENTS,)),
+        AgentSpec("bench.intake.rekeyed", names.initiated_repartition, process, (PAYMENTS,)),
+    ]
+    return Topology(agents, (PAYMENTS,))
 
 
 def main(argv: list[str]) -> None:

@@ -22,6 +22,9 @@ this engine, a service of that worker, owns consumption:
   send or commit aborts the transaction and the batch is processed again; a record whose
   own output the broker refuses becomes poison too.
 - A rebalance waits for the in-flight batch (commit or abort) before giving partitions up.
+- Punctuators (Kafka Streams' punctuation) run per task every `punctuate_ms` of wall clock,
+  in a batch of their own with the same transaction rules: timers read and write tables
+  and send records exactly like agents, only without an input offset to commit.
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ class AgentSpec:
     tables: tuple[str, ...] = ()
 
 
+#: A timer callback: `(context, wall-clock epoch ms)`, run per task (see the docstring).
+Punctuator = Callable[["Context", int], None]
+
+
 @dataclass
 class EngineConfig:
     bootstrap: str
@@ -86,18 +93,22 @@ class EngineConfig:
     #: How long the broker may hold a fetch waiting for data. aiokafka's default (500 ms)
     #: adds up to half a second of latency per hop when traffic is light.
     fetch_max_wait_ms: int = 5
+    #: How often each task's punctuators run (wall clock).
+    punctuate_ms: int = 500
 
 
 class Context:
     """What an agent sees while it processes one record: tables, sends, dead letters."""
 
-    __slots__ = ("_outputs", "_txn", "index", "record")
+    __slots__ = ("_outputs", "_txn", "index", "partition", "record")
 
-    def __init__(self, txn: TaskTransaction, outputs: list) -> None:
+    def __init__(self, txn: TaskTransaction, outputs: list, partition: int = 0) -> None:
         self._txn = txn
         self._outputs = outputs
         self.record: ConsumerRecord | None = None
         self.index = 0
+        #: The task's partition number (the same across every source topic and table).
+        self.partition = partition
 
     def table(self, name: str) -> TableTransaction:
         return self._txn.table(name)
@@ -118,6 +129,12 @@ class Context:
         letter = DeadLetter(kind, reason, r.topic, r.partition, r.offset, attempts)
         self.send(dlq_topic, r.key, r.value, letter.headers())
 
+    def review(self, kind: str, reason: str, dlq_topic: str, key: bytes, value: bytes,
+               source: str) -> None:  # fmt: skip
+        """A DLQ record for manual review that no single input record caused (a timer's)."""
+        letter = DeadLetter(kind, reason, source, self.partition, -1, 1)
+        self.send(dlq_topic, key, value, letter.headers())
+
 
 @dataclass
 class Task:
@@ -136,6 +153,9 @@ class Task:
     inbox: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
     runner: asyncio.Future | None = None
     closing: bool = False
+    #: Wall-clock time (monotonic) of the last punctuation, and whether one is due.
+    last_tick: float = 0.0
+    tick: bool = False
 
     def queued(self) -> int:
         return sum(len(records) for records in self.inbox.values())
@@ -161,10 +181,12 @@ class ExactlyOnceEngine(mode.Service):
         agents: list[AgentSpec],
         stores: StoreManager,
         tables: tuple[str, ...],
+        punctuators: tuple[Punctuator, ...] = (),
         **kwargs: Any,
     ) -> None:
         self.config = config
         self.agents = {a.source: a for a in agents}
+        self.punctuators = punctuators
         self.store_manager = stores
         self.table_names = tables
         self.tasks: dict[int, Task] = {}
@@ -180,7 +202,7 @@ class ExactlyOnceEngine(mode.Service):
         self.stats: dict[str, float] = {
             "records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0,
             "restore_seconds": 0.0, "send_seconds": 0.0, "offsets_seconds": 0.0,
-            "commit_seconds": 0.0,
+            "commit_seconds": 0.0, "punctuations": 0, "punctuate_errors": 0,
         }  # fmt: skip
         super().__init__(**kwargs)
 
@@ -367,6 +389,9 @@ class ExactlyOnceEngine(mode.Service):
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
             )
             if not batch:
+                if self.punctuators:
+                    async with self._lock:
+                        self._schedule_ticks()
                 continue
             async with self._lock:  # never interleave with an assignment change
                 if generation != self._generation:
@@ -378,17 +403,37 @@ class ExactlyOnceEngine(mode.Service):
                     task.inbox.setdefault(tp, []).extend(records)
                     if task.runner is None or task.runner.done():
                         task.runner = asyncio.ensure_future(self._drain(task))
+            self._schedule_ticks()
             running = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
             if running and sum(t.queued() for t in self.tasks.values()) > limit:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
 
+    def _schedule_ticks(self) -> None:
+        """Mark punctuation due on every idle or busy task whose interval has passed."""
+        if not self.punctuators:
+            return
+        now = time.monotonic()
+        interval = self.config.punctuate_ms / 1000
+        for task in self.tasks.values():
+            if task.closing or now - task.last_tick < interval:
+                continue
+            task.tick, task.last_tick = True, now
+            if task.runner is None or task.runner.done():
+                task.runner = asyncio.ensure_future(self._drain(task))
+
     async def _drain(self, task: Task) -> None:
-        """Process a task's queued records batch by batch until none are left."""
+        """Process a task's queued records (then a due punctuation) until none are left."""
         try:
-            while task.inbox and not task.closing and self.tasks.get(task.partition) is task:
-                lists = [records for records in task.inbox.values() if records]
-                task.inbox = {}
-                await self._process_task(task.partition, lists)
+            while not task.closing and self.tasks.get(task.partition) is task:
+                if task.inbox:
+                    lists = [records for records in task.inbox.values() if records]
+                    task.inbox = {}
+                    await self._process_task(task.partition, lists)
+                elif task.tick:
+                    task.tick = False
+                    await self._process_batch(task, [], tick=True)
+                else:
+                    break
         except Exception as exc:  # a bug, not a Kafka error: stop accepting work, loudly
             log.exception("task %s failed", task.partition)
             self.failed = f"task {task.partition}: {type(exc).__name__}"
@@ -424,19 +469,28 @@ class ExactlyOnceEngine(mode.Service):
                     return
                 await self._process_batch(task, [record])
 
-    async def _process_batch(self, task: Task, records: list[ConsumerRecord]) -> bool:
+    async def _process_batch(
+        self, task: Task, records: list[ConsumerRecord], tick: bool = False
+    ) -> bool:
         """Process and commit `records` as one transaction, retrying from committed state.
 
+        With `tick`, the batch is a punctuation (no records): the punctuators run instead.
         Returns False when a broker-refused output cannot be tied to one input record.
         """
         p = task.partition
         delay = 0.1
         attempt = 0
+        now_ms = int(time.time() * 1000)
         while True:
             attempt += 1
             txn = TaskTransaction(task.stores)
             outputs: list = []
-            if not self._run_agents(task, txn, outputs, records):
+            if tick:
+                if not self._run_punctuators(task, txn, outputs, now_ms):
+                    return True  # a punctuator bug: logged; the next tick tries again
+                if not outputs and not any(True for _ in txn.changed()):
+                    return True  # nothing was due
+            elif not self._run_agents(task, txn, outputs, records):
                 continue  # an agent raised: that record is now poison; process again
             try:
                 await self._commit(task, txn, outputs, records)
@@ -466,11 +520,26 @@ class ExactlyOnceEngine(mode.Service):
                 if task.closing or p not in self.tasks:
                     return True  # given up: uncommitted, so the next owner reads it again
 
+    def _run_punctuators(
+        self, task: Task, txn: TaskTransaction, outputs: list, now_ms: int
+    ) -> bool:
+        ctx = Context(txn, outputs, task.partition)
+        try:
+            for punctuate in self.punctuators:
+                punctuate(ctx, now_ms)
+        except Exception as exc:
+            log.exception("punctuator failed on task %s", task.partition)
+            self.stats["punctuate_errors"] += 1
+            self.failed = f"task {task.partition} punctuation: {type(exc).__name__}"
+            return False
+        self.stats["punctuations"] += 1
+        return True
+
     def _run_agents(
         self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
     ) -> bool:
         """Run the agents over the batch; False if one raised (its record is marked poison)."""
-        ctx = Context(txn, outputs)
+        ctx = Context(txn, outputs, task.partition)
         dlq = self.config.dlq_topic
         poison = task.poison
         for i, record in enumerate(records):
@@ -537,7 +606,8 @@ class ExactlyOnceEngine(mode.Service):
         for r in records:
             offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")
         t1 = time.monotonic()
-        await producer.send_offsets_to_transaction(offsets, self.config.app_id)
+        if offsets:  # a punctuation has no input offsets
+            await producer.send_offsets_to_transaction(offsets, self.config.app_id)
         t2 = time.monotonic()
         await producer.commit_transaction()
         t3 = time.monotonic()

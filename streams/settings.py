@@ -41,6 +41,11 @@ class Settings(BaseModel):
     lifecycle_retention_ms: int = Field(-1, description="audit topics; -1 keeps forever")
     dlq_retention_ms: int = Field(-1)
     idempotency_ttl_ms: int = Field(DAY_MS, ge=DAY_MS, description="idempotency key lifetime")
+    auth_window_ms: int = Field(
+        7 * DAY_MS, ge=1, description="uncaptured authorizations are voided after (event time)"
+    )
+    command_timeout_ms: int = Field(10_000, ge=1, description="retry an unanswered command")
+    punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)

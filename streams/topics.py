@@ -50,8 +50,15 @@ class Topics:
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
         self.initiated = prefix + "payment.initiated"
-        #: payment.initiated re-keyed by payment_id with paysaga's partitioner (internal).
+        #: payment.initiated re-keyed by idempotency scope (merchant_id, idempotency_key)
+        #: with paysaga's partitioner (internal): where the idempotency table decides.
         self.initiated_repartition = prefix + "paysaga.payment.initiated.repartition"
+        #: Accepted requests (new or replayed), keyed by payment_id (internal): saga input.
+        self.accepted = prefix + "paysaga.payment.accepted"
+        #: Saga inputs found on a partition other than their payment_id's (internal).
+        self.saga_repartition = prefix + "paysaga.saga.repartition"
+        #: Upstream's capture / refund / cancel requests on existing payments.
+        self.requests = prefix + "payment.requests"
         self.authorized = prefix + "payment.authorized"
         self.captured = prefix + "payment.captured"
         self.failed = prefix + "payment.failed"
@@ -80,9 +87,15 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(t.initiated, "PaymentInitiated", retention_ms=settings.initiated_retention_ms),
         TopicSpec(
             t.initiated_repartition,
-            "PaymentInitiated (repartitioned by payment_id)",
+            "PaymentInitiated (repartitioned by idempotency scope)",
+            key="merchant_id + idempotency_key",
             retention_ms=settings.initiated_retention_ms,
         ),
+        TopicSpec(t.accepted, "PaymentInitiated accepted by intake (header paysaga.intake)",
+                  retention_ms=settings.initiated_retention_ms),
+        TopicSpec(t.saga_repartition, "saga inputs re-keyed (header paysaga.source)",
+                  retention_ms=settings.initiated_retention_ms),
+        TopicSpec(t.requests, "PaymentRequest", retention_ms=audit),
         *(
             TopicSpec(name, value, retention_ms=audit)
             for name, value in (

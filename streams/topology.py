@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from paysaga.streams.engine import AgentSpec
+from paysaga.streams.engine import AgentSpec, Punctuator
 from paysaga.streams.settings import Settings
 
 
@@ -18,6 +18,7 @@ from paysaga.streams.settings import Settings
 class Topology:
     agents: list[AgentSpec]
     tables: tuple[str, ...]
+    punctuators: tuple[Punctuator, ...] = ()
 
 
 def load_topology(settings: Settings) -> Topology:
@@ -27,17 +28,23 @@ def load_topology(settings: Settings) -> Topology:
 
 
 def paysaga_topology(settings: Settings) -> Topology:
-    """The payment topology: intake today; the saga, retries and reconciliation next."""
-    from paysaga.agents.intake import IntakeStep, intake_agents
+    """The payment topology: idempotent intake, then the saga (DESIGN.md section 2)."""
+    from paysaga.agents.intake import IntakeStep, intake_agents, purge_expired_keys
+    from paysaga.agents.saga import SagaAgent
+    from paysaga.domain.saga import Orchestrator, SagaPolicy
     from paysaga.schemas.codec import AvroCodec
     from paysaga.schemas.registry import SchemaRegistry
     from paysaga.streams.topics import Topics
     from paysaga.tables import TABLES
 
     names = Topics(settings.topic_prefix)
-    step = IntakeStep(AvroCodec(SchemaRegistry()))
-    agents = intake_agents(
-        step, names.initiated, names.initiated_repartition, names.status, names.dlq,
-        settings.partitions,
-    )  # fmt: skip
-    return Topology(agents, TABLES)
+    codec = AvroCodec(SchemaRegistry())
+    policy = SagaPolicy(
+        command_timeout_ms=settings.command_timeout_ms, auth_window_ms=settings.auth_window_ms
+    )
+    saga = SagaAgent(codec, names, settings.partitions, Orchestrator(policy))
+    agents = [
+        *intake_agents(IntakeStep(codec), names, settings.partitions, settings.idempotency_ttl_ms),
+        *saga.agents(),
+    ]
+    return Topology(agents, TABLES, (purge_expired_keys, saga.punctuate))

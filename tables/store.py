@@ -105,6 +105,19 @@ class PartitionStore:
         batch.put(OFFSET_KEY, str(changelog_offset).encode())
         self._db.write(batch, self._write_opts)
 
+    def range(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` committed entries with lo <= key < hi, in key order."""
+        out: list[tuple[bytes, bytes]] = []
+        it = self._db.iter()
+        it.seek(lo)
+        while it.valid() and len(out) < limit:
+            key = it.key()
+            if key >= hi:
+                break
+            out.append((key, it.value()))
+            it.next()
+        return out
+
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every user key and value (for tests, dumps and comparisons; not the hot path)."""
         return [(k, v) for k, v in self._db.items() if not k.startswith(META_PREFIX)]

@@ -192,6 +192,10 @@ def status(**overrides: Any) -> dict[str, Any]:
         "replay": False,
         "reason": None,
         "version": 3,
+        "saga": "PAYMENT",
+        "saga_state": "COMPLETED",
+        "step": "capture",
+        "terminal": True,
     }
     return {**base, **overrides}
 
