@@ -1,0 +1,158 @@
+"""A test playing the outside world around one paysaga worker, through the real broker.
+
+It sends upstream requests and the services' answers (Avro, keyed by payment_id with
+paysaga's partitioner), and reads back committed commands, statuses and dead letters.
+Waiting is always a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from paysaga.agents.dlq import parse_headers
+from paysaga.schemas.codec import AvroCodec
+from paysaga.schemas.registry import SchemaRegistry
+from paysaga.streams.kafka_io import read_all
+from paysaga.streams.partitioner import partition_for
+from paysaga.streams.settings import Settings
+from paysaga.streams.topics import Topics
+from tests.support import wait_for
+
+CODEC = AvroCodec(SchemaRegistry())
+COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
+                   "shipping": "ShippingCommand"}  # fmt: skip
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class World:
+    """Upstream, gateway, inventory and shipping, as one test drives them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.t = Topics(settings.topic_prefix)
+        self.command_topics = {"payment": self.t.commands, "inventory": self.t.inventory_commands,
+                               "shipping": self.t.shipping_commands}  # fmt: skip
+
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, topic: str, schema: str, record: dict[str, Any], partition: int | None = None,
+             headers: list | None = None) -> None:  # fmt: skip
+        async def go() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap)
+            await producer.start()
+            try:
+                key = record["payment_id"].encode()
+                part = (
+                    partition_for(key, self.settings.partitions) if partition is None else partition
+                )
+                value = CODEC.encode(schema, record)
+                await producer.send_and_wait(topic, value, key=key, partition=part,
+                                             headers=headers)  # fmt: skip
+            finally:
+                await producer.stop()
+
+        asyncio.run(go())
+
+    def initiate(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.send(self.t.initiated, "PaymentInitiated", event)
+        return event
+
+    def request(self, payment: dict[str, Any], kind: str, key: str, amount: int | None = None,
+                occurred_at: int | None = None) -> dict[str, Any]:  # fmt: skip
+        record = {
+            "event_id": new_id(), "occurred_at": occurred_at or payment["occurred_at"] + 1000,
+            "payment_id": payment["payment_id"], "correlation_id": payment["order_id"],
+            "causation_id": None, "request_type": kind, "idempotency_key": key,
+            "merchant_id": payment["merchant_id"], "amount_minor": amount,
+            "currency": None if amount is None else payment["currency"], "reason": None,
+        }  # fmt: skip
+        self.send(self.t.requests, "PaymentRequest", record)
+        return record
+
+    def answer(self, cmd: dict[str, Any], kind: str, event_id: str | None = None,
+               amount: int | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+        """Send the answer `kind` (AUTHORIZED, CAPTURED, FAILED, VOIDED, REFUNDED, SETTLED,
+        RESERVED, RESERVATION_FAILED, RELEASED, CREATED, CREATION_FAILED, CANCELLED)."""
+        env = {"event_id": event_id or new_id(), "occurred_at": cmd["occurred_at"] + 10,
+               "payment_id": cmd["payment_id"], "correlation_id": cmd["correlation_id"],
+               "causation_id": cmd["event_id"], "command_id": cmd["command_id"]}  # fmt: skip
+        amount = cmd.get("amount_minor") if amount is None else amount
+        money = {"amount_minor": amount, "currency": cmd.get("currency")}
+        ref = "gw_" + cmd["command_id"][:8]
+        t = self.t
+        if kind in ("RESERVED", "RESERVATION_FAILED", "RELEASED"):
+            topic, schema = t.inventory_events, "InventoryEvent"
+            record = {**env, "outcome": kind, "reason": extra.get("reason")}
+        elif kind in ("CREATED", "CREATION_FAILED", "CANCELLED"):
+            topic, schema = t.shipping_events, "ShippingEvent"
+            record = {**env, "outcome": kind, "reason": extra.get("reason")}
+        elif kind == "AUTHORIZED":
+            topic, schema = t.authorized, "PaymentAuthorized"
+            record = {**env, **money, "authorization_code": "A1", "gateway_reference": ref}
+        elif kind == "CAPTURED":
+            topic, schema = t.captured, "PaymentCaptured"
+            record = {**env, **money, "merchant_id": cmd["merchant_id"],
+                      "gateway_reference": ref, "capture_id": "cap_" + ref}  # fmt: skip
+        elif kind == "FAILED":
+            topic, schema = t.failed, "PaymentFailed"
+            record = {**env, "reason_code": extra.get("code", "card_declined"),
+                      "reason": extra.get("reason", "declined"),
+                      "step": cmd["command_type"].lower(),
+                      "retryable": extra.get("retryable", False)}  # fmt: skip
+        elif kind in ("VOIDED", "REFUNDED"):
+            topic, schema = t.reversed, "PaymentReversed"
+            record = {**env, **money, "kind": "VOID" if kind == "VOIDED" else "REFUND",
+                      "reversal_id": "rev_" + ref}  # fmt: skip
+        elif kind == "SETTLED":
+            topic, schema = t.settled, "PaymentSettled"
+            record = {**env, **money, "merchant_id": cmd["merchant_id"],
+                      "settlement_id": "set_" + ref, "settlement_date": "2026-11-22"}  # fmt: skip
+        else:
+            raise ValueError(kind)
+        self.send(topic, schema, record)
+        return record
+
+    # ---- reading ------------------------------------------------------------------------
+    def commands(self, payment_id: str | None = None) -> list[dict[str, Any]]:
+        """Every committed command (of every service), each with its `service`."""
+        out = []
+        for service, topic in self.command_topics.items():
+            for r in asyncio.run(read_all(self.settings.bootstrap, topic)):
+                cmd = CODEC.decode(r.value, COMMAND_SCHEMAS[service])
+                if payment_id is None or cmd["payment_id"] == payment_id:
+                    out.append({**cmd, "service": service, "_offset": (r.partition, r.offset)})
+        return out
+
+    def statuses(self, payment_id: str | None = None) -> list[dict[str, Any]]:
+        records = asyncio.run(read_all(self.settings.bootstrap, self.t.status))
+        decoded = [CODEC.decode(r.value, "PaymentStatusChanged") for r in records]
+        return [s for s in decoded if payment_id is None or s["payment_id"] == payment_id]
+
+    def dead_letters(self) -> list[tuple[bytes | None, dict[str, str]]]:
+        records = asyncio.run(read_all(self.settings.bootstrap, self.t.dlq))
+        return [(r.key, parse_headers(r.headers)) for r in records]
+
+    def wait_command(self, payment_id: str, action: str, n: int = 1,
+                     timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+        """The n-th command of type `action` for the payment, once committed."""
+
+        def probe() -> dict[str, Any] | None:
+            found = [c for c in self.commands(payment_id) if c["command_type"] == action]
+            return found[n - 1] if len(found) >= n else None
+
+        return wait_for(probe, timeout, what=f"{action} #{n} for {payment_id}")
+
+    def wait_status(self, payment_id: str, what: str, pred, timeout: float = 60) -> dict:
+        def probe() -> dict[str, Any] | None:
+            return next((s for s in self.statuses(payment_id) if pred(s)), None)
+
+        return wait_for(probe, timeout, what=f"{what} for {payment_id}")
+
+    def terminal(self, payment_id: str, timeout: float = 60) -> dict[str, Any]:
+        return self.wait_status(payment_id, "terminal status", lambda s: s["terminal"], timeout)
