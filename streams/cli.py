@@ -109,6 +109,30 @@ def _produce(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- simulate -------------------------------------------------------------------------------
+def _simulate(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
+    from paysaga.streams.simulators import config_for, run_until_signalled
+
+    try:
+        config = config_for(
+            args.kind, approval_rate=args.approval_rate,
+            capture_failure_rate=args.capture_failure_rate,
+            transient_error_rate=args.transient_error_rate, timeout_rate=args.timeout_rate,
+            latency_ms=args.latency_ms, failure_rate=args.failure_rate, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_until_signalled(args.kind, _settings(args), config)
+    except KafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- operators ------------------------------------------------------------------------------
 def _get_json(settings: Settings, path: str) -> tuple[int, Any]:
     url = f"http://{settings.web_host}:{settings.web_port}{path}"
@@ -227,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--seed", "PAYSAGA_SEED", 42, int, help="random seed")
     _env_opt(p, "--duplicate-rate", "PAYSAGA_DUPLICATE_RATE", 0.05, float, help="retries")
     _env_opt(p, "--conflict-rate", "PAYSAGA_CONFLICT_RATE", 0.01, float, help="key reuse")
+
+    p = cmd("simulate", _simulate, "an outside service: card gateway, inventory or shipping")
+    p.add_argument("kind", choices=("gateway", "inventory", "shipping"))
+    _settings_opts(p, "bootstrap", "topic_prefix")
+    # Unset options (None) take the service config's default; each applies to its services.
+    for flag, typ, what in (
+        ("approval-rate", float, "gateway: share of AUTHORIZE approved"),
+        ("capture-failure-rate", float, "gateway: share of CAPTURE failed"),
+        ("transient-error-rate", float, "gateway: attempts answered gateway_unavailable"),
+        ("timeout-rate", float, "gateway: attempts processed but never answered"),
+        ("failure-rate", float, "inventory/shipping: share of RESERVE/CREATE failed"),
+        ("latency-ms", int, "simulated latency per fetched batch"),
+        ("seed", int, "seed of every decision"),
+    ):
+        env = "PAYSAGA_SIM_" + flag.replace("-", "_").upper()
+        _env_opt(p, "--" + flag, env, None, typ, help=f"{what} (default: the service's)")
 
     p = cmd("payment", _payment, "show a payment or its history (through the web views)")
     p.add_argument("action", choices=("show", "history"))
