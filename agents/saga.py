@@ -222,12 +222,19 @@ class SagaAgent:
         self._commit(ctx, payment, eff, event.event_id, event.occurred_at, current.status.value)
 
     def _reject(self, ctx: Context, current: Payment, event: Any, reason: str) -> None:
-        """Refused input: a REJECTED status for upstream, the record to the DLQ, no change."""
+        """Refused input: a REJECTED status for upstream, the record to the DLQ, no change.
+
+        The money state is untouched; only the event id is remembered, so a redelivery of
+        the same refused event (services are at-least-once) is not reported twice.
+        """
         reason = redact(reason)
-        status = status_event(current, cause_event_id=event.event_id,
+        marked = current.model_copy(deep=True)
+        marked.record(event.event_id, f"Rejected{type(event).__name__}", event.occurred_at)
+        ctx.table(PAYMENTS).set(current.payment_id.encode(), _dumps(marked.to_table()).encode())
+        status = status_event(marked, cause_event_id=event.event_id,
                               occurred_at=event.occurred_at, previous=current.status.value,
                               status="REJECTED", reason=reason, role="rejected")  # fmt: skip
-        self._send_status(ctx, current, status)
+        self._send_status(ctx, marked, status)
         ctx.dead_letter("transition", reason, self.topics.dlq)
 
     # ---- writing the outcome ------------------------------------------------------------

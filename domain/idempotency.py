@@ -56,8 +56,9 @@ def fingerprint(request: dict[str, Any]) -> str:
 
 
 def scope_key(merchant_id: str, idempotency_key: str) -> str:
-    """The table key: merchant and key, separated by a byte neither may contain."""
-    return f"{merchant_id}\x1f{idempotency_key}"
+    """The table key: the merchant id's length, the merchant id, then the key. The length
+    prefix keeps it unambiguous whatever characters either part contains."""
+    return f"{len(merchant_id)}:{merchant_id}:{idempotency_key}"
 
 
 def decide(

@@ -85,12 +85,15 @@ def transition(payment: Payment, outcome: GatewayOutcome) -> Payment:
         if p.refunded_minor == p.captured_minor:
             p.status = S.REVERSED
     elif kind == "SETTLED":
-        _require(status is S.CAPTURED, kind, status)
+        # A payment refunded in full before its settlement still settles (the acquirer
+        # nets the refund); it stays REVERSED.
+        _require(p.captured_minor > 0 and status in (S.CAPTURED, S.REVERSED), kind, status)
         if amount > p.captured_minor:
             raise InvalidTransition(
                 f"settlement of {amount} exceeds the {p.captured_minor} captured"
             )
-        p.status = S.SETTLED
+        if status is S.CAPTURED:
+            p.status = S.SETTLED
     else:
         raise InvalidTransition(f"unknown outcome {kind}")
     problems = invariant_violations(p)

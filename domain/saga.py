@@ -244,6 +244,12 @@ class Orchestrator:
         if outcome.kind not in expected:
             raise InvalidTransition(f"{outcome.kind} does not answer {o.action}")
         failed = outcome.kind == expected[1]
+        # An answer for another amount than asked would strand or double-count money.
+        exact = failed or service != "payment" or o.action == "AUTHORIZE"
+        if not exact and outcome.amount_minor != o.amount_minor:
+            raise InvalidTransition(
+                f"{outcome.kind} of {outcome.amount_minor} answers {o.action} of {o.amount_minor}"
+            )
         if failed and self._retries_left(o, outcome.retryable):
             self._resend(p, eff, o, now)  # the payment itself does not change
             eff.notes[-1] += f" after {outcome.reason or outcome.kind}"

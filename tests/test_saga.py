@@ -1,0 +1,755 @@
+"""The saga orchestrator against simulated services.
+
+A hypothesis driver plays every service, upstream and the timers at once: it answers
+outstanding commands (successes, failures, retryable failures, answers to older attempts),
+fires command timeouts and authorization expiry, sends capture / cancel / refund requests
+(reusing keys with the same or another fingerprint) and stray outcomes. After every input it
+checks the money rules and the saga's bookkeeping. Examples pin the named paths.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, invariant_violations
+from paysaga.domain.payment import Outstanding, Payment, PaymentStatus, initiate
+from paysaga.domain.saga import (
+    ORDER_SAGA,
+    PAYMENT_SAGA,
+    SAGAS,
+    Command,
+    Effects,
+    Orchestrator,
+    SagaPolicy,
+    Unmatched,
+    command_id,
+)
+from paysaga.schemas.models import PaymentInitiated
+from tests.samples import initiated
+
+S = PaymentStatus
+T0 = 1_700_000_000_000
+POLICY = SagaPolicy()
+_SAMPLE = initiated(1)[0]
+_ids = itertools.count(1)
+
+
+def payment(kind: str = "PAYMENT", capture_mode: str = "AUTOMATIC", amount: int = 1000) -> Payment:
+    items = [{"sku": "sku-1", "quantity": 2}] if kind == "ORDER" else []
+    return initiate(
+        PaymentInitiated.model_validate(
+            {
+                **_SAMPLE,
+                "amount_minor": amount,
+                "capture_mode": capture_mode,
+                "saga": kind,
+                "items": items,
+                "occurred_at": T0,
+            }
+        )
+    )
+
+
+def snapshot(p: Payment) -> dict:
+    return p.model_dump()
+
+
+def answer(
+    orch: Orchestrator,
+    p: Payment,
+    o: Outstanding,
+    *,
+    success: bool = True,
+    attempt: int | None = None,
+    retryable: bool = False,
+    amount: int | None = None,
+    now: int = T0,
+) -> tuple[Payment, Effects]:
+    """Answer outstanding command `o` as its service would."""
+    ok, failure = orch._expected(p, o)
+    kind = ok if success else failure
+    if amount is None:
+        amount = o.amount_minor if (o.service == "payment" and success) else 0
+    n = next(_ids)
+    out = GatewayOutcome(
+        kind=kind,
+        event_id=f"ev-{n}",
+        occurred_at=now,
+        amount_minor=amount,
+        command_id=command_id(o.idempotency_key, attempt or o.attempt),
+        step=None if success else o.step,
+        reason=None if success else "declined",
+        retryable=retryable,
+    )
+    return orch.on_outcome(p, o.service, out, now)
+
+
+def only(p: Payment) -> Outstanding:
+    assert len(p.outstanding) == 1, p.outstanding
+    return next(iter(p.outstanding.values()))
+
+
+def by_action(p: Payment, action: str) -> Outstanding:
+    [o] = [o for o in p.outstanding.values() if o.action == action]
+    return o
+
+
+# ---- the simulated-services driver ------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the driver saw over one run, to check properties across inputs."""
+
+    orch: Orchestrator
+    p: Payment
+    clock: int = T0
+    stream_time: int = T0
+    terminal_flags: int = 0
+    finished_state: str | None = None
+    commands: dict[str, Command] = field(default_factory=dict)  # by command_id
+    per_key: dict[str, tuple] = field(default_factory=dict)  # key -> (service, action, ...)
+    attempts: dict[str, int] = field(default_factory=dict)  # key -> last attempt sent
+    answered: dict[str, str] = field(default_factory=dict)  # key -> outcome kind applied
+    refunded_by_key: dict[str, int] = field(default_factory=dict)
+    #: Refunds given up on (outcome unknown): their money stays pending for a human.
+    stuck_refunds: int = 0
+
+    def record(self, eff: Effects, before: dict, was_finished: bool) -> None:
+        p = self.p
+        assert invariant_violations(p) == []
+        saga = p.saga
+        assert saga is not None
+        # The terminal flag: raised exactly when the saga becomes finished, so at most once.
+        assert eff.terminal == (not was_finished and saga.finished), (eff, saga)
+        self.terminal_flags += eff.terminal
+        assert self.terminal_flags <= 1
+        if self.finished_state is not None:
+            assert saga.state == self.finished_state, "a finished saga never moves"
+        elif saga.finished:
+            self.finished_state = saga.state
+        if eff.rejected or eff.replay or eff.conflict:
+            assert not eff.commands and snapshot(p) == before, eff
+        for c in eff.commands:
+            assert c.command_id == command_id(c.idempotency_key, c.attempt)
+            assert c.command_id not in self.commands, f"command id reused: {c}"
+            self.commands[c.command_id] = c
+            shape = (c.service, c.action, c.step, c.role, c.amount_minor)
+            assert self.per_key.setdefault(c.idempotency_key, shape) == shape, (c, shape)
+            assert c.attempt == self.attempts.get(c.idempotency_key, 0) + 1, c
+            self.attempts[c.idempotency_key] = c.attempt
+            assert c.idempotency_key not in self.answered, f"{c} sent after its answer"
+            if c.service == "payment" and c.action != "SETTLE":
+                assert c.amount_minor > 0, c
+            if saga.finished and was_finished:
+                assert c.role in ("request", "post"), f"{c} from a finished saga"
+        # Every outstanding command is the last one sent under its key.
+        for key, o in p.outstanding.items():
+            assert key == o.idempotency_key and self.attempts[key] == o.attempt
+            assert self.per_key[key] == (o.service, o.action, o.step, o.role, o.amount_minor)
+        saga_work = [o for o in p.outstanding.values() if o.role in ("action", "compensation")]
+        assert len(saga_work) <= 1, saga_work
+        if saga.state in ("RUNNING", "COMPENSATING") and not saga.awaiting_request:
+            assert len(saga_work) == 1, "a running saga always waits for something"
+        if saga.finished or saga.awaiting_request:
+            assert not saga_work
+        # Money refunded is exactly what the REFUND commands' answers said, within capture.
+        assert p.refunded_minor == sum(self.refunded_by_key.values())
+        assert sum(self.refunded_by_key.values()) <= p.captured_minor
+        pending = sum(o.amount_minor for o in p.outstanding.values() if o.action == "REFUND")
+        assert p.refund_pending_minor == pending + self.stuck_refunds
+        if p.status is S.FAILED:
+            assert saga.state in ("FAILED", "COMPENSATING", "COMPENSATED", "IN_DOUBT")
+
+
+def fire_timeout(run: Run, data: st.DataObject) -> str:
+    orch, p = run.orch, run.p
+    before, was_finished = snapshot(p), p.saga is not None and p.saga.finished
+    outstanding = {k: o.model_copy() for k, o in p.outstanding.items()}
+    now = data.draw(st.sampled_from([run.clock, orch.next_deadline(p) or run.clock]))
+    run.clock = max(run.clock, now)
+    eff = orch.on_timeout(p, now)
+    for key, o in outstanding.items():
+        if o.deadline > now:
+            assert p.outstanding[key] == o, "a command not yet due is left alone"
+        elif key in p.outstanding:
+            assert p.outstanding[key].attempt == o.attempt + 1
+            assert p.outstanding[key].deadline == now + POLICY.command_timeout_ms
+        else:  # gave up: manual review
+            limit = (
+                POLICY.compensation_attempts
+                if o.role == "compensation"
+                else POLICY.timeout_attempts
+            )
+            assert o.attempt == limit and eff.review
+            run.answered[key] = "no answer"
+            run.stuck_refunds += o.amount_minor if o.action == "REFUND" else 0
+    if not any(o.deadline <= now for o in outstanding.values()):
+        assert snapshot(p) == before and not eff.changed
+    run.record(eff, before, was_finished)
+    return "review" if eff.review else "retry"
+
+
+def act(run: Run, data: st.DataObject) -> str:
+    """One random input; returns its name (for hypothesis statistics)."""
+    orch, p = run.orch, run.p
+    run.clock += data.draw(st.integers(0, 3_000), label="tick")
+    choices = ["timeout", "expiry", "capture", "cancel", "refund", "stray", "wrong_kind"]
+    if p.outstanding:
+        choices += ["answer"] * 8
+    if p.saga is not None and p.saga.awaiting_request:
+        choices += ["capture", "capture", "cancel", "expiry"]
+    if p.saga is not None and p.saga.state == "COMPLETED":
+        choices += ["refund"] * 3
+    what = data.draw(st.sampled_from(choices), label="input")
+    before, was_finished = snapshot(p), p.saga is not None and p.saga.finished
+
+    if what == "answer":
+        o = data.draw(
+            st.sampled_from(sorted(p.outstanding.values(), key=lambda o: o.idempotency_key))
+        )
+        ok, failure = orch._expected(p, o)
+        success = failure == "_none_" or data.draw(
+            st.sampled_from([True] * 3 + [False]), label="success"
+        )
+        attempt = data.draw(st.integers(1, o.attempt), label="attempt")
+        retryable = data.draw(st.booleans(), label="retryable")
+        try:
+            q, eff = answer(
+                orch, p, o, success=success, attempt=attempt, retryable=retryable, now=run.clock
+            )
+        except InvalidTransition:
+            # The only well-formed answer the record refuses: a settlement after a full
+            # refund (see test_settlement_after_a_full_refund_is_accepted).
+            assert (o.action, p.status, success) == ("SETTLE", S.REVERSED, True)
+            assert snapshot(p) == before
+            return "answer refused"
+        run.p = p = q
+        key = o.idempotency_key
+        if o.idempotency_key in p.outstanding:  # retried: a new attempt under the same key
+            assert not success and p.outstanding[key].attempt == o.attempt + 1
+            assert [c.idempotency_key for c in eff.commands] == [key]
+            assert {k: v for k, v in before.items() if k != "outstanding"} == {
+                k: v for k, v in snapshot(p).items() if k != "outstanding"
+            }
+        else:
+            run.answered[key] = ok if success else failure
+            if success and o.action == "REFUND":
+                run.refunded_by_key[key] = o.amount_minor
+            if not success and o.action == "REFUND" and o.role == "compensation":
+                run.stuck_refunds += o.amount_minor  # the saga is in doubt: a human decides
+        run.record(eff, before, was_finished)
+        return f"answer {o.action} {'ok' if success else 'failed'}"
+
+    if what == "timeout":  # one timer firing, or several in a row (exhausting retries)
+        names = [fire_timeout(run, data) for _ in range(data.draw(st.sampled_from([1, 1, 6])))]
+        return "timeout" + (" (review)" if "review" in names else "")
+
+    if what == "expiry":
+        due = orch.expiry_due(p)
+        base = due if due is not None else run.stream_time
+        run.stream_time = max(
+            run.stream_time, data.draw(st.sampled_from([base - 1, base, base + 1]))
+        )
+        eff = orch.on_auth_expiry(p, run.stream_time, run.clock)
+        if due is not None and due <= run.stream_time:
+            assert p.saga is not None and p.saga.state == "COMPENSATING"
+            assert [c.action for c in eff.commands] == ["VOID"]
+            assert eff.commands[0].amount_minor == p.authorized_minor
+        else:
+            assert snapshot(p) == before and not eff.changed
+        run.record(eff, before, was_finished)
+        return "expiry" + (" fired" if eff.commands else "")
+
+    key = data.draw(st.sampled_from(["k1", "k2", "k3"]), label="key")
+    fp = data.draw(st.sampled_from(["f1", "f2"]), label="fingerprint")
+    if what in ("capture", "cancel", "refund"):
+        room = {
+            "capture": p.authorized_minor,
+            "refund": p.captured_minor - p.refunded_minor - p.refund_pending_minor,
+            "cancel": 0,
+        }[what]
+        amount = data.draw(
+            st.sampled_from([None, 0, -1, room, room + 1, max(1, room // 2)])
+            | st.integers(1, p.amount_minor),
+            label="amount",
+        )
+        saga = p.saga
+        assert saga is not None
+        within = 0 < (room if amount is None else amount) <= room
+        if what == "capture":
+            fresh_ok = saga.awaiting_request and within
+            eff = orch.request_capture(p, key, fp, amount, run.clock)
+            known = before["requests"].get(key)
+        elif what == "cancel":
+            fresh_ok = saga.awaiting_request
+            eff = orch.request_cancel(p, key, fp, run.clock)
+            known = before["requests"].get(key)
+        else:
+            fresh_ok = saga.state == "COMPLETED" and p.captured_minor > 0 and within
+            eff = orch.request_refund(p, key, fp, amount, run.clock)
+            known = before["refunds"].get(key, {}).get("fingerprint")
+        if known is not None:
+            assert eff.replay == (known == fp) and bool(eff.conflict) == (known != fp)
+            assert snapshot(p) == before and not eff.commands
+            outcome = "replay" if eff.replay else "conflict"
+        elif not fresh_ok:
+            assert eff.rejected and snapshot(p) == before and not eff.commands
+            outcome = "rejected"
+        else:
+            assert not (eff.rejected or eff.replay or eff.conflict)
+            outcome = "accepted"
+            if what == "capture":
+                assert p.capture_minor == (room if amount is None else amount)
+                [c] = eff.commands
+                assert (c.action, c.amount_minor) == ("CAPTURE", p.capture_minor)
+            elif what == "cancel":
+                assert [c.action for c in eff.commands] == ["VOID"]
+            else:
+                [c] = eff.commands
+                assert (c.action, c.role, c.amount_minor) == (
+                    "REFUND",
+                    "request",
+                    p.refunds[key].amount_minor,
+                )
+        run.record(eff, before, was_finished)
+        return f"{what} {outcome}"
+
+    # stray outcomes: nothing may change
+    kinds = (
+        "AUTHORIZED",
+        "CAPTURED",
+        "FAILED",
+        "VOIDED",
+        "REFUNDED",
+        "SETTLED",
+        "RESERVED",
+        "RELEASED",
+        "CREATED",
+        "CANCELLED",
+    )
+    services = ("payment", "inventory", "shipping")
+    if what == "wrong_kind" and p.outstanding:
+        o = sorted(p.outstanding.values(), key=lambda o: o.idempotency_key)[0]
+        kind = data.draw(st.sampled_from([k for k in kinds if k not in orch._expected(p, o)]))
+        out = GatewayOutcome(
+            kind,
+            f"ev-{next(_ids)}",
+            run.clock,
+            command_id(o.idempotency_key, o.attempt),
+            o.amount_minor,
+        )
+        with pytest.raises(InvalidTransition):
+            orch.on_outcome(p, o.service, out, run.clock)
+        assert snapshot(p) == before
+        return "wrong kind"
+    candidates = [None, "not-a-command-id"]
+    candidates += [command_id(k, a) for k, a in run.attempts.items() if k not in p.outstanding]
+    candidates += [command_id(k, o.attempt + 1) for k, o in p.outstanding.items()]
+    cid = data.draw(st.sampled_from(candidates), label="stray id")
+    service = data.draw(st.sampled_from(services))
+    if p.outstanding and data.draw(st.booleans()):  # the right command, the wrong service
+        o = data.draw(
+            st.sampled_from(sorted(p.outstanding.values(), key=lambda o: o.idempotency_key))
+        )
+        cid = command_id(o.idempotency_key, o.attempt)
+        service = data.draw(st.sampled_from([s for s in services if s != o.service]))
+    out = GatewayOutcome(
+        data.draw(st.sampled_from(kinds)),
+        f"ev-{next(_ids)}",
+        run.clock,
+        cid,
+        data.draw(st.integers(-1, p.amount_minor)),
+    )
+    with pytest.raises(Unmatched):
+        orch.on_outcome(p, service, out, run.clock)
+    assert snapshot(p) == before
+    return "stray"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(sorted(SAGAS)),
+    mode=st.sampled_from(["AUTOMATIC", "MANUAL"]),
+    amount=st.integers(1, 2_000),
+    data=st.data(),
+)
+def test_simulated_services_never_break_the_saga(
+    kind: str, mode: str, amount: int, data: st.DataObject
+) -> None:
+    orch = Orchestrator(POLICY)
+    run = Run(orch, payment(kind, mode, amount))
+    before = snapshot(run.p)
+    eff = orch.start(run.p, kind, T0)
+    run.record(eff, before, False)
+    assert [c.step for c in eff.commands] == [SAGAS[kind].steps[0].name]
+    for _ in range(data.draw(st.integers(1, 60), label="inputs")):
+        event(act(run, data))
+    saga = run.p.saga
+    assert saga is not None
+    event(f"{kind} {mode}: saga {saga.state}, payment {run.p.status.value}")
+    if saga.state == "COMPLETED":
+        assert run.p.captured_minor > 0 and saga.completed == list(range(len(SAGAS[kind].steps)))
+    if saga.state in ("COMPENSATED", "FAILED"):
+        p = run.p
+        assert p.captured_minor == p.refunded_minor  # nothing kept, nothing left on hold
+        assert p.authorized_minor == p.captured_minor + p.released_minor + p.voided_minor
+        assert p.status in (S.INITIATED, S.FAILED, S.REVERSED)
+
+
+# ---- liveness ---------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(SAGAS)),
+    mode=st.sampled_from(["AUTOMATIC", "MANUAL"]),
+    amount=st.integers(1, 2_000),
+    data=st.data(),
+)
+def test_successful_services_complete_every_saga(
+    kind: str, mode: str, amount: int, data: st.DataObject
+) -> None:
+    """Answers that are late (timeouts, answers to older attempts) but all successful."""
+    orch = Orchestrator(POLICY)
+    p, now = payment(kind, mode, amount), T0
+    eff = orch.start(p, kind, now)
+    terminal, sent, capture = eff.terminal, list(eff.commands), None
+    for _ in range(100):
+        saga = p.saga
+        assert saga is not None
+        if saga.finished:
+            break
+        now += 1_000
+        if saga.awaiting_request:
+            capture = data.draw(st.one_of(st.none(), st.integers(1, p.authorized_minor)))
+            eff = orch.request_capture(p, "capture-1", "fp", capture, now)
+        else:
+            o = only(p)
+            if o.attempt < POLICY.timeout_attempts - 1 and data.draw(st.booleans()):
+                eff = orch.on_timeout(p, o.deadline)  # the answer is late: a retry goes out
+            else:
+                p, eff = answer(orch, p, o, attempt=data.draw(st.integers(1, o.attempt)), now=now)
+        terminal += eff.terminal
+        sent += eff.commands
+        assert invariant_violations(p) == []
+    assert p.saga is not None and p.saga.state == "COMPLETED" and terminal == 1
+    expected_capture = capture if mode == "MANUAL" and capture is not None else amount
+    assert (p.authorized_minor, p.captured_minor) == (amount, expected_capture)
+    assert p.released_minor == amount - expected_capture
+    steps = [s.name for s in SAGAS[kind].steps]
+    assert [c.step for c in sent if c.attempt == 1] == [*steps, "settle"]
+    p, eff = answer(orch, p, by_action(p, "SETTLE"), now=now)
+    assert p.status is S.SETTLED and not p.outstanding and not eff.terminal
+
+
+@pytest.mark.parametrize("kind", sorted(SAGAS))
+@pytest.mark.parametrize("mode", ["AUTOMATIC", "MANUAL"])
+def test_first_step_failing_fails_the_saga_with_nothing_else_sent(kind: str, mode: str) -> None:
+    orch = Orchestrator()
+    p = payment(kind, mode)
+    eff = orch.start(p, kind, T0)
+    [first] = eff.commands
+    p, eff = answer(orch, p, only(p), success=False, retryable=False)
+    assert eff.commands == [] and eff.terminal
+    assert p.saga is not None and p.saga.state == "FAILED" and not p.outstanding
+    assert p.status is (S.FAILED if first.action == "AUTHORIZE" else S.INITIATED)
+    assert p.authorized_minor == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(mode=st.sampled_from(["AUTOMATIC", "MANUAL"]), retries=st.integers(0, 5))
+def test_order_saga_compensates_in_reverse_when_shipping_fails(mode: str, retries: int) -> None:
+    orch = Orchestrator()
+    p = payment("ORDER", mode)
+    orch.start(p, "ORDER", T0)
+    p, _ = answer(orch, p, only(p))  # reserved
+    p, _ = answer(orch, p, only(p))  # authorized
+    if mode == "MANUAL":
+        orch.request_capture(p, "cap", "fp", 600, T0)
+    p, _ = answer(orch, p, only(p))  # captured
+    captured = p.captured_minor
+    assert only(p).action == "CREATE_SHIPMENT"
+    p, eff = answer(orch, p, only(p), success=False, retryable=False)
+    actions = [c.action for c in eff.commands]
+    # compensations fail and are retried: they must not give up early
+    for _ in range(retries):
+        p, eff = answer(orch, p, only(p), success=False, retryable=False)
+        actions += [c.action for c in eff.commands]
+    p, eff = answer(orch, p, only(p))
+    actions += [c.action for c in eff.commands]
+    p, eff = answer(orch, p, only(p))
+    assert actions == ["REFUND"] * (retries + 1) + ["RELEASE"]  # no VOID: it was captured
+    assert eff.terminal and eff.commands == []
+    assert p.saga is not None and p.saga.state == "COMPENSATED"
+    assert p.status is S.REVERSED and p.refunded_minor == captured == p.captured_minor
+    assert p.refund_pending_minor == 0 and not p.outstanding
+    assert invariant_violations(p) == []
+
+
+# ---- examples ---------------------------------------------------------------------------
+
+
+def manual_authorized(kind: str = "PAYMENT") -> tuple[Orchestrator, Payment]:
+    orch = Orchestrator()
+    p = payment(kind, "MANUAL")
+    orch.start(p, kind, T0)
+    while p.saga is not None and not p.saga.awaiting_request:
+        p, _ = answer(orch, p, only(p))
+    return orch, p
+
+
+def test_manual_partial_capture_releases_the_rest() -> None:
+    orch, p = manual_authorized()
+    assert p.status is S.AUTHORIZED and not p.outstanding
+    assert p.auth_expires_at == p.authorized_at + POLICY.auth_window_ms
+    eff = orch.request_capture(p, "cap-1", "fp", 250, T0)
+    [c] = eff.commands
+    assert (c.action, c.amount_minor) == ("CAPTURE", 250)
+    p, eff = answer(orch, p, only(p))
+    assert eff.terminal and p.saga is not None and p.saga.state == "COMPLETED"
+    assert (p.captured_minor, p.released_minor) == (250, p.authorized_minor - 250)
+    assert [c.action for c in eff.commands] == ["SETTLE"]
+    assert eff.commands[0].amount_minor == 250
+
+
+def test_capture_request_over_the_authorization_is_rejected() -> None:
+    orch, p = manual_authorized()
+    before = snapshot(p)
+    for amount in (0, -5, p.authorized_minor + 1):
+        eff = orch.request_capture(p, "cap-1", "fp", amount, T0)
+        assert eff.rejected and "not within" in eff.rejected and not eff.commands
+    assert snapshot(p) == before
+
+
+def test_auth_expiry_voids_the_authorization() -> None:
+    orch, p = manual_authorized()
+    due = orch.expiry_due(p)
+    assert due is not None
+    assert not orch.on_auth_expiry(p, due - 1, T0).changed
+    eff = orch.on_auth_expiry(p, due, T0)
+    [c] = eff.commands
+    assert (c.action, c.role, c.amount_minor) == ("VOID", "compensation", p.authorized_minor)
+    assert orch.expiry_due(p) is None
+    p, eff = answer(orch, p, only(p))
+    assert eff.terminal and p.saga is not None and p.saga.state == "COMPENSATED"
+    assert (p.status, p.voided_minor) == (S.REVERSED, p.authorized_minor)
+    assert orch.request_capture(p, "late", "fp", None, T0).rejected
+
+
+def test_order_saga_auth_expiry_voids_then_releases() -> None:
+    orch, p = manual_authorized("ORDER")
+    eff = orch.on_auth_expiry(p, p.auth_expires_at or 0, T0)
+    assert [c.action for c in eff.commands] == ["VOID"]
+    p, eff = answer(orch, p, only(p))
+    assert [c.action for c in eff.commands] == ["RELEASE"]
+    p, eff = answer(orch, p, only(p))
+    assert eff.terminal and p.saga is not None and p.saga.state == "COMPENSATED"
+
+
+def test_cancel_request_voids_and_is_idempotent() -> None:
+    orch, p = manual_authorized()
+    eff = orch.request_cancel(p, "c1", "fp", T0)
+    assert [c.action for c in eff.commands] == ["VOID"]
+    assert orch.request_cancel(p, "c1", "fp", T0).replay
+    assert orch.request_cancel(p, "c1", "other", T0).conflict
+    assert orch.request_cancel(p, "c2", "fp", T0).rejected  # no longer awaiting capture
+
+
+@pytest.mark.parametrize("kind", sorted(SAGAS))
+def test_capture_request_when_not_awaiting_is_rejected(kind: str) -> None:
+    orch = Orchestrator()
+    p = payment(kind, "AUTOMATIC")
+    orch.start(p, kind, T0)
+    before = snapshot(p)
+    eff = orch.request_capture(p, "cap", "fp", None, T0)
+    assert eff.rejected and "no authorization awaits capture" in eff.rejected
+    assert not eff.commands and snapshot(p) == before
+    # nor on a manual payment still authorizing
+    orch, p = Orchestrator(), payment(kind, "MANUAL")
+    orch.start(p, kind, T0)
+    assert orch.request_capture(p, "cap", "fp", None, T0).rejected
+
+
+def completed(amount: int = 1000) -> tuple[Orchestrator, Payment]:
+    orch = Orchestrator()
+    p = payment("PAYMENT", "AUTOMATIC", amount)
+    orch.start(p, "PAYMENT", T0)
+    p, _ = answer(orch, p, only(p))
+    p, _ = answer(orch, p, only(p))
+    assert p.saga is not None and p.saga.state == "COMPLETED"
+    return orch, p
+
+
+def test_refund_requests_partial_repeated_and_over_the_refundable_amount() -> None:
+    orch, p = completed(1000)
+    eff = orch.request_refund(p, "r1", "fp1", 300, T0)
+    [c1] = eff.commands
+    assert (c1.action, c1.role, c1.amount_minor) == ("REFUND", "request", 300)
+    assert p.refund_pending_minor == 300
+    # the same request again: a replay, nothing sent; the key with another body: a conflict
+    before = snapshot(p)
+    assert orch.request_refund(p, "r1", "fp1", 300, T0).replay
+    conflict = orch.request_refund(p, "r1", "fp2", 100, T0)
+    assert conflict.conflict and not conflict.commands and snapshot(p) == before
+    over = orch.request_refund(p, "r2", "fp2", 701, T0)
+    assert over.rejected and "exceeds the 700 refundable" in over.rejected
+    [c2] = orch.request_refund(p, "r2", "fp2", 700, T0).commands
+    assert orch.request_refund(p, "r3", "fp3", 1, T0).rejected  # all of it is pending
+    p, _ = answer(orch, p, p.outstanding[c1.idempotency_key])
+    assert (p.status, p.refunded_minor, p.refund_pending_minor) == (S.CAPTURED, 300, 700)
+    assert p.refunds["r1"].state == "DONE"
+    p, _ = answer(orch, p, p.outstanding[c2.idempotency_key], success=False)
+    assert (p.refunded_minor, p.refund_pending_minor) == (300, 0)
+    assert p.refunds["r2"].state == "FAILED"
+    [c3] = orch.request_refund(p, "r3", "fp3", None, T0).commands  # the rest
+    assert c3.amount_minor == 700
+    p, _ = answer(orch, p, p.outstanding[c3.idempotency_key])
+    assert (p.status, p.refunded_minor) == (S.REVERSED, 1000)
+    assert orch.request_refund(p, "r4", "fp4", 1, T0).rejected
+    assert invariant_violations(p) == []
+
+
+def test_refund_before_the_saga_completed_is_rejected() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    eff = orch.request_refund(p, "r1", "fp", 10, T0)
+    assert eff.rejected and "nothing captured to refund" in eff.rejected
+
+
+def test_retry_keeps_the_idempotency_key_with_a_new_command_id() -> None:
+    orch = Orchestrator()
+    p = payment()
+    [first] = orch.start(p, "PAYMENT", T0).commands
+    p, eff = answer(orch, p, only(p), success=False, retryable=True)
+    [second] = eff.commands
+    eff = orch.on_timeout(p, only(p).deadline)
+    [third] = eff.commands
+    assert first.idempotency_key == second.idempotency_key == third.idempotency_key
+    assert len({first.command_id, second.command_id, third.command_id}) == 3
+    assert [c.attempt for c in (first, second, third)] == [1, 2, 3]
+    assert first.amount_minor == second.amount_minor == third.amount_minor
+    assert p.status is S.INITIATED  # a retryable failure changes nothing but the attempt
+    # an answer to the first attempt still answers the command
+    p, eff = answer(orch, p, only(p), attempt=1)
+    assert p.status is S.AUTHORIZED and [c.action for c in eff.commands] == ["CAPTURE"]
+    with pytest.raises(Unmatched):  # the same command answered twice
+        answer(orch, p, only_of(first))
+
+
+def only_of(c: Command) -> Outstanding:
+    return Outstanding(
+        idempotency_key=c.idempotency_key,
+        service=c.service,
+        action=c.action,
+        step=c.step,
+        role=c.role,
+        attempt=c.attempt,
+        amount_minor=c.amount_minor,
+    )
+
+
+def test_retryable_failures_are_bounded() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    for attempt in range(1, POLICY.retry_attempts):
+        p, eff = answer(orch, p, only(p), success=False, retryable=True)
+        assert only(p).attempt == attempt + 1
+    p, eff = answer(orch, p, only(p), success=False, retryable=True)
+    assert eff.terminal and p.saga is not None and p.saga.state == "FAILED"
+
+
+def test_exhausted_timeouts_put_the_saga_in_doubt() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    for attempt in range(2, POLICY.timeout_attempts + 1):
+        eff = orch.on_timeout(p, only(p).deadline)
+        assert only(p).attempt == attempt and not eff.review
+    now = only(p).deadline
+    assert not orch.on_timeout(p, now - 1).changed  # not due yet
+    eff = orch.on_timeout(p, now)
+    assert eff.terminal and eff.review and "no answer to AUTHORIZE" in eff.review[0]
+    assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
+    assert not orch.on_timeout(p, now + 10**9).changed
+
+
+def test_exhausted_compensation_puts_the_saga_in_doubt() -> None:
+    orch, p = manual_authorized()
+    orch.request_cancel(p, "c", "fp", T0)
+    for _ in range(1, POLICY.compensation_attempts):
+        p, eff = answer(orch, p, only(p), success=False)
+        assert not eff.terminal
+    p, eff = answer(orch, p, only(p), success=False)
+    assert eff.terminal and eff.review and p.saga is not None and p.saga.state == "IN_DOUBT"
+    assert p.status is S.AUTHORIZED  # the money stays where it is, for a human to decide
+
+
+def test_exhausted_refund_timeout_is_reviewed_without_ending_anything() -> None:
+    orch, p = completed()
+    p, _ = answer(orch, p, by_action(p, "SETTLE"))
+    [c] = orch.request_refund(p, "r1", "fp", 100, T0).commands
+    for _ in range(1, POLICY.timeout_attempts):
+        orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
+    eff = orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
+    assert eff.review == ["no answer to REFUND after 5 attempts; outcome unknown"]
+    assert not eff.terminal and not p.outstanding and p.saga.state == "COMPLETED"
+    assert p.refunds["r1"].state == "IN_DOUBT" and p.refund_pending_minor == 100
+
+
+def test_unmatched_and_misdirected_outcomes_change_nothing() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    o, before = only(p), snapshot(p)
+    good = command_id(o.idempotency_key, 1)
+    for service, cid in (
+        ("payment", None),
+        ("payment", "nope"),
+        ("inventory", good),
+        ("payment", command_id(o.idempotency_key, 2)),
+    ):
+        with pytest.raises(Unmatched):
+            orch.on_outcome(p, service, GatewayOutcome("AUTHORIZED", "e", T0, cid, 1000), T0)
+    with pytest.raises(InvalidTransition):
+        orch.on_outcome(p, "payment", GatewayOutcome("CAPTURED", "e", T0, good, 1000), T0)
+    with pytest.raises(InvalidTransition):  # authorized more than requested
+        orch.on_outcome(p, "payment", GatewayOutcome("AUTHORIZED", "e", T0, good, 1001), T0)
+    assert snapshot(p) == before
+
+
+def test_definitions() -> None:
+    assert [s.action for s in PAYMENT_SAGA.steps] == ["AUTHORIZE", "CAPTURE"]
+    assert [s.action for s in ORDER_SAGA.steps] == [
+        "RESERVE",
+        "AUTHORIZE",
+        "CAPTURE",
+        "CREATE_SHIPMENT",
+    ]
+    assert ORDER_SAGA.index("capture") == 2
+    with pytest.raises(ValueError, match="unknown saga"):
+        Orchestrator().start(payment(), "NOPE", T0)
+
+
+# ---- findings ---------------------------------------------------------------------------
+
+
+def test_settlement_after_a_full_refund_is_accepted() -> None:
+    """Whatever refunds upstream asks for meanwhile, the SETTLE the saga sent can complete."""
+    orch, p = completed(1000)
+    settle = by_action(p, "SETTLE")
+    eff = orch.request_refund(p, "r1", "fp", None, T0)  # all of it, before settlement
+    for c in eff.commands:
+        p, _ = answer(orch, p, p.outstanding[c.idempotency_key])
+    # today: InvalidTransition "SETTLED is not allowed in status REVERSED"; the SETTLE stays
+    # outstanding, every retry's answer is refused the same way, and after the last timeout
+    # the record says "no answer to SETTLE ... outcome unknown" although answers came.
+    p, _ = answer(orch, p, settle)
+    assert not p.outstanding and invariant_violations(p) == []
