@@ -1,4 +1,4 @@
-"""`make run`: broker, topics, worker and producer together, with live progress.
+"""`make run`: broker, topics, worker, simulators and producer together, with live progress.
 
 Ctrl-C (or SIGTERM) stops everything this command started, in reverse order; a broker that
 was already running before is left running.
@@ -89,6 +89,10 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
             f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
             f"(worker log {logs / 'worker.log'})"
         )
+        for service in ("gateway", "inventory", "shipping"):
+            procs.append(_spawn(["simulate", service], env, logs / f"sim-{service}.log"))
+        print("simulators up: card gateway, inventory, shipping "
+              f"(logs {logs}/sim-*.log)")  # fmt: skip
         producer = _spawn(
             ["produce", "--count", str(count), "--rate", str(rate)], env, logs / "producer.log"
         )

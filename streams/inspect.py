@@ -68,6 +68,8 @@ async def watch(settings: Settings, seconds: float = 0.0, out=sys.stdout) -> int
                     counts["undecodable status"] += 1
                     continue
                 counts["replay" if status["replay"] else status["status"]] += 1
+                if status.get("terminal"):
+                    counts[f"saga {status['saga_state']}"] += 1
             now = time.monotonic()
             if now - last >= 1.0:
                 last = now
