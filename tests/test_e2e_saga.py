@@ -327,3 +327,27 @@ def test_unanswered_command_is_retried_after_its_timeout(broker, tmp_path: Path)
         assert terminal_once(world, pid)["saga_state"] == "COMPLETED"
     finally:
         worker.kill()
+
+
+def test_idempotency_keys_expire_by_event_time_and_are_purged(world: World) -> None:
+    from paysaga.domain.idempotency import scope_key
+
+    n = world.settings.partitions
+    p = world.initiate(request())
+    world.wait_command(p["payment_id"], "AUTHORIZE")
+    home = partition_for(scope_key(p["merchant_id"], p["idempotency_key"]).encode(), n)
+    # Another request whose key lives on the same partition, a day and a minute later:
+    # the partition's event time passes the first key's expiry, and the timer purges it.
+    later = next(r for r in (request(occurred_at=p["occurred_at"] + DAY_MS + 60_000)
+                             for _ in range(300))
+                 if partition_for(scope_key(r["merchant_id"], r["idempotency_key"]).encode(), n)
+                 == home)  # fmt: skip
+    world.initiate(later)
+    world.wait_command(later["payment_id"], "AUTHORIZE")
+    # The expired key is free again: a different request under it is new, not a conflict.
+    reuse = {**p, "event_id": new_id(), "payment_id": p["payment_id"] + "-reuse",
+             "occurred_at": later["occurred_at"] + 1}  # fmt: skip
+    world.initiate(reuse)
+    world.wait_command(reuse["payment_id"], "AUTHORIZE")
+    assert not [s for s in world.statuses(reuse["payment_id"])
+                if s["status"] == "IDEMPOTENCY_CONFLICT"]  # fmt: skip
