@@ -42,27 +42,33 @@ EVENT_TIMERS = TimerIndex("auth-expiry")
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _reversal(e: ev.PaymentReversed) -> str:
+    return "VOIDED" if e.kind is ev.ReversalKind.VOID else "REFUNDED"
+
+
+def _service_outcome(e: ev.InventoryEvent | ev.ShippingEvent) -> str:
+    return e.outcome.value
+
+
 @dataclass(frozen=True)
 class Source:
-    """How to read one input topic: Avro record name, edge model, service it speaks for."""
+    """How to read one input topic: Avro record name, edge model, the service it speaks
+    for, and the orchestrator's outcome kind of one of its events (None: not an answer)."""
 
     schema: str
     model: type[BaseModel]
     service: str
+    kind: Callable[[Any], str] | None = None
 
 
-def _outcome(e: Any) -> GatewayOutcome:
+def _constant(kind: str) -> Callable[[Any], str]:
+    return lambda _: kind
+
+
+def _outcome(e: Any, kind: str) -> GatewayOutcome:
     """A validated lifecycle / service event as the orchestrator's outcome."""
-    kind = {
-        ev.PaymentAuthorized: "AUTHORIZED", ev.PaymentCaptured: "CAPTURED",
-        ev.PaymentFailed: "FAILED", ev.PaymentSettled: "SETTLED",
-    }.get(type(e))  # fmt: skip
-    if isinstance(e, ev.PaymentReversed):
-        kind = "VOIDED" if e.kind is ev.ReversalKind.VOID else "REFUNDED"
-    elif isinstance(e, ev.InventoryEvent | ev.ShippingEvent):
-        kind = e.outcome.value
     return GatewayOutcome(
-        kind=kind or "UNKNOWN",
+        kind=kind,
         event_id=e.event_id,
         occurred_at=e.occurred_at,
         command_id=e.command_id,
@@ -92,15 +98,20 @@ class SagaAgent:
         self.intake = IntakeStep(codec)
         t = topics
         self.sources: dict[str, Source] = {
-            t.authorized: Source("PaymentAuthorized", ev.PaymentAuthorized, "payment"),
-            t.captured: Source("PaymentCaptured", ev.PaymentCaptured, "payment"),
-            t.failed: Source("PaymentFailed", ev.PaymentFailed, "payment"),
-            t.reversed: Source("PaymentReversed", ev.PaymentReversed, "payment"),
-            t.settled: Source("PaymentSettled", ev.PaymentSettled, "payment"),
-            t.inventory_events: Source("InventoryEvent", ev.InventoryEvent, "inventory"),
-            t.shipping_events: Source("ShippingEvent", ev.ShippingEvent, "shipping"),
+            t.authorized: Source("PaymentAuthorized", ev.PaymentAuthorized, "payment",
+                                 _constant("AUTHORIZED")),
+            t.captured: Source("PaymentCaptured", ev.PaymentCaptured, "payment",
+                               _constant("CAPTURED")),
+            t.failed: Source("PaymentFailed", ev.PaymentFailed, "payment", _constant("FAILED")),
+            t.reversed: Source("PaymentReversed", ev.PaymentReversed, "payment", _reversal),
+            t.settled: Source("PaymentSettled", ev.PaymentSettled, "payment",
+                              _constant("SETTLED")),
+            t.inventory_events: Source("InventoryEvent", ev.InventoryEvent, "inventory",
+                                       _service_outcome),
+            t.shipping_events: Source("ShippingEvent", ev.ShippingEvent, "shipping",
+                                      _service_outcome),
             t.requests: Source("PaymentRequest", ev.PaymentRequest, "upstream"),
-        }
+        }  # fmt: skip
         self.command_topics = {"payment": t.commands, "inventory": t.inventory_commands,
                                "shipping": t.shipping_commands}  # fmt: skip
 
@@ -114,7 +125,7 @@ class SagaAgent:
         source = record.topic
         if source == self.topics.saga_repartition:
             source = headers.get(H_SOURCE, b"").decode()
-        event = self._parse(ctx, source, record.value, headers)
+        event = self._parse(ctx, source, record.value)
         if event is None:
             return
         key = event.payment_id.encode()
@@ -137,9 +148,9 @@ class SagaAgent:
         elif source == self.topics.requests:
             self._request(ctx, event, current)
         else:
-            self._outcome(ctx, event, current, self.sources[source].service)
+            self._answer(ctx, event, current, self.sources[source])
 
-    def _parse(self, ctx: Context, source: str, value: bytes | None, headers: dict) -> Any:
+    def _parse(self, ctx: Context, source: str, value: bytes | None) -> Any:
         if source == self.topics.accepted:
             parsed = self.intake.parse(value)
             if isinstance(parsed, Rejected):
@@ -177,10 +188,12 @@ class SagaAgent:
         effects = self.orch.start(payment, event.saga.value, self.clock())
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, None)
 
-    def _outcome(self, ctx: Context, event: Any, current: Payment, service: str) -> None:
-        outcome = _outcome(event)
+    def _answer(self, ctx: Context, event: Any, current: Payment, source: Source) -> None:
+        assert source.kind is not None
+        outcome = _outcome(event, source.kind(event))
         try:
-            payment, effects = self.orch.on_outcome(current, service, outcome, self.clock())
+            payment, effects = self.orch.on_outcome(current, source.service, outcome,
+                                                    self.clock())  # fmt: skip
         except (Unmatched, InvalidTransition) as exc:
             self._reject(ctx, current, event, str(exc))
             return
@@ -230,7 +243,7 @@ class SagaAgent:
         reason = redact(reason)
         marked = current.model_copy(deep=True)
         marked.record(event.event_id, f"Rejected{type(event).__name__}", event.occurred_at)
-        ctx.table(PAYMENTS).set(current.payment_id.encode(), _dumps(marked.to_table()).encode())
+        self._store(ctx, marked)
         status = status_event(marked, cause_event_id=event.event_id,
                               occurred_at=event.occurred_at, previous=current.status.value,
                               status="REJECTED", reason=reason, role="rejected")  # fmt: skip
@@ -238,16 +251,21 @@ class SagaAgent:
         ctx.dead_letter("transition", reason, self.topics.dlq)
 
     # ---- writing the outcome ------------------------------------------------------------
-    def _commit(self, ctx: Context, p: Payment, eff: Effects, cause: str, occurred_at: int,
-                previous: str | None, quiet: bool = False) -> None:  # fmt: skip
+    def _store(self, ctx: Context, p: Payment) -> None:
+        """Write the payment, moving its timer index entries to its current deadlines."""
         key = p.payment_id.encode()
         payments = ctx.table(PAYMENTS)
-        WALL_TIMERS.move(payments, key, p.timer_wall, wall := self.orch.next_deadline(p))
-        EVENT_TIMERS.move(payments, key, p.timer_event, event := self.orch.expiry_due(p))
+        wall, event = self.orch.next_deadline(p), self.orch.expiry_due(p)
+        WALL_TIMERS.move(payments, key, p.timer_wall, wall)
+        EVENT_TIMERS.move(payments, key, p.timer_event, event)
         p.timer_wall, p.timer_event = wall, event
         payments.set(key, _dumps(p.to_table()).encode())
-        if quiet:
-            return
+
+    def _commit(self, ctx: Context, p: Payment, eff: Effects, cause: str, occurred_at: int,
+                previous: str | None) -> None:  # fmt: skip
+        """Store the payment and send what the input caused: commands, one status, reviews."""
+        self._store(ctx, p)
+        key = p.payment_id.encode()
         for command in eff.commands:
             topic = self.command_topics[command.service]
             record = self._command(p, command, cause, occurred_at)
@@ -305,15 +323,14 @@ class SagaAgent:
         if current is None or indexed != due:
             index.move(payments, key, due, None)  # stale entry: the payment moved on
             return
-        payment = current.model_copy(deep=True)
-        effects = run(payment)
+        previous, version, updated_at = current.status.value, current.version, current.updated_at
+        effects = run(current)
         if not effects.changed:  # nothing was due after all: just re-arm the timers
-            self._commit(ctx, payment, effects, "", 0, None, quiet=True)
+            self._store(ctx, current)
             return
-        cause = derived_id(current.payment_id, kind, str(due), str(current.version))
-        payment.version += 1
-        self._commit(ctx, payment, effects, cause, max(due, current.updated_at),
-                     current.status.value)  # fmt: skip
+        cause = derived_id(current.payment_id, kind, str(due), str(version))
+        current.version += 1
+        self._commit(ctx, current, effects, cause, max(due, updated_at), previous)
 
 
 def _review_value(p: Payment) -> bytes:

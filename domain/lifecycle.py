@@ -43,6 +43,13 @@ class GatewayOutcome:
 def transition(payment: Payment, outcome: GatewayOutcome) -> Payment:
     """The payment after `outcome`, or InvalidTransition. `payment` is not modified."""
     p = payment.model_copy(deep=True)
+    apply_transition(p, outcome)
+    return p
+
+
+def apply_transition(p: Payment, outcome: GatewayOutcome) -> None:
+    """`transition` in place, for a caller that already works on its own copy. On
+    InvalidTransition `p` may be partly changed: discard it."""
     kind, amount, status = outcome.kind, outcome.amount_minor, p.status
     if kind != "FAILED" and amount <= 0:
         raise InvalidTransition(f"{kind} with a non-positive amount {amount}")
@@ -99,7 +106,6 @@ def transition(payment: Payment, outcome: GatewayOutcome) -> Payment:
     problems = invariant_violations(p)
     if problems:  # defence in depth: the rules above should make this unreachable
         raise InvalidTransition("; ".join(problems))
-    return p
 
 
 def _require(ok: bool, kind: str, status: PaymentStatus) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, transition
+from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, apply_transition
 from paysaga.domain.payment import Outstanding, Payment, RefundRequest, SagaState, derived_id
 
 DAY_MS = 24 * 3600 * 1000
@@ -121,7 +121,11 @@ def command_id(idempotency_key: str, attempt: int) -> str:
 
 
 class Orchestrator:
-    """Runs `SAGAS` over payment records. Every method mutates the payment it is given."""
+    """Runs `SAGAS` over payment records.
+
+    `on_outcome` returns a changed copy and leaves its input alone (it may refuse the
+    outcome); every other method changes the payment it is given.
+    """
 
     def __init__(self, policy: SagaPolicy | None = None) -> None:
         self.policy = policy or SagaPolicy()
@@ -235,7 +239,10 @@ class Orchestrator:
     def on_outcome(
         self, p: Payment, service: str, outcome: GatewayOutcome, now: int
     ) -> tuple[Payment, Effects]:
-        """Apply a service's answer. Raises Unmatched or InvalidTransition (nothing applied)."""
+        """The payment after a service's answer, and what to send.
+
+        Raises Unmatched or InvalidTransition; `p` itself is never changed.
+        """
         o = self.find(p, outcome.command_id)
         if o is None or o.service != service:
             raise Unmatched(f"{outcome.kind} answers no outstanding command of this payment")
@@ -250,12 +257,13 @@ class Orchestrator:
             raise InvalidTransition(
                 f"{outcome.kind} of {outcome.amount_minor} answers {o.action} of {o.amount_minor}"
             )
+        p = p.model_copy(deep=True)
         if failed and self._retries_left(o, outcome.retryable):
-            self._resend(p, eff, o, now)  # the payment itself does not change
+            self._resend(p, eff, o, now)  # only the outstanding command changes
             eff.notes[-1] += f" after {outcome.reason or outcome.kind}"
             return p, eff
         if service == "payment" and (not failed or o.role == "action"):
-            p = transition(p, outcome)  # may raise InvalidTransition
+            apply_transition(p, outcome)  # may raise InvalidTransition
         del p.outstanding[o.idempotency_key]
         if o.role == "action":
             self._step_done(p, eff, o, failed, outcome, now)
@@ -287,7 +295,8 @@ class Orchestrator:
         """(success, failure) outcome kinds that answer command `o`."""
         if o.role in ("request", "post"):
             return ("REFUNDED" if o.action == "REFUND" else "SETTLED"), "FAILED"
-        step = self._definition(p).steps[self._definition(p).index(o.step)]
+        definition = self._definition(p)
+        step = definition.steps[definition.index(o.step)]
         if o.role == "action":
             return step.success, step.failure
         return step.compensated, ("FAILED" if step.service == "payment" else "_none_")

@@ -12,53 +12,42 @@ from typing import Annotated
 
 from pydantic import Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
-from paysaga.domain.money import currency_exponent, validate_amount
-from paysaga.schemas.models import Envelope, Id
+from paysaga.domain.money import validate_amount
+from paysaga.schemas.models import AmountMinor, CurrencyCode, Envelope, Id
 
 Text = Annotated[str, Field(max_length=500)]
 Key = Annotated[str, Field(min_length=1, max_length=255)]
 
 
-class _Money(Envelope):
-    """An event carrying `currency` then `amount_minor` (currency validated first)."""
+class _Answer(Envelope):
+    """A service's answer; `command_id` names the command it answers (null: unsolicited)."""
 
-    currency: str
-    amount_minor: StrictInt
+    command_id: Id | None = None
 
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, v: str) -> str:
-        currency_exponent(v)
-        return v
 
-    @field_validator("amount_minor")
-    @classmethod
-    def _amount(cls, v: int, info: ValidationInfo) -> int:
-        currency = info.data.get("currency")
-        if currency is not None:
-            validate_amount(v, currency)
-        return v
+class _Money(_Answer):
+    """An answer carrying money: `currency` first, so the amount is checked against it."""
+
+    currency: CurrencyCode
+    amount_minor: AmountMinor
 
 
 class PaymentAuthorized(_Money):
     authorization_code: Id
     gateway_reference: Id
-    command_id: Id | None = None
 
 
 class PaymentCaptured(_Money):
     merchant_id: Id
     gateway_reference: Id
     capture_id: Id
-    command_id: Id | None = None
 
 
-class PaymentFailed(Envelope):
+class PaymentFailed(_Answer):
     reason_code: Id
     reason: Text
     step: Id
     retryable: StrictBool = False
-    command_id: Id | None = None
 
 
 class ReversalKind(StrEnum):
@@ -69,14 +58,12 @@ class ReversalKind(StrEnum):
 class PaymentReversed(_Money):
     kind: ReversalKind
     reversal_id: Id
-    command_id: Id | None = None
 
 
 class PaymentSettled(_Money):
     merchant_id: Id
     settlement_id: Id
     settlement_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-    command_id: Id | None = None
 
 
 class InventoryOutcome(StrEnum):
@@ -85,10 +72,13 @@ class InventoryOutcome(StrEnum):
     RELEASED = "RELEASED"
 
 
-class InventoryEvent(Envelope):
-    outcome: InventoryOutcome
-    command_id: Id
+class _ServiceAnswer(_Answer):
+    command_id: Id  # inventory and shipping always answer a command
     reason: Text | None = None
+
+
+class InventoryEvent(_ServiceAnswer):
+    outcome: InventoryOutcome
 
 
 class ShippingOutcome(StrEnum):
@@ -97,10 +87,8 @@ class ShippingOutcome(StrEnum):
     CANCELLED = "CANCELLED"
 
 
-class ShippingEvent(Envelope):
+class ShippingEvent(_ServiceAnswer):
     outcome: ShippingOutcome
-    command_id: Id
-    reason: Text | None = None
 
 
 class RequestType(StrEnum):
@@ -115,16 +103,9 @@ class PaymentRequest(Envelope):
     request_type: RequestType
     idempotency_key: Key
     merchant_id: Id
-    currency: str | None = None
+    currency: CurrencyCode | None = None
     amount_minor: StrictInt | None = None
     reason: Text | None = None
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, v: str | None) -> str | None:
-        if v is not None:
-            currency_exponent(v)
-        return v
 
     @field_validator("amount_minor")
     @classmethod

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -76,6 +77,29 @@ class CaptureMode(StrEnum):
     MANUAL = "MANUAL"
 
 
+def _currency_code(v: str) -> str:
+    currency_exponent(v)
+    return v
+
+
+def _amount_in_currency(v: int, info: ValidationInfo) -> int:
+    """Positive and within the limit of the model's `currency`, which must be declared
+    before the amount so it is validated first; when it failed, its error stands on its own
+    field and only the sign is checked here."""
+    currency = info.data.get("currency")
+    if currency is not None:
+        validate_amount(v, currency)
+    elif v <= 0:
+        raise MoneyError(f"amount_minor {v} must be positive")
+    return v
+
+
+#: An ISO 4217 currency code paysaga can pay in (exponent known).
+CurrencyCode = Annotated[str, AfterValidator(_currency_code)]
+#: Integer minor units of the model's `currency` (declare `currency` first).
+AmountMinor = Annotated[StrictInt, AfterValidator(_amount_in_currency)]
+
+
 class SagaKind(StrEnum):
     """Avro enum io.paysaga.SagaKind: which saga a payment request runs."""
 
@@ -115,8 +139,8 @@ class PaymentInitiated(Envelope):
     merchant_id: Id
     customer_id: Id
     order_id: Id
-    currency: str
-    amount_minor: StrictInt
+    currency: CurrencyCode
+    amount_minor: AmountMinor
     card_token: Annotated[str, Field(min_length=1, max_length=128)]
     card_bin: str | None = Field(None, pattern=r"^[0-9]{6,8}$")
     card_last4: str | None = Field(None, pattern=r"^[0-9]{4}$")
@@ -136,22 +160,6 @@ class PaymentInitiated(Envelope):
     ] = Field(default_factory=dict)
     saga: SagaKind = SagaKind.PAYMENT
     items: Annotated[list[OrderItem], Field(max_length=100)] = Field(default_factory=list)
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, v: str) -> str:
-        currency_exponent(v)
-        return v
-
-    @field_validator("amount_minor")
-    @classmethod
-    def _amount(cls, v: int, info: ValidationInfo) -> int:
-        currency = info.data.get("currency")
-        if currency is not None:
-            validate_amount(v, currency)
-        elif v <= 0:  # the currency error is reported on its own field
-            raise MoneyError(f"amount_minor {v} must be positive")
-        return v
 
     @field_validator("card_token")
     @classmethod
@@ -198,7 +206,7 @@ class PaymentStatusChanged(Envelope):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     status: Status
     previous_status: Status | None = None
-    currency: str | None = None
+    currency: CurrencyCode | None = None
     amount_minor: StrictInt | None = None
     authorized_minor: StrictInt = 0
     captured_minor: StrictInt = 0
@@ -210,13 +218,6 @@ class PaymentStatusChanged(Envelope):
     saga_state: str | None = None
     step: str | None = None
     terminal: StrictBool = False
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, v: str | None) -> str | None:
-        if v is not None:
-            currency_exponent(v)
-        return v
 
     @field_validator("reason")
     @classmethod

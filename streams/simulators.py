@@ -69,6 +69,7 @@ __all__ = [
     "Decision",
     "GatewayConfig",
     "InventoryConfig",
+    "ServiceConfig",
     "ShippingConfig",
     "config_for",
     "gateway_decider",
@@ -120,8 +121,9 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
-class InventoryConfig:
-    """Inventory: share of RESERVE commands that fail, latency and seed."""
+class ServiceConfig:
+    """Inventory or shipping: share of forward commands (RESERVE, CREATE_SHIPMENT) that
+    fail, latency and seed. Their undo commands (RELEASE, CANCEL_SHIPMENT) always succeed."""
 
     failure_rate: float = 0.05
     latency_ms: int = 5
@@ -131,19 +133,10 @@ class InventoryConfig:
         _check_rates(self, "failure_rate")
 
 
-@dataclass(frozen=True)
-class ShippingConfig:
-    """Shipping: share of CREATE_SHIPMENT commands that fail, latency and seed."""
-
-    failure_rate: float = 0.05
-    latency_ms: int = 5
-    seed: int = 1
-
-    def __post_init__(self) -> None:
-        _check_rates(self, "failure_rate")
+InventoryConfig = ShippingConfig = ServiceConfig
 
 
-SimConfig = GatewayConfig | InventoryConfig | ShippingConfig
+SimConfig = GatewayConfig | ServiceConfig
 
 
 # ---- deciders (pure) ------------------------------------------------------------------------
@@ -255,47 +248,55 @@ def gateway_decider(config: GatewayConfig, topics: Topics) -> Decider:
     return decide
 
 
-def inventory_decider(config: InventoryConfig, topics: Topics) -> Decider:
+def _service_decider(
+    config: ServiceConfig,
+    name: str,
+    topic: str,
+    record: str,
+    undo: tuple[str, str],
+    outcomes: tuple[str, str],
+    reason: Callable[[random.Random, dict[str, Any]], str],
+) -> Decider:
+    """A service whose undo command (`undo` = (command, outcome)) always succeeds and whose
+    forward command gets `outcomes` = (success, failure) at `config.failure_rate`."""
+
+    def decide(cmd: dict[str, Any]) -> Decision:
+        key = cmd["idempotency_key"]
+        rng = _rng(config.seed, key)
+        rec = {**_envelope(cmd, derived_id(key, name, "result"),
+                           cmd["occurred_at"] + config.latency_ms), "reason": None}  # fmt: skip
+        if cmd["command_type"] == undo[0]:
+            rec["outcome"] = undo[1]
+        elif rng.random() < config.failure_rate:
+            rec["outcome"], rec["reason"] = outcomes[1], reason(rng, cmd)
+        else:
+            rec["outcome"] = outcomes[0]
+        return Decision([(topic, record, rec)], label=rec["outcome"].lower())
+
+    return decide
+
+
+def inventory_decider(config: ServiceConfig, topics: Topics) -> Decider:
     """Inventory: RESERVE -> RESERVED or RESERVATION_FAILED; RELEASE -> RELEASED (always)."""
 
-    def decide(cmd: dict[str, Any]) -> Decision:
-        key = cmd["idempotency_key"]
-        rng = _rng(config.seed, key)
-        rec = {**_envelope(cmd, derived_id(key, "inventory", "result"),
-                           cmd["occurred_at"] + config.latency_ms), "reason": None}  # fmt: skip
-        if cmd["command_type"] == "RELEASE":
-            rec["outcome"] = "RELEASED"
-        elif rng.random() < config.failure_rate:
-            items = cmd["items"]
-            sku = rng.choice(items)["sku"] if items else "the order"
-            rec["outcome"], rec["reason"] = "RESERVATION_FAILED", f"out_of_stock: {sku}"
-        else:
-            rec["outcome"] = "RESERVED"
-        return Decision([(topics.inventory_events, "InventoryEvent", rec)],
-                        label=rec["outcome"].lower())  # fmt: skip
+    def out_of_stock(rng: random.Random, cmd: dict[str, Any]) -> str:
+        items = cmd["items"]
+        return f"out_of_stock: {rng.choice(items)['sku'] if items else 'the order'}"
 
-    return decide
+    return _service_decider(config, "inventory", topics.inventory_events, "InventoryEvent",
+                            ("RELEASE", "RELEASED"), ("RESERVED", "RESERVATION_FAILED"),
+                            out_of_stock)  # fmt: skip
 
 
-def shipping_decider(config: ShippingConfig, topics: Topics) -> Decider:
+def shipping_decider(config: ServiceConfig, topics: Topics) -> Decider:
     """Shipping: CREATE_SHIPMENT -> CREATED or CREATION_FAILED; CANCEL_SHIPMENT -> CANCELLED."""
 
-    def decide(cmd: dict[str, Any]) -> Decision:
-        key = cmd["idempotency_key"]
-        rng = _rng(config.seed, key)
-        rec = {**_envelope(cmd, derived_id(key, "shipping", "result"),
-                           cmd["occurred_at"] + config.latency_ms), "reason": None}  # fmt: skip
-        if cmd["command_type"] == "CANCEL_SHIPMENT":
-            rec["outcome"] = "CANCELLED"
-        elif rng.random() < config.failure_rate:
-            reason = rng.choice(("address_unserviceable", "carrier_unavailable"))
-            rec["outcome"], rec["reason"] = "CREATION_FAILED", reason
-        else:
-            rec["outcome"] = "CREATED"
-        return Decision([(topics.shipping_events, "ShippingEvent", rec)],
-                        label=rec["outcome"].lower())  # fmt: skip
+    def unserviceable(rng: random.Random, cmd: dict[str, Any]) -> str:
+        return rng.choice(("address_unserviceable", "carrier_unavailable"))
 
-    return decide
+    return _service_decider(config, "shipping", topics.shipping_events, "ShippingEvent",
+                            ("CANCEL_SHIPMENT", "CANCELLED"), ("CREATED", "CREATION_FAILED"),
+                            unserviceable)  # fmt: skip
 
 
 @dataclass(frozen=True)
