@@ -202,7 +202,7 @@ class ExactlyOnceEngine(mode.Service):
         self.stats: dict[str, float] = {
             "records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0,
             "restore_seconds": 0.0, "send_seconds": 0.0, "offsets_seconds": 0.0,
-            "commit_seconds": 0.0, "punctuations": 0, "punctuate_errors": 0,
+            "commit_seconds": 0.0, "punctuations": 0, "punctuate_errors": 0, "refetches": 0,
         }  # fmt: skip
         super().__init__(**kwargs)
 
@@ -395,7 +395,8 @@ class ExactlyOnceEngine(mode.Service):
                 continue
             async with self._lock:  # never interleave with an assignment change
                 if generation != self._generation:
-                    continue  # fetched before the last (re)assignment: read again
+                    self._refetch(batch)
+                    continue
                 for tp, records in batch.items():
                     task = self.tasks.get(tp.partition)
                     if task is None or task.closing or tp not in task.next_offsets:
@@ -407,6 +408,31 @@ class ExactlyOnceEngine(mode.Service):
             running = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
             if running and sum(t.queued() for t in self.tasks.values()) > limit:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    def _refetch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Discard a batch fetched across an assignment change, and read it again.
+
+        getmany() already moved the consumer past these records. When they were fetched
+        after the new assignment's seek to committed (the fetch was in flight while the
+        assignment ran), nothing would read them again: the worker would wait forever, or
+        a later batch would commit past them. So every partition still ours, whose task has
+        nothing queued or running yet, is sought back to the earlier of the first discarded
+        record and the task's committed position: nothing is skipped, and records below the
+        committed position are filtered out when processed (a re-read at most).
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        for tp, records in batch.items():
+            task = self.tasks.get(tp.partition)
+            if not records or task is None or task.closing or tp not in task.next_offsets:
+                continue  # not ours (the owner reads them) or not positioned yet
+            if task.queued() or (task.runner is not None and not task.runner.done()):
+                continue  # already reading this generation's records
+            start = min(records[0].offset, task.next_offsets[tp])
+            log.info("%s[%s]: fetched across a reassignment; reading again from %s",
+                     tp.topic, tp.partition, start)  # fmt: skip
+            consumer.seek(tp, start)
+            self.stats["refetches"] += 1
 
     def _schedule_ticks(self) -> None:
         """Mark punctuation due on every idle or busy task whose interval has passed."""
