@@ -211,3 +211,125 @@ def test_failing_record_aborts_batch_and_goes_to_dlq(broker: LocalBroker, tmp_pa
     # a read_uncommitted reader sees them, a read_committed reader never does.
     uncommitted = asyncio.run(read_all(settings.bootstrap, out_a, isolation="read_uncommitted"))
     assert len(uncommitted) > _count(settings, out_a)
+
+
+class GatedFetch:
+    """Holds the engine's next `getmany()` at a gate, so an assignment can run meanwhile.
+
+    The real consumer does every fetch; the gate only decides *when*, which turns the race a
+    kill test hits by chance into a fixed interleaving: the fetch loop has taken its
+    generation and is inside `getmany()` while the partitions are revoked and assigned again.
+    Once opened, the held call fetches until it has records, i.e. records read after the
+    new assignment's seek to committed, exactly what a fetch in flight returns in the race.
+    """
+
+    def __init__(self, consumer) -> None:
+        self.real = consumer.getmany
+        self.armed = False
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.returned: dict = {}
+
+    async def __call__(self, *tps, timeout_ms: int = 0, max_records: int | None = None):
+        if not self.armed:
+            batch = await self.real(*tps, timeout_ms=timeout_ms, max_records=max_records)
+            self.calls += 1
+            return batch
+        self.armed = False
+        self.calls = 0
+        self.entered.set()
+        await self.gate.wait()
+        deadline = asyncio.get_running_loop().time() + 30
+        while not self.returned and asyncio.get_running_loop().time() < deadline:
+            self.returned = await self.real(*tps, timeout_ms=timeout_ms, max_records=max_records)
+        return self.returned
+
+
+async def _until(probe, timeout: float, what: str):
+    """Await `probe()` (sync or async) until truthy; fail with `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        found = probe()
+        if asyncio.iscoroutine(found):
+            found = await found
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_fetch_in_flight_across_reassignment_is_read_again(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """The race behind two liveness failures of the kill tests, reproduced on purpose.
+
+    A `getmany()` in flight while the partitions are revoked and assigned again returns
+    records fetched after the seek to committed. The engine must not process them (they
+    belong to an older generation) and must not lose them either: aiokafka has already moved
+    past them, so without reading them again the worker would stall, or a later batch would
+    commit past them. Every input must come out exactly once. (With `_refetch` disabled this
+    test times out at its last wait; so does the first wait if inputs arrive while the very
+    first fetch, which runs the first assignment, is still in flight.)
+    """
+    from paysaga.streams.app import create_engine
+
+    settings = _settings(broker, tmp_path, "refetch", max_batch=50)
+    pipelines.create_topics(settings)
+    source, out_a, _ = pipelines.names(settings)
+    inputs = _inputs(300, seed=11)
+    before, after = inputs[:100], inputs[100:]
+
+    async def send(items: list[tuple[bytes, dict]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for key, value in items:
+                await producer.send(source, json.dumps(value).encode(), key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def outputs() -> int:
+        return len(await read_all(settings.bootstrap, out_a))
+
+    async def scenario() -> dict[str, float]:
+        engine = create_engine(settings)
+        await engine.start()
+        try:
+            assert engine.consumer is not None
+            fetch = GatedFetch(engine.consumer)
+            engine.consumer.getmany = fetch  # type: ignore[method-assign]
+            await _until(lambda: engine.ready and sorted(engine.tasks) == [0, 1, 2], 60,
+                         "the engine owns every task")  # fmt: skip
+            # The first assignment itself happens inside a fetch; let one fetch begin and
+            # end after it, so the first inputs take the ordinary path.
+            settled = fetch.calls + 2
+            await _until(lambda: fetch.calls >= settled, 10, "a fetch after the assignment")
+            await send(before)
+            await _until(lambda: _at_least(outputs, len(before)), 60, "the first inputs processed")
+            fetch.armed = True
+            await asyncio.wait_for(fetch.entered.wait(), 10)
+            # The fetch loop is inside getmany() with the current generation. The group
+            # takes the partitions away and gives them back (what the rebalance listener
+            # does), then new input arrives after the seek to committed.
+            everything = set(engine.tasks)
+            await engine.release(everything)
+            await engine.acquire(everything)
+            await send(after)
+            fetch.gate.set()
+            await _until(lambda: fetch.returned, 30, "the held fetch to return records")
+            await _until(lambda: _at_least(outputs, len(inputs)), 60,
+                         "the records fetched across the reassignment processed")  # fmt: skip
+            return dict(engine.stats)
+        finally:
+            await engine.stop()
+
+    stats = asyncio.run(scenario())
+    assert stats["refetches"] >= 1, "the held fetch was never treated as stale"
+    _verify(settings, inputs, dead=set())
+
+
+async def _at_least(count, n: int) -> bool:
+    return await count() >= n
