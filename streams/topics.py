@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.structs import TopicPartition
 
 from paysaga.streams.settings import Settings
 
@@ -91,10 +93,16 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             key="merchant_id + idempotency_key",
             retention_ms=settings.initiated_retention_ms,
         ),
-        TopicSpec(t.accepted, "PaymentInitiated accepted by intake (header paysaga.intake)",
-                  retention_ms=settings.initiated_retention_ms),
-        TopicSpec(t.saga_repartition, "saga inputs re-keyed (header paysaga.source)",
-                  retention_ms=settings.initiated_retention_ms),
+        TopicSpec(
+            t.accepted,
+            "PaymentInitiated accepted by intake (header paysaga.intake)",
+            retention_ms=settings.initiated_retention_ms,
+        ),
+        TopicSpec(
+            t.saga_repartition,
+            "saga inputs re-keyed (header paysaga.source)",
+            retention_ms=settings.initiated_retention_ms,
+        ),
         TopicSpec(t.requests, "PaymentRequest", retention_ms=audit),
         *(
             TopicSpec(name, value, retention_ms=audit)
@@ -192,6 +200,8 @@ async def create_topics(
                 "partition counts differ from the declaration (co-partitioning would break):\n  "
                 + "\n  ".join(wrong)
             )
+        if missing:
+            await _wait_until_served(settings.bootstrap, final, [s.name for s in missing])
         return result
     finally:
         await admin.close()
@@ -222,6 +232,25 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str], timeou
         if loop.time() > deadline:
             raise RuntimeError(f"topics have no leaders after {timeout:.0f}s")
         await asyncio.sleep(0.1)
+
+
+async def _wait_until_served(
+    bootstrap: str, counts: dict[str, int], names: list[str], timeout: float = 30.0
+) -> None:
+    """Wait until each new partition's leader answers requests, not only the metadata.
+
+    The controller names a leader before that broker has taken the partition on; a producer
+    starting in that window gets NOT_LEADER answers and logs a retry warning per batch,
+    which reads like a fault to whoever watches `make run`. A ListOffsets per partition is
+    retried quietly by the client until the leader serves it.
+    """
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await probe.start()
+    try:
+        tps = [TopicPartition(n, p) for n in names for p in range(counts[n])]
+        await asyncio.wait_for(probe.end_offsets(tps), timeout)
+    finally:
+        await probe.stop()
 
 
 async def describe_configs(settings: Settings, name: str) -> dict[str, str]:
