@@ -338,9 +338,12 @@ def summary(results: dict[str, Any]) -> str:
     lines = [
         f"\npaysaga bench {results['run']}: {results['events']} events, "
         f"{results['partitions']} partitions, latency at {results['rate']:.0f}/s offered",
-        f"{'pipeline':<10}{'events/s':>10}{'x baseline':>12}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'peak RSS MiB':>14}",
     ]
+    if results["pipelines"]:
+        lines.append(
+            f"{'pipeline':<10}{'events/s':>10}{'x baseline':>12}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'peak RSS MiB':>14}"
+        )
     for kind, r in results["pipelines"].items():
         ratio = r.get("ratio_to_baseline")
         lines.append(

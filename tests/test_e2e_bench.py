@@ -1,0 +1,52 @@
+"""`paysaga bench` end to end on a small data set: it runs, measures, and reports.
+
+Figures are never asserted (the machines are shared and noisy). What is asserted is what a
+user relies on: every pipeline processed the whole data set, the latency and RSS figures
+were taken, the ratios are against the baseline of the same run, the restore phase
+restored every key, and the summary table and the JSON results agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from paysaga.streams.broker import LocalBroker
+
+
+def test_bench_runs_all_three_pipelines_and_the_restore(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    events, keys = 400, 3000
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "paysaga.streams.cli", "bench", "--bootstrap", broker.bootstrap,
+         "--events", str(events), "--rate", "200", "--latency-seconds", "2",
+         "--keys", str(keys), "--results-dir", str(results)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+
+    [path] = list(results.glob("bench*.json"))
+    report = json.loads(path.read_text())
+    assert set(report["pipelines"]) == {"baseline", "faust", "paysaga"}
+    base = report["pipelines"]["baseline"]["events_per_s"]
+    for kind, r in report["pipelines"].items():
+        assert r["extra"]["outputs"] >= events, f"{kind} did not process the whole data set"
+        assert r["events_per_s"] > 0 and r["peak_rss_mib"] > 0, kind
+        assert 0 < r["p50_ms"] <= r["p99_ms"], kind
+        assert r["ratio_to_baseline"] == r["events_per_s"] / base
+    restore = report["restore"]
+    assert restore["keys"] == keys and restore["restored_records"] == keys
+    assert restore["restore_records_per_s"] > 0 and restore["restart_to_ready_s"] > 0
+
+    # The table printed at the end is the JSON's, one row per pipeline.
+    table = done.stdout[done.stdout.index(f"paysaga bench {report['run']}") :]
+    for kind, r in report["pipelines"].items():
+        row = next(line for line in table.splitlines() if line.split()[:1] == [kind]
+                   and len(line.split()) == 6)  # fmt: skip
+        assert f"{r['events_per_s']:,.0f}" in row and f"{r['p99_ms']:.1f}" in row
+    assert f"restore: {keys:,} changelog records" in table
+    assert f"results: {path}" in done.stdout
