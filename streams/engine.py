@@ -530,6 +530,13 @@ class ExactlyOnceEngine(mode.Service):
                 self.stats["aborts"] += 1
                 await self._abort(task)
                 culprits = getattr(exc, "paysaga_records", None)
+                if culprits and tick:
+                    # A timer's output the broker refuses: no input to make poison. Say so
+                    # (not ready) and let the next tick try again.
+                    log.error("task %s punctuation output refused: %r", p, exc)
+                    self.stats["punctuate_errors"] += 1
+                    self.failed = f"task {p} punctuation: {type(exc).__name__}"
+                    return True
                 if culprits:
                     if len(culprits) > 1:
                         return False
