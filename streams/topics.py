@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
+from paysaga.streams.kafka_io import consumer
 from paysaga.streams.settings import Settings
 
 RETRY_LEVELS = ("1s", "5s", "30s", "300s")
@@ -244,7 +244,7 @@ async def _wait_until_served(
     which reads like a fault to whoever watches `make run`. A ListOffsets per partition is
     retried quietly by the client until the leader serves it.
     """
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    probe = consumer(bootstrap, request_timeout_ms=int(timeout * 1000))
     await probe.start()
     try:
         tps = [TopicPartition(n, p) for n in names for p in range(counts[n])]

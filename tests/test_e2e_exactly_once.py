@@ -260,6 +260,10 @@ async def _until(probe, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def _at_least(count, n: int) -> bool:
+    return await count() >= n
+
+
 def test_fetch_in_flight_across_reassignment_is_read_again(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
@@ -329,7 +333,3 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
     stats = asyncio.run(scenario())
     assert stats["refetches"] >= 1, "the held fetch was never treated as stale"
     _verify(settings, inputs, dead=set())
-
-
-async def _at_least(count, n: int) -> bool:
-    return await count() >= n

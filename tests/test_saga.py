@@ -35,6 +35,14 @@ from tests.samples import initiated
 S = PaymentStatus
 T0 = 1_700_000_000_000
 POLICY = SagaPolicy()
+#: The drawn inputs of the saga property tests: which saga, capture mode, amount, and a
+#: data object for the sequence of service behaviour.
+SAGA_CASES = {
+    "kind": st.sampled_from(sorted(SAGAS)),
+    "mode": st.sampled_from(["AUTOMATIC", "MANUAL"]),
+    "amount": st.integers(1, 2_000),
+    "data": st.data(),
+}
 _SAMPLE = initiated(1)[0]
 _ids = itertools.count(1)
 
@@ -373,12 +381,7 @@ def act(run: Run, data: st.DataObject) -> str:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    kind=st.sampled_from(sorted(SAGAS)),
-    mode=st.sampled_from(["AUTOMATIC", "MANUAL"]),
-    amount=st.integers(1, 2_000),
-    data=st.data(),
-)
+@given(**SAGA_CASES)
 def test_simulated_services_never_break_the_saga(
     kind: str, mode: str, amount: int, data: st.DataObject
 ) -> None:
@@ -406,12 +409,7 @@ def test_simulated_services_never_break_the_saga(
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    kind=st.sampled_from(sorted(SAGAS)),
-    mode=st.sampled_from(["AUTOMATIC", "MANUAL"]),
-    amount=st.integers(1, 2_000),
-    data=st.data(),
-)
+@given(**SAGA_CASES)
 def test_successful_services_complete_every_saga(
     kind: str, mode: str, amount: int, data: st.DataObject
 ) -> None:
