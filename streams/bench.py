@@ -33,7 +33,7 @@ from paysaga.streams.kafka_io import iter_records
 from paysaga.streams.partitioner import partition_for
 from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, changelog_topic, create_topics
-from paysaga.streams.upstream import Progress, UpstreamConfig, produce
+from paysaga.streams.upstream import Progress, UpstreamConfig, produce, upstream_producer
 
 PIPELINES = ("baseline", "faust", "paysaga")
 
@@ -188,17 +188,21 @@ async def _throughput(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> Pipe
 async def _latency(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> tuple[float, float]:
     """p50/p99 ms at `opts.rate` offered, after a warm-up event went through."""
     count = int(opts.rate * opts.latency_seconds)
+    producer = upstream_producer(p.bootstrap)
+    await producer.start()
     p.start()
     try:
-        # Warm-up over every partition (first transactions, metadata), then steady state.
+        # Warm-up over every partition (first transactions, metadata, the upstream
+        # producer's id and connections), then steady state through the same producer.
         warm_n = 50 * opts.partitions
         warm = UpstreamConfig(count=warm_n, seed=991, duplicate_rate=0, conflict_rate=0)
-        await produce(p.bootstrap, codec, warm, topic=p.source, progress=False)
+        await produce(p.bootstrap, codec, warm, topic=p.source, progress=False,
+                      producer=producer)  # fmt: skip
         await _observe(p.bootstrap, p.output, warm_n, codec, 120)
         cfg = UpstreamConfig(count=count, seed=992)
-        sender = asyncio.create_task(
-            produce(p.bootstrap, codec, cfg, rate=opts.rate, topic=p.source, progress=False)
-        )
+        paced = produce(p.bootstrap, codec, cfg, rate=opts.rate, topic=p.source,
+                        progress=False, producer=producer)  # fmt: skip
+        sender = asyncio.create_task(paced)
         bar = Progress(count + warm_n, f"{p.kind:>8} latency @{opts.rate:.0f}/s")
         _, latencies, n = await _observe(p.bootstrap, p.output, count + warm_n, codec,
                                          opts.latency_seconds * 6 + 60, bar)  # fmt: skip
@@ -206,6 +210,7 @@ async def _latency(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> tuple[f
         await sender
     finally:
         p.stop()
+        await producer.stop()
     steady = latencies[warm_n:]
     return _percentile(steady, 0.50), _percentile(steady, 0.99)
 

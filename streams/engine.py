@@ -22,6 +22,13 @@ this engine, a service of that worker, owns consumption:
   send or commit aborts the transaction and the batch is processed again; a record whose
   own output the broker refuses becomes poison too.
 - A rebalance waits for the in-flight batch (commit or abort) before giving partitions up.
+- Failures get one of three answers, and `/ready/` says which task is failing meanwhile:
+  *retry* (a Kafka error: abort, back off, process the batch again), *rebuild* (anything
+  else inside a task, e.g. a failed abort, a producer in an unusable state, a RocksDB write
+  that failed after the commit, or a task that could not be opened at assignment: the task
+  is closed and opened again from committed state, with backoff while that fails), and
+  *rejoin* (the task's producer was fenced: the task is dropped and the worker rejoins the
+  group, which decides who owns it now; a task fenced while still ours comes back).
 - Punctuators (Kafka Streams' punctuation) run per task every `punctuate_ms` of wall clock,
   in a batch of their own with the same transaction rules: timers read and write tables
   and send records exactly like agents, only without an input offset to commit.
@@ -30,6 +37,7 @@ this engine, a service of that worker, owns consumption:
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import logging
 import time
@@ -52,7 +60,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from paysaga.agents.dlq import DeadLetter
 from paysaga.domain.card import redact
 from paysaga.streams.partitioner import partition_for
-from paysaga.tables.store import PartitionStore, StoreManager
+from paysaga.tables.store import PartitionStore, StoreError, StoreManager
 from paysaga.tables.transaction import TableTransaction, TaskTransaction
 
 log = logging.getLogger(__name__)
@@ -63,8 +71,8 @@ RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError)
 FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
 
 
-class TaskLost(Exception):
-    """This worker no longer owns the task (fenced or revoked)."""
+class TaskBroken(Exception):
+    """The task cannot go on with what it has: close it and open it again (see `_repair`)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,12 @@ class EngineConfig:
     fetch_max_wait_ms: int = 5
     #: How often each task's punctuators run (wall clock).
     punctuate_ms: int = 500
+    #: How long the coordinator lets one transaction run before it aborts it and fences the
+    #: producer (aiokafka's default). A task fenced this way rejoins and comes back.
+    transaction_timeout_ms: int = 60_000
+    #: Consecutive failed attempts at one batch after which the task is rebuilt (a fresh
+    #: producer: a refused record can leave the old one's sequence numbers unusable).
+    max_attempts: int = 5
 
 
 class Context:
@@ -153,6 +167,10 @@ class Task:
     inbox: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
     runner: asyncio.Future | None = None
     closing: bool = False
+    #: Why this task's last attempt failed (None once a batch committed again).
+    failure: str | None = None
+    #: Its input partitions are paused because it has too much queued (backpressure).
+    paused: bool = False
     #: Wall-clock time (monotonic) of the last punctuation, and whether one is due.
     last_tick: float = 0.0
     tick: bool = False
@@ -198,11 +216,20 @@ class ExactlyOnceEngine(mode.Service):
         self.consumer: AIOKafkaConsumer | None = None
         self.recovering = False
         self.assigned = False
-        self.failed: str | None = None
+        #: The fetch loop died: nothing is consumed any more (the worker must be restarted).
+        self.fatal: str | None = None
+        #: Assigned partition numbers whose task is not open, and why (see `_repair`).
+        self.broken: dict[int, str] = {}
+        self._repair_at = 0.0
+        self._repair_delay = 0.1
+        #: Set when a task was fenced: the fetch loop makes the worker rejoin the group.
+        self._rejoin: str | None = None
+        self._frozen = False
         self.stats: dict[str, float] = {
             "records": 0, "batches": 0, "aborts": 0, "dead_letters": 0, "restored": 0,
             "restore_seconds": 0.0, "send_seconds": 0.0, "offsets_seconds": 0.0,
             "commit_seconds": 0.0, "punctuations": 0, "punctuate_errors": 0, "refetches": 0,
+            "rebuilds": 0, "fenced": 0, "rejoins": 0,
         }  # fmt: skip
         super().__init__(**kwargs)
 
@@ -228,6 +255,20 @@ class ExactlyOnceEngine(mode.Service):
             await self.consumer.stop()
 
     @property
+    def failed(self) -> str | None:
+        """Why the worker is not healthy right now (None when every task is fine)."""
+        if self.fatal is not None:
+            return self.fatal
+        if self._rejoin is not None:
+            return self._rejoin
+        for p, reason in sorted(self.broken.items()):
+            return f"task {p}: {reason}"
+        for p, task in sorted(self.tasks.items()):
+            if task.failure is not None:
+                return f"task {p}: {task.failure}"
+        return None
+
+    @property
     def ready(self) -> bool:
         return self.assigned and not self.recovering and self.failed is None
 
@@ -240,6 +281,7 @@ class ExactlyOnceEngine(mode.Service):
         async with self._lock:
             self._generation += 1
             for p in partitions:
+                self.broken.pop(p, None)
                 task = self.tasks.get(p)
                 if task is not None:
                     task.closing = True  # queued records are left to the next owner
@@ -248,16 +290,87 @@ class ExactlyOnceEngine(mode.Service):
                 await self._close_task(p)
 
     async def acquire(self, partitions: set[int]) -> None:
+        """Open (restore) a task per assigned partition number and seek it to committed.
+
+        Runs inside aiokafka's rebalance callback, which logs and swallows exceptions: so
+        nothing may escape. A task that cannot be opened (broker unreachable while restoring,
+        store locked) is closed again and left to `_repair`, and readiness says so.
+        """
         async with self._lock:
             self.recovering = True
+            self._rejoin = None  # a new assignment is what a rejoin was waiting for
             try:
-                for p in sorted(partitions - set(self.tasks)):
-                    self.tasks[p] = await self._open_task(p)
-                await self._seek_committed(partitions)
+                for p in sorted(partitions):
+                    try:
+                        await self._open(p)
+                    except Exception as exc:
+                        self._mark_broken(p, exc)
             finally:
                 self._generation += 1  # batches fetched before this point are stale
                 self.recovering = False
                 self.assigned = True
+            if not self._frozen:
+                # Everything allocated by start-up and restore lives as long as the worker:
+                # keep it out of the cyclic GC's full collections (tens of ms each, a pause
+                # every task's latency pays).
+                gc.freeze()
+                self._frozen = True
+
+    async def _open(self, p: int) -> None:
+        """Open task `p` if it is not open, and seek its input partitions to committed."""
+        if p not in self.tasks:
+            self.tasks[p] = await self._open_task(p)
+        try:
+            await self._seek_committed({p})
+        except BaseException:
+            await self._close_task(p)
+            raise
+
+    def _mark_broken(self, p: int, exc: BaseException) -> None:
+        """Leave partition number `p` to `_repair`: paused, not ready, opened again later."""
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        log.error("task %s cannot run (%s); it will be opened again", p, reason)
+        self.broken[p] = reason
+        self._repair_at = min(self._repair_at, time.monotonic() + self._repair_delay)
+        self._pause(p)
+
+    def _pause(self, p: int) -> None:
+        consumer = self.consumer
+        if consumer is not None:
+            mine = [tp for tp in consumer.assignment() if tp.partition == p]
+            if mine:
+                consumer.pause(*mine)
+
+    async def _repair(self) -> None:
+        """Open every broken task again from committed state (under the lock)."""
+        consumer = self.consumer
+        assert consumer is not None
+        assigned = {tp.partition for tp in consumer.assignment()}
+        for p in sorted(self.broken):
+            if p not in assigned:
+                del self.broken[p]  # not ours any more: the owner reads its records
+                continue
+            task = self.tasks.get(p)
+            if task is not None:
+                task.closing = True
+                if task.runner is not None and not task.runner.done():
+                    await task.runner
+                await self._close_task(p)
+            try:
+                await self._open(p)
+            except Exception as exc:
+                self.broken[p] = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("task %s still cannot be opened: %s", p, self.broken[p])
+                continue
+            del self.broken[p]
+            self.stats["rebuilds"] += 1
+            log.info("task %s opened again from committed state", p)
+        self._generation += 1  # what was fetched before the seek to committed is stale
+        if self.broken:
+            self._repair_delay = min(self._repair_delay * 2, 5.0)
+        else:
+            self._repair_delay = 0.1
+        self._repair_at = time.monotonic() + self._repair_delay
 
     async def _seek_committed(self, partitions: set[int]) -> None:
         """Position every assigned input partition at its committed offset.
@@ -280,6 +393,7 @@ class ExactlyOnceEngine(mode.Service):
             task = self.tasks.get(tp.partition)
             if task is not None:
                 task.next_offsets[tp] = start
+                task.paused = False
 
     async def _open_task(self, p: int) -> Task:
         producer = AIOKafkaProducer(
@@ -293,15 +407,22 @@ class ExactlyOnceEngine(mode.Service):
             # while the last one's markers are written; aiokafka's default 100 ms backoff
             # then shows up directly in end-to-end latency.
             retry_backoff_ms=10,
+            transaction_timeout_ms=self.config.transaction_timeout_ms,
         )
         # start() begins InitProducerId, which fences any previous owner of this task and
         # aborts its open transaction (the first begin_transaction waits for it). The restore
         # below reads up to the last stable offset, so a zombie's open transaction is never
         # part of the restored state whichever happens first.
         await producer.start()
-        stores = {}
-        for table in self.table_names:
-            stores[table] = await self._recover(table, p)
+        stores: dict[str, PartitionStore] = {}
+        try:
+            for table in self.table_names:
+                stores[table] = await self._recover(table, p)
+        except BaseException:
+            for store in stores.values():
+                store.close()
+            await self._stop_producer(p, producer)
+            raise
         return Task(p, producer, stores)
 
     async def _close_task(self, p: int) -> None:
@@ -310,9 +431,14 @@ class ExactlyOnceEngine(mode.Service):
             return
         for store in task.stores.values():
             store.close()
+        await self._stop_producer(p, task.producer)
+
+    @staticmethod
+    async def _stop_producer(p: int, producer: AIOKafkaProducer) -> None:
+        """Stop a task's producer; a fenced or broken one may fail, or hang flushing."""
         try:
-            await task.producer.stop()
-        except KafkaError as exc:  # a fenced producer may fail to stop cleanly
+            await asyncio.wait_for(producer.stop(), 10)
+        except Exception as exc:  # closing is best effort: log and go on
             log.warning("task %s producer stop: %r", p, exc)
 
     async def _recover(self, table: str, p: int) -> PartitionStore:
@@ -376,14 +502,19 @@ class ExactlyOnceEngine(mode.Service):
             raise
         except Exception as exc:  # never die silently: report not-ready and say why
             log.exception("fetch loop failed")
-            self.failed = f"fetch loop: {type(exc).__name__}: {exc}"
+            self.fatal = f"fetch loop: {type(exc).__name__}: {exc}"
             raise
 
     async def _fetch_loop(self) -> None:
         consumer = self.consumer
         assert consumer is not None
-        limit = 4 * self.config.max_batch
+        limit = 2 * self.config.max_batch
         while not self.should_stop:
+            if self._rejoin is not None and self.assigned:
+                self._force_rejoin()
+            if self.broken and time.monotonic() >= self._repair_at:
+                async with self._lock:
+                    await self._repair()
             generation = self._generation
             batch = await consumer.getmany(
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
@@ -402,12 +533,29 @@ class ExactlyOnceEngine(mode.Service):
                     if task is None or task.closing or tp not in task.next_offsets:
                         continue  # not ours any more: the next owner reads them
                     task.inbox.setdefault(tp, []).extend(records)
+                    if not task.paused and task.queued() > limit:
+                        # Backpressure per task: a slow or retrying task stops fetching for
+                        # itself only; `_drain` resumes it once it has caught up.
+                        self._pause(task.partition)
+                        task.paused = True
                     if task.runner is None or task.runner.done():
                         task.runner = asyncio.ensure_future(self._drain(task))
             self._schedule_ticks()
-            running = [t.runner for t in self.tasks.values() if t.runner and not t.runner.done()]
-            if running and sum(t.queued() for t in self.tasks.values()) > limit:
-                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    def _force_rejoin(self) -> None:
+        """Make the group assign partitions again (after a task's producer was fenced).
+
+        Subscribing again is aiokafka's public way to rejoin: every task is released (its
+        in-flight batch commits or aborts) and the assignment decides who owns what. A task
+        fenced by a transaction timeout comes back here; one taken over by another worker
+        does not.
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        log.warning("rejoining the group: %s", self._rejoin)
+        self.stats["rejoins"] += 1
+        self.assigned = False  # until the new assignment arrives
+        consumer.subscribe(sorted(self.agents), listener=_Rebalance(self))
 
     def _refetch(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Discard a batch fetched across an assignment change, and read it again.
@@ -454,20 +602,30 @@ class ExactlyOnceEngine(mode.Service):
                 if task.inbox:
                     lists = [records for records in task.inbox.values() if records]
                     task.inbox = {}
-                    await self._process_task(task.partition, lists)
+                    await self._process_task(task, lists)
+                    if task.paused and task.queued() <= self.config.max_batch:
+                        task.paused = False
+                        self._resume(task)
                 elif task.tick:
                     task.tick = False
                     await self._process_batch(task, [], tick=True)
                 else:
                     break
-        except Exception as exc:  # a bug, not a Kafka error: stop accepting work, loudly
-            log.exception("task %s failed", task.partition)
-            self.failed = f"task {task.partition}: {type(exc).__name__}"
+        except Exception as exc:
+            # Not a Kafka error the batch loop retries: a failed abort, an aiokafka state
+            # assertion, a RocksDB write that failed after the commit, a bug. The task's
+            # producer and stores can no longer be trusted: rebuild it from committed state.
+            log.exception("task %s failed; rebuilding it", task.partition)
+            if self.tasks.get(task.partition) is task:
+                task.closing = True
+                self._mark_broken(task.partition, exc)
 
-    async def _process_task(self, p: int, lists: list[list[ConsumerRecord]]) -> None:
-        task = self.tasks.get(p)
-        if task is None:  # revoked since the fetch: the new owner reads them
-            return
+    def _resume(self, task: Task) -> None:
+        consumer = self.consumer
+        if consumer is not None and self.tasks.get(task.partition) is task:
+            consumer.resume(*[tp for tp in consumer.assignment() if tp.partition == task.partition])
+
+    async def _process_task(self, task: Task, lists: list[list[ConsumerRecord]]) -> None:
         fresh = []
         for records in lists:
             tp = TopicPartition(records[0].topic, records[0].partition)
@@ -491,7 +649,7 @@ class ExactlyOnceEngine(mode.Service):
             # The broker refused an output and several inputs could have caused it: commit
             # one record per transaction, so the culprit is known and only it is poison.
             for record in records:
-                if p not in self.tasks:
+                if task.closing or self.tasks.get(task.partition) is not task:
                     return
                 await self._process_batch(task, [record])
 
@@ -520,22 +678,22 @@ class ExactlyOnceEngine(mode.Service):
                 continue  # an agent raised: that record is now poison; process again
             try:
                 await self._commit(task, txn, outputs, records)
-                self.failed = None
+                task.failure = None
                 return True
             except FENCED_ERRORS:
-                log.warning("task %s fenced: another worker owns it now", p)
-                await self._lose_task(p)
+                await self._fenced(task)
                 return True
             except KafkaError as exc:
                 self.stats["aborts"] += 1
-                await self._abort(task)
+                if not await self._abort(task):
+                    return True  # fenced: the group decides who processes it again
                 culprits = getattr(exc, "paysaga_records", None)
                 if culprits and tick:
                     # A timer's output the broker refuses: no input to make poison. Say so
                     # (not ready) and let the next tick try again.
                     log.error("task %s punctuation output refused: %r", p, exc)
                     self.stats["punctuate_errors"] += 1
-                    self.failed = f"task {p} punctuation: {type(exc).__name__}"
+                    task.failure = f"punctuation: {type(exc).__name__}"
                     return True
                 if culprits:
                     if len(culprits) > 1:
@@ -547,10 +705,12 @@ class ExactlyOnceEngine(mode.Service):
                 # Kafka is failing us: accept no further work for this task (readiness goes
                 # false), back off and process the same batch again from committed state.
                 log.warning("task %s batch attempt %s failed: %r; retrying", p, attempt, exc)
-                self.failed = f"task {p}: {type(exc).__name__}"
+                task.failure = f"{type(exc).__name__} (attempt {attempt})"
+                if attempt >= self.config.max_attempts:
+                    raise TaskBroken(f"{attempt} attempts failed, last: {exc!r}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                if task.closing or p not in self.tasks:
+                if task.closing or self.tasks.get(p) is not task:
                     return True  # given up: uncommitted, so the next owner reads it again
 
     def _run_punctuators(
@@ -563,7 +723,7 @@ class ExactlyOnceEngine(mode.Service):
         except Exception as exc:
             log.exception("punctuator failed on task %s", task.partition)
             self.stats["punctuate_errors"] += 1
-            self.failed = f"task {task.partition} punctuation: {type(exc).__name__}"
+            task.failure = f"punctuation: {type(exc).__name__}"
             return False
         self.stats["punctuations"] += 1
         return True
@@ -585,6 +745,8 @@ class ExactlyOnceEngine(mode.Service):
                 continue
             try:
                 self.agents[record.topic].process(ctx, record)
+            except StoreError:
+                raise  # the local database failed, not the record: the task is rebuilt
             except Exception as exc:
                 reason = redact(f"agent {self.agents[record.topic].name} raised "
                                 f"{type(exc).__name__}: {exc}")[:500]  # fmt: skip
@@ -661,19 +823,31 @@ class ExactlyOnceEngine(mode.Service):
         self.stats["records"] += len(records)
         self.stats["batches"] += 1
 
-    async def _abort(self, task: Task) -> None:
+    async def _abort(self, task: Task) -> bool:
+        """Abort the open transaction (False: fenced). A producer that cannot abort gets the
+        task rebuilt."""
         try:
             await task.producer.abort_transaction()
         except FENCED_ERRORS:
-            await self._lose_task(task.partition)
-        except KafkaError as exc:
-            log.warning("abort of task %s failed: %r", task.partition, exc)
+            await self._fenced(task)
+            return False
+        except Exception as exc:
+            raise TaskBroken(f"abort failed: {exc!r}") from exc
+        return True
 
-    async def _lose_task(self, p: int) -> None:
-        """Stop working on a task we no longer own; its records are re-read by the owner."""
-        consumer = self.consumer
-        await self._close_task(p)
-        if consumer is not None:
-            mine = [tp for tp in consumer.assignment() if tp.partition == p]
-            if mine:
-                consumer.pause(*mine)
+    async def _fenced(self, task: Task) -> None:
+        """Another producer instance took this task's transactional id: stop, and rejoin.
+
+        Nothing of ours can commit any more. The group, not this worker, decides whether the
+        partition is still ours: the task is dropped (its partitions paused, its producer and
+        stores closed) and the fetch loop rejoins. Reopening at once could fence the new
+        owner in turn.
+        """
+        p = task.partition
+        log.warning("task %s fenced: its producer was replaced; rejoining the group", p)
+        self.stats["fenced"] += 1
+        task.closing = True
+        self._rejoin = f"task {p} fenced; rejoining the group"
+        if self.tasks.get(p) is task:
+            self._pause(p)
+            await self._close_task(p)  # never awaits the runner: this may be the runner

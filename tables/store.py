@@ -9,6 +9,7 @@ a crash is behind its recorded offset by exactly those writes, which recovery re
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,14 @@ OFFSET_KEY = META_PREFIX + b"changelog_offset"
 
 class StoreKeyError(ValueError):
     """A key in the reserved namespace."""
+
+
+class StoreError(Exception):
+    """The local database failed (I/O error, closed, corrupt): not the record's fault.
+
+    Kept apart from errors an agent raises about a record, so the engine rebuilds the task
+    from its changelog instead of sending a good record to the dead-letter queue.
+    """
 
 
 @dataclass(frozen=True)
@@ -87,11 +96,14 @@ class PartitionStore:
         self._write_opts.disable_wal = True
 
     def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)
+        try:
+            return self._db.get(key)
+        except Exception as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     def changelog_offset(self) -> int | None:
         """Offset of the last changelog record applied here, or None for a new store."""
-        raw = self._db.get(OFFSET_KEY)
+        raw = self.get(OFFSET_KEY)
         return None if raw is None else int(raw)
 
     def apply(self, changes: dict[bytes, bytes | None], changelog_offset: int) -> None:
@@ -103,19 +115,25 @@ class PartitionStore:
             else:
                 batch.put(key, value)
         batch.put(OFFSET_KEY, str(changelog_offset).encode())
-        self._db.write(batch, self._write_opts)
+        try:
+            self._db.write(batch, self._write_opts)
+        except Exception as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     def range(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` committed entries with lo <= key < hi, in key order."""
         out: list[tuple[bytes, bytes]] = []
-        it = self._db.iter()
-        it.seek(lo)
-        while it.valid() and len(out) < limit:
-            key = it.key()
-            if key >= hi:
-                break
-            out.append((key, it.value()))
-            it.next()
+        try:
+            it = self._db.iter()
+            it.seek(lo)
+            while it.valid() and len(out) < limit:
+                key = it.key()
+                if key >= hi:
+                    break
+                out.append((key, it.value()))
+                it.next()
+        except Exception as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
         return out
 
     def items(self) -> list[tuple[bytes, bytes]]:
@@ -123,7 +141,9 @@ class PartitionStore:
         return [(k, v) for k, v in self._db.items() if not k.startswith(META_PREFIX)]
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database; closing a closed (or failed) one is not an error."""
+        with contextlib.suppress(rocksdict.DbClosedError):
+            self._db.close()
 
 
 def check_key(key: bytes) -> bytes:

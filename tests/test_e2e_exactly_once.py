@@ -9,6 +9,7 @@ are exactly the fold of the inputs, and the changelog and the local RocksDB stor
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import threading
@@ -246,6 +247,35 @@ class GatedFetch:
         return self.returned
 
 
+async def _send(settings: Settings, items: list[tuple[bytes, dict]]) -> list[int]:
+    """Produce the fold inputs; returns the input partition each one landed on."""
+    source = pipelines.names(settings)[0]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(source, json.dumps(value).encode(), key=key)
+                   for key, value in items]  # fmt: skip
+        return [(await f).partition for f in futures]
+    finally:
+        await producer.stop()
+
+
+def _output_count(settings: Settings):
+    """An async probe: how many inputs are visible (committed) on both output topics now.
+
+    Both, because a transaction's markers reach its partitions one by one: a reader can see
+    a commit on one topic a moment before the other.
+    """
+    _, out_a, out_b = pipelines.names(settings)
+
+    async def count() -> int:
+        a, b = await asyncio.gather(read_all(settings.bootstrap, out_a),
+                                    read_all(settings.bootstrap, out_b))  # fmt: skip
+        return min(len(a), len(b))
+
+    return count
+
+
 async def _until(probe, timeout: float, what: str):
     """Await `probe()` (sync or async) until truthy; fail with `what` after `timeout`."""
     loop = asyncio.get_running_loop()
@@ -281,22 +311,10 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
 
     settings = _settings(broker, tmp_path, "refetch", max_batch=50)
     pipelines.create_topics(settings)
-    source, out_a, _ = pipelines.names(settings)
     inputs = _inputs(300, seed=11)
     before, after = inputs[:100], inputs[100:]
-
-    async def send(items: list[tuple[bytes, dict]]) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
-        await producer.start()
-        try:
-            for key, value in items:
-                await producer.send(source, json.dumps(value).encode(), key=key)
-            await producer.flush()
-        finally:
-            await producer.stop()
-
-    async def outputs() -> int:
-        return len(await read_all(settings.bootstrap, out_a))
+    outputs = _output_count(settings)
+    send = functools.partial(_send, settings)
 
     async def scenario() -> dict[str, float]:
         engine = create_engine(settings)
@@ -332,4 +350,127 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
 
     stats = asyncio.run(scenario())
     assert stats["refetches"] >= 1, "the held fetch was never treated as stale"
+    _verify(settings, inputs, dead=set())
+
+
+# ---- failures the engine must recover from without a restart -------------------------------
+# Each runs the engine in-process against the real broker and real RocksDB, causes one
+# failure through the real system (another producer taking a transactional id, a RocksDB
+# lock held elsewhere, a database closed under the task) and requires every input to come
+# out exactly once afterwards, with no restart and nothing dead-lettered.
+
+
+def _engine_scenario(settings: Settings, body) -> dict[str, float]:
+    """Run `body(engine)` against a started engine that owns every task; return its stats."""
+    from paysaga.streams.app import create_engine
+
+    async def scenario() -> dict[str, float]:
+        engine = create_engine(settings)
+        await engine.start()
+        try:
+            await body(engine)
+            await _until(lambda: engine.ready, 60, f"the engine ready again ({engine.failed})")
+            return dict(engine.stats)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(scenario())
+
+
+async def _owns_all(engine) -> None:
+    await _until(lambda: engine.ready and sorted(engine.tasks) == [0, 1, 2], 60,
+                 "the engine owns every task")  # fmt: skip
+
+
+def test_task_fenced_without_a_rebalance_comes_back(broker: LocalBroker, tmp_path: Path) -> None:
+    """A task whose producer is fenced while the group still gives it to us recovers.
+
+    Another producer initialises task 0's transactional id (what the coordinator does to a
+    transaction that outlives its timeout, or a stray process with the same app id does):
+    task 0's next transaction is fenced. Without a rebalance nobody would ever process
+    partition 0 again; the engine must drop the task, rejoin the group, get partition 0
+    back and open it again from committed state.
+    """
+    settings = _settings(broker, tmp_path, "fenced", max_batch=50)
+    pipelines.create_topics(settings)
+    inputs = _inputs(300, seed=12)
+    outputs = _output_count(settings)
+
+    async def body(engine) -> None:
+        await _owns_all(engine)
+        await _send(settings, inputs[:100])
+        await _until(lambda: _at_least(outputs, 100), 60, "the first inputs processed")
+        usurper = AIOKafkaProducer(bootstrap_servers=settings.bootstrap,
+                                   transactional_id=f"{settings.app_id}-task-0")  # fmt: skip
+        await usurper.start()  # InitProducerId: task 0's producer epoch is now stale
+        await usurper.stop()
+        partitions = await _send(settings, inputs[100:])
+        assert 0 in partitions
+        await _until(lambda: engine.stats["fenced"] >= 1, 60, "task 0 fenced")
+        await _until(lambda: _at_least(outputs, len(inputs)), 90, "every input processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rejoins"] >= 1
+    assert stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())
+
+
+def test_task_that_cannot_be_opened_is_opened_again(broker: LocalBroker, tmp_path: Path) -> None:
+    """A task that fails to open at assignment is reported and opened again later.
+
+    Task 1's RocksDB database is locked by another handle, so opening it at assignment
+    fails (inside aiokafka's rebalance callback, which swallows exceptions). The worker must
+    say it is not ready and why, keep processing the other partitions, and open task 1 as
+    soon as it can, processing its inputs exactly once.
+    """
+    from paysaga.streams.app import store_manager
+
+    settings = _settings(broker, tmp_path, "locked", max_batch=50)
+    pipelines.create_topics(settings)
+    inputs = _inputs(240, seed=13)
+    outputs = _output_count(settings)
+    held = store_manager(settings).open(pipelines.TOTALS, 1)  # holds the database's LOCK
+
+    async def body(engine) -> None:
+        await _until(lambda: engine.assigned and 1 in engine.broken, 60, "task 1 reported")
+        assert not engine.ready
+        assert "task 1" in (engine.failed or "")
+        partitions = await _send(settings, inputs)
+        others = sum(1 for p in partitions if p != 1)
+        assert others < len(inputs), "no input landed on partition 1"
+        await _until(lambda: _at_least(outputs, others), 60, "the other partitions processed")
+        assert await outputs() == others  # nothing of partition 1 before its task is open
+        held.close()
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "partition 1 processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rebuilds"] >= 1
+    _verify(settings, inputs, dead=set())
+
+
+def test_store_failure_rebuilds_the_task(broker: LocalBroker, tmp_path: Path) -> None:
+    """A RocksDB failure under a running task rebuilds it; the record is not poison.
+
+    The test closes task 2's database under the engine, so the next read of the agent
+    fails in RocksDB. That is the database's fault, not the record's: the batch must not go
+    to the DLQ. The task is closed and opened again from its changelog, and processing goes
+    on exactly once.
+    """
+    settings = _settings(broker, tmp_path, "storefail", max_batch=50)
+    pipelines.create_topics(settings)
+    inputs = _inputs(200, seed=14)
+    outputs = _output_count(settings)
+
+    async def body(engine) -> None:
+        await _owns_all(engine)
+        await _send(settings, inputs[:80])
+        await _until(lambda: _at_least(outputs, 80), 60, "the first inputs processed")
+        engine.store(pipelines.TOTALS, 2).close()
+        partitions = await _send(settings, inputs[80:])
+        assert 2 in partitions
+        await _until(lambda: engine.stats["rebuilds"] >= 1, 60, "task 2 rebuilt")
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["dead_letters"] == 0
     _verify(settings, inputs, dead=set())
