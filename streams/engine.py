@@ -801,6 +801,9 @@ class ExactlyOnceEngine(mode.Service):
         for r in records:
             offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")
         t1 = time.monotonic()
+        # After the acks, not alongside the produce requests: AddOffsetsToTxn in flight makes
+        # the broker's per-partition transaction verification (KIP-890) answer
+        # CONCURRENT_TRANSACTIONS, which reaches aiokafka as a retried NotEnoughReplicasError.
         if offsets:  # a punctuation has no input offsets
             await producer.send_offsets_to_transaction(offsets, self.config.app_id)
         t2 = time.monotonic()
