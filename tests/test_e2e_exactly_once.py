@@ -377,9 +377,19 @@ def _engine_scenario(settings: Settings, body) -> dict[str, float]:
     return asyncio.run(scenario())
 
 
-async def _owns_all(engine) -> None:
+def _recovery_case(broker: LocalBroker, tmp_path: Path, name: str, n: int, seed: int):
+    """Settings with its topics, `n` inputs and the both-outputs probe for one scenario."""
+    settings = _settings(broker, tmp_path, name, max_batch=50)
+    pipelines.create_topics(settings)
+    return settings, _inputs(n, seed=seed), _output_count(settings)
+
+
+async def _first_processed(engine, settings: Settings, items, outputs) -> None:
+    """Wait until the engine owns every task, then send `items` and see them processed."""
     await _until(lambda: engine.ready and sorted(engine.tasks) == [0, 1, 2], 60,
                  "the engine owns every task")  # fmt: skip
+    await _send(settings, items)
+    await _until(lambda: _at_least(outputs, len(items)), 60, "the first inputs processed")
 
 
 def test_task_fenced_without_a_rebalance_comes_back(broker: LocalBroker, tmp_path: Path) -> None:
@@ -391,15 +401,10 @@ def test_task_fenced_without_a_rebalance_comes_back(broker: LocalBroker, tmp_pat
     partition 0 again; the engine must drop the task, rejoin the group, get partition 0
     back and open it again from committed state.
     """
-    settings = _settings(broker, tmp_path, "fenced", max_batch=50)
-    pipelines.create_topics(settings)
-    inputs = _inputs(300, seed=12)
-    outputs = _output_count(settings)
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "fenced", 300, seed=12)
 
     async def body(engine) -> None:
-        await _owns_all(engine)
-        await _send(settings, inputs[:100])
-        await _until(lambda: _at_least(outputs, 100), 60, "the first inputs processed")
+        await _first_processed(engine, settings, inputs[:100], outputs)
         usurper = AIOKafkaProducer(bootstrap_servers=settings.bootstrap,
                                    transactional_id=f"{settings.app_id}-task-0")  # fmt: skip
         await usurper.start()  # InitProducerId: task 0's producer epoch is now stale
@@ -425,10 +430,7 @@ def test_task_that_cannot_be_opened_is_opened_again(broker: LocalBroker, tmp_pat
     """
     from paysaga.streams.app import store_manager
 
-    settings = _settings(broker, tmp_path, "locked", max_batch=50)
-    pipelines.create_topics(settings)
-    inputs = _inputs(240, seed=13)
-    outputs = _output_count(settings)
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "locked", 240, seed=13)
     held = store_manager(settings).open(pipelines.TOTALS, 1)  # holds the database's LOCK
 
     async def body(engine) -> None:
@@ -456,15 +458,10 @@ def test_store_failure_rebuilds_the_task(broker: LocalBroker, tmp_path: Path) ->
     to the DLQ. The task is closed and opened again from its changelog, and processing goes
     on exactly once.
     """
-    settings = _settings(broker, tmp_path, "storefail", max_batch=50)
-    pipelines.create_topics(settings)
-    inputs = _inputs(200, seed=14)
-    outputs = _output_count(settings)
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "storefail", 200, seed=14)
 
     async def body(engine) -> None:
-        await _owns_all(engine)
-        await _send(settings, inputs[:80])
-        await _until(lambda: _at_least(outputs, 80), 60, "the first inputs processed")
+        await _first_processed(engine, settings, inputs[:80], outputs)
         engine.store(pipelines.TOTALS, 2).close()
         partitions = await _send(settings, inputs[80:])
         assert 2 in partitions
