@@ -220,6 +220,10 @@ class ExactlyOnceEngine(mode.Service):
         self.fatal: str | None = None
         #: Assigned partition numbers whose task is not open, and why (see `_repair`).
         self.broken: dict[int, str] = {}
+        #: Partition numbers the group gave us (acquire adds, release removes). Repairs use
+        #: it, not `consumer.assignment()`, which still lists revoked partitions until
+        #: aiokafka applies the next assignment.
+        self.owned: set[int] = set()
         self._repair_at = 0.0
         self._repair_delay = 0.1
         #: Set when a task was fenced: the fetch loop makes the worker rejoin the group.
@@ -280,14 +284,16 @@ class ExactlyOnceEngine(mode.Service):
     async def release(self, partitions: set[int]) -> None:
         async with self._lock:
             self._generation += 1
+            self.owned -= partitions
+            self.assigned = False  # until the next assignment: a rebalance is under way
             for p in partitions:
-                self.broken.pop(p, None)
                 task = self.tasks.get(p)
                 if task is not None:
                     task.closing = True  # queued records are left to the next owner
                     if task.runner is not None:
                         await task.runner  # the in-flight batch commits or aborts first
                 await self._close_task(p)
+                self.broken.pop(p, None)  # after the runner: it may have marked it broken
 
     async def acquire(self, partitions: set[int]) -> None:
         """Open (restore) a task per assigned partition number and seek it to committed.
@@ -299,12 +305,15 @@ class ExactlyOnceEngine(mode.Service):
         async with self._lock:
             self.recovering = True
             self._rejoin = None  # a new assignment is what a rejoin was waiting for
+            self.owned |= partitions
             try:
                 for p in sorted(partitions):
                     try:
                         await self._open(p)
                     except Exception as exc:
                         self._mark_broken(p, exc)
+                    else:
+                        self.broken.pop(p, None)
             finally:
                 self._generation += 1  # batches fetched before this point are stale
                 self.recovering = False
@@ -343,11 +352,8 @@ class ExactlyOnceEngine(mode.Service):
 
     async def _repair(self) -> None:
         """Open every broken task again from committed state (under the lock)."""
-        consumer = self.consumer
-        assert consumer is not None
-        assigned = {tp.partition for tp in consumer.assignment()}
         for p in sorted(self.broken):
-            if p not in assigned:
+            if p not in self.owned:
                 del self.broken[p]  # not ours any more: the owner reads its records
                 continue
             task = self.tasks.get(p)
@@ -360,6 +366,7 @@ class ExactlyOnceEngine(mode.Service):
                 await self._open(p)
             except Exception as exc:
                 self.broken[p] = f"{type(exc).__name__}: {exc}"[:300]
+                self._pause(p)  # the seek may have resumed it before the failure
                 log.warning("task %s still cannot be opened: %s", p, self.broken[p])
                 continue
             del self.broken[p]
@@ -413,9 +420,9 @@ class ExactlyOnceEngine(mode.Service):
         # aborts its open transaction (the first begin_transaction waits for it). The restore
         # below reads up to the last stable offset, so a zombie's open transaction is never
         # part of the restored state whichever happens first.
-        await producer.start()
         stores: dict[str, PartitionStore] = {}
         try:
+            await producer.start()
             for table in self.table_names:
                 stores[table] = await self._recover(table, p)
         except BaseException:
@@ -452,8 +459,8 @@ class ExactlyOnceEngine(mode.Service):
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
-        await reader.start()
         try:
+            await reader.start()
             reader.assign([tp])
             end = (await reader.end_offsets([tp]))[tp]
             applied = store.changelog_offset()
@@ -485,6 +492,9 @@ class ExactlyOnceEngine(mode.Service):
             log.info("%s[%s]: restored %d changelog records (%d..%d)", table, p, restored,
                      start, end)  # fmt: skip
             return store
+        except BaseException:
+            store.close()  # release the RocksDB lock now: a repair reopens it
+            raise
         finally:
             await reader.stop()
 
@@ -615,10 +625,14 @@ class ExactlyOnceEngine(mode.Service):
             # Not a Kafka error the batch loop retries: a failed abort, an aiokafka state
             # assertion, a RocksDB write that failed after the commit, a bug. The task's
             # producer and stores can no longer be trusted: rebuild it from committed state.
+            if task.closing or self.tasks.get(task.partition) is not task:
+                # Being released (or already replaced): the next owner starts from
+                # committed state anyway; nothing to rebuild here.
+                log.warning("task %s failed while closing: %r", task.partition, exc)
+                return
             log.exception("task %s failed; rebuilding it", task.partition)
-            if self.tasks.get(task.partition) is task:
-                task.closing = True
-                self._mark_broken(task.partition, exc)
+            task.closing = True
+            self._mark_broken(task.partition, exc)
 
     def _resume(self, task: Task) -> None:
         consumer = self.consumer
@@ -673,7 +687,8 @@ class ExactlyOnceEngine(mode.Service):
                 if not self._run_punctuators(task, txn, outputs, now_ms):
                     return True  # a punctuator bug: logged; the next tick tries again
                 if not outputs and not any(True for _ in txn.changed()):
-                    return True  # nothing was due
+                    task.failure = None  # the timers ran cleanly (and nothing was due)
+                    return True
             elif not self._run_agents(task, txn, outputs, records):
                 continue  # an agent raised: that record is now poison; process again
             try:
@@ -720,6 +735,8 @@ class ExactlyOnceEngine(mode.Service):
         try:
             for punctuate in self.punctuators:
                 punctuate(ctx, now_ms)
+        except StoreError:
+            raise  # the database, not the timer: the task is rebuilt
         except Exception as exc:
             log.exception("punctuator failed on task %s", task.partition)
             self.stats["punctuate_errors"] += 1

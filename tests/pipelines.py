@@ -49,6 +49,19 @@ def fold_topology(settings: Settings) -> Topology:
     return Topology([AgentSpec("fold", source, process, (TOTALS,))], (TOTALS,))
 
 
+def flaky_timer_topology(settings: Settings) -> Topology:
+    """The fold pipeline plus a timer that raises on its very first run, then idles."""
+    fold = fold_topology(settings)
+    runs = []
+
+    def timer(ctx: Context, now_ms: int) -> None:
+        runs.append(now_ms)
+        if len(runs) == 1:
+            raise RuntimeError("a timer bug that happens once")
+
+    return Topology(fold.agents, fold.tables, (timer,))
+
+
 def create_topics(settings: Settings) -> None:
     source, out_a, out_b = names(settings)
     specs = [

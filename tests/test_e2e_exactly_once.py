@@ -33,8 +33,9 @@ KEYS = 40
 
 
 def _settings(broker: LocalBroker, tmp_path: Path, name: str, **kw) -> Settings:
+    kw.setdefault("topology", "tests.pipelines:fold_topology")
     return isolated_settings(broker.bootstrap, tmp_path / "state", name, app_id=f"eos-{name}",
-                             topology="tests.pipelines:fold_topology", **kw)  # fmt: skip
+                             **kw)  # fmt: skip
 
 
 def _inputs(n: int, seed: int) -> list[tuple[bytes, dict]]:
@@ -471,3 +472,25 @@ def test_store_failure_rebuilds_the_task(broker: LocalBroker, tmp_path: Path) ->
     stats = _engine_scenario(settings, body)
     assert stats["dead_letters"] == 0
     _verify(settings, inputs, dead=set())
+
+
+def test_a_timer_failure_clears_once_the_timers_run_cleanly(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """A punctuator that raised makes the worker not ready, until the timers run cleanly.
+
+    On an idle partition whose timers emit nothing there is no commit to clear the failure:
+    readiness must come back from the next clean timer run, not stay false for good.
+    """
+    settings = _settings(broker, tmp_path, "timer", topology="tests.pipelines:flaky_timer_topology")
+    pipelines.create_topics(settings)
+    seen: list[str] = []
+
+    async def body(engine) -> None:
+        await _until(lambda: engine.stats["punctuate_errors"] >= 1, 60, "the timer's failure")
+        seen.append(engine.failed or "")
+
+    stats = _engine_scenario(settings, body)  # then waits for ready again
+    assert "punctuation: RuntimeError" in seen[0]
+    assert stats["punctuate_errors"] == 1
+    assert stats["punctuations"] >= 1
