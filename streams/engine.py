@@ -103,9 +103,6 @@ class EngineConfig:
     fetch_max_wait_ms: int = 5
     #: How often each task's punctuators run (wall clock).
     punctuate_ms: int = 500
-    #: How long the coordinator lets one transaction run before it aborts it and fences the
-    #: producer (aiokafka's default). A task fenced this way rejoins and comes back.
-    transaction_timeout_ms: int = 60_000
     #: Consecutive failed attempts at one batch after which the task is rebuilt (a fresh
     #: producer: a refused record can leave the old one's sequence numbers unusable).
     max_attempts: int = 5
@@ -265,12 +262,11 @@ class ExactlyOnceEngine(mode.Service):
             return self.fatal
         if self._rejoin is not None:
             return self._rejoin
-        for p, reason in sorted(self.broken.items()):
-            return f"task {p}: {reason}"
-        for p, task in sorted(self.tasks.items()):
-            if task.failure is not None:
-                return f"task {p}: {task.failure}"
-        return None
+        if self.broken:
+            p = min(self.broken)
+            return f"task {p}: {self.broken[p]}"
+        failing = sorted(p for p, task in self.tasks.items() if task.failure is not None)
+        return f"task {failing[0]}: {self.tasks[failing[0]].failure}" if failing else None
 
     @property
     def ready(self) -> bool:
@@ -287,12 +283,7 @@ class ExactlyOnceEngine(mode.Service):
             self.owned -= partitions
             self.assigned = False  # until the next assignment: a rebalance is under way
             for p in partitions:
-                task = self.tasks.get(p)
-                if task is not None:
-                    task.closing = True  # queued records are left to the next owner
-                    if task.runner is not None:
-                        await task.runner  # the in-flight batch commits or aborts first
-                await self._close_task(p)
+                await self._retire(p)
                 self.broken.pop(p, None)  # after the runner: it may have marked it broken
 
     async def acquire(self, partitions: set[int]) -> None:
@@ -343,12 +334,19 @@ class ExactlyOnceEngine(mode.Service):
         self._repair_at = min(self._repair_at, time.monotonic() + self._repair_delay)
         self._pause(p)
 
-    def _pause(self, p: int) -> None:
+    def _inputs(self, partitions: set[int]) -> list[TopicPartition]:
+        """The assigned input partitions of these task numbers."""
         consumer = self.consumer
-        if consumer is not None:
-            mine = [tp for tp in consumer.assignment() if tp.partition == p]
-            if mine:
-                consumer.pause(*mine)
+        assert consumer is not None
+        return [tp for tp in consumer.assignment() if tp.partition in partitions]
+
+    def _pause(self, p: int) -> None:
+        if self.consumer is not None:
+            self.consumer.pause(*self._inputs({p}))
+
+    def _resume(self, task: Task) -> None:
+        if self.consumer is not None and self.tasks.get(task.partition) is task:
+            self.consumer.resume(*self._inputs({task.partition}))
 
     async def _repair(self) -> None:
         """Open every broken task again from committed state (under the lock)."""
@@ -356,18 +354,11 @@ class ExactlyOnceEngine(mode.Service):
             if p not in self.owned:
                 del self.broken[p]  # not ours any more: the owner reads its records
                 continue
-            task = self.tasks.get(p)
-            if task is not None:
-                task.closing = True
-                if task.runner is not None and not task.runner.done():
-                    await task.runner
-                await self._close_task(p)
+            await self._retire(p)
             try:
                 await self._open(p)
             except Exception as exc:
-                self.broken[p] = f"{type(exc).__name__}: {exc}"[:300]
-                self._pause(p)  # the seek may have resumed it before the failure
-                log.warning("task %s still cannot be opened: %s", p, self.broken[p])
+                self._mark_broken(p, exc)  # paused again: the seek may have resumed it
                 continue
             del self.broken[p]
             self.stats["rebuilds"] += 1
@@ -388,7 +379,7 @@ class ExactlyOnceEngine(mode.Service):
         """
         consumer = self.consumer
         assert consumer is not None
-        mine = [tp for tp in consumer.assignment() if tp.partition in partitions]
+        mine = self._inputs(partitions)
         if not mine:
             return
         consumer.resume(*mine)
@@ -414,7 +405,6 @@ class ExactlyOnceEngine(mode.Service):
             # while the last one's markers are written; aiokafka's default 100 ms backoff
             # then shows up directly in end-to-end latency.
             retry_backoff_ms=10,
-            transaction_timeout_ms=self.config.transaction_timeout_ms,
         )
         # start() begins InitProducerId, which fences any previous owner of this task and
         # aborts its open transaction (the first begin_transaction waits for it). The restore
@@ -431,6 +421,15 @@ class ExactlyOnceEngine(mode.Service):
             await self._stop_producer(p, producer)
             raise
         return Task(p, producer, stores)
+
+    async def _retire(self, p: int) -> None:
+        """Close task `p` once its in-flight batch has committed or aborted."""
+        task = self.tasks.get(p)
+        if task is not None:
+            task.closing = True  # queued records are left to the next owner
+            if task.runner is not None:
+                await task.runner
+        await self._close_task(p)
 
     async def _close_task(self, p: int) -> None:
         task = self.tasks.pop(p, None)
@@ -633,11 +632,6 @@ class ExactlyOnceEngine(mode.Service):
             log.exception("task %s failed; rebuilding it", task.partition)
             task.closing = True
             self._mark_broken(task.partition, exc)
-
-    def _resume(self, task: Task) -> None:
-        consumer = self.consumer
-        if consumer is not None and self.tasks.get(task.partition) is task:
-            consumer.resume(*[tp for tp in consumer.assignment() if tp.partition == task.partition])
 
     async def _process_task(self, task: Task, lists: list[list[ConsumerRecord]]) -> None:
         fresh = []

@@ -95,11 +95,14 @@ class PartitionStore:
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.disable_wal = True
 
+    def _failed(self, exc: Exception) -> StoreError:
+        return StoreError(f"{self.path}: {exc}")
+
     def get(self, key: bytes) -> bytes | None:
         try:
             return self._db.get(key)
         except Exception as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise self._failed(exc) from exc
 
     def changelog_offset(self) -> int | None:
         """Offset of the last changelog record applied here, or None for a new store."""
@@ -118,7 +121,7 @@ class PartitionStore:
         try:
             self._db.write(batch, self._write_opts)
         except Exception as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise self._failed(exc) from exc
 
     def range(self, lo: bytes, hi: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` committed entries with lo <= key < hi, in key order."""
@@ -133,7 +136,7 @@ class PartitionStore:
                 out.append((key, it.value()))
                 it.next()
         except Exception as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise self._failed(exc) from exc
         return out
 
     def items(self) -> list[tuple[bytes, bytes]]:
