@@ -3,7 +3,8 @@
 The jars come from Maven Central through `mvn` into a cache reused across runs, so a fresh
 machine needs only Java 17 and Maven. The node is bound to loopback, has replication factor
 1 everywhere (transactions included) and no initial rebalance delay, which is what a
-single-machine exactly-once setup needs.
+single-machine exactly-once setup needs. Its JVM is sized for sharing a small machine with
+the workers (see `LocalBroker.up`).
 """
 
 from __future__ import annotations
@@ -197,8 +198,18 @@ class LocalBroker:
         java = [
             "java",
             f"-Xmx{self.heap}",
-            "-Xms256m",
+            f"-Xms{self.heap}",
+            # Kafka's own start script's collector settings (short young-collection pauses).
             "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:InitiatingHeapOccupancyPercent=35",
+            # C1 only. This node shares a small machine with the workers it serves, and C2
+            # kept a whole core busy compiling for minutes after start-up (measured at 1,000
+            # events/s on 2 cores: the C2 compiler thread at 43-58 % of a core, more than
+            # the request handling itself). That CPU came out of the workers' transactions:
+            # `paysaga bench`, same machine, paysaga p99 161-176 ms with C2, 71-95 ms with
+            # C1 only, the baseline loop likewise; throughput within the noise.
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}",
             "-cp",

@@ -195,6 +195,7 @@ def _bench(args: argparse.Namespace) -> int:
     pipelines = tuple(args.pipelines.split(",")) if args.pipelines else PIPELINES
     opts = BenchOptions(
         events=args.events, rate=args.rate, latency_seconds=args.latency_seconds,
+        latency_warmup_seconds=args.latency_warmup_seconds,
         partitions=args.partitions, keys=args.keys, bootstrap=args.bench_bootstrap or None,
         results_dir=Path(args.results_dir), pipelines=pipelines,
     )  # fmt: skip
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--rate", "PAYSAGA_BENCH_RATE", 1000.0, float, help="offered rate for latency")
     _env_opt(p, "--latency-seconds", "PAYSAGA_BENCH_LATENCY_SECONDS", 10.0, float,
              help="duration of the latency phase")  # fmt: skip
+    _env_opt(p, "--latency-warmup-seconds", "PAYSAGA_BENCH_LATENCY_WARMUP_SECONDS", 3.0, float,
+             help="seconds at the offered rate before latency is measured")  # fmt: skip
     _env_opt(p, "--partitions", "PAYSAGA_BENCH_PARTITIONS", 3, int, help="input partitions")
     _env_opt(p, "--keys", "PAYSAGA_BENCH_KEYS", 200_000, int,
              help="changelog keys for restore/restart (0 skips)")  # fmt: skip

@@ -24,6 +24,7 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
     done = subprocess.run(
         [sys.executable, "-m", "paysaga.streams.cli", "bench", "--bootstrap", broker.bootstrap,
          "--events", str(events), "--rate", "200", "--latency-seconds", "2",
+         "--latency-warmup-seconds", "1",
          "--keys", str(keys), "--results-dir", str(results)],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
