@@ -358,11 +358,13 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
 
 def summary(results: dict[str, Any]) -> str:
-    lines = [
-        f"\npaysaga bench {results['run']}: {results['events']} events, "
-        f"{results['partitions']} partitions, latency at {results['rate']:.0f}/s offered "
-        f"(after {results.get('latency_warmup_seconds', 0):.0f} s at that rate)",
-    ]
+    head = f"\npaysaga bench {results['run']}: {results['partitions']} partitions"
+    if results["pipelines"]:
+        head += (
+            f", {results['events']} events, latency at {results['rate']:.0f}/s offered "
+            f"(after {results.get('latency_warmup_seconds', 0):.0f} s at that rate)"
+        )
+    lines = [head]
     if results["pipelines"]:
         lines.append(
             f"{'pipeline':<10}{'events/s':>10}{'x baseline':>12}{'p50 ms':>9}{'p99 ms':>9}"
