@@ -406,10 +406,10 @@ class ExactlyOnceEngine(mode.Service):
             # backoff would then show up directly in end-to-end latency.
             retry_backoff_ms=10,
         )
-        # start() begins InitProducerId, which fences any previous owner of this task and
-        # aborts its open transaction (the first begin_transaction waits for it). The restore
-        # below reads up to the last stable offset, so a zombie's open transaction is never
-        # part of the restored state whichever happens first.
+        # start() returns once InitProducerId succeeded, and the coordinator answers it only
+        # after any previous owner's transaction is complete (an open one aborted, a
+        # committing one's markers written): that owner is fenced, and the restore below,
+        # which reads up to the last stable offset, sees every batch it committed.
         stores: dict[str, PartitionStore] = {}
         try:
             await producer.start()
@@ -781,19 +781,20 @@ class ExactlyOnceEngine(mode.Service):
         producer = task.producer
         t0 = time.monotonic()
         await producer.begin_transaction()
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for r in records:
-            offsets[TopicPartition(r.topic, r.partition)] = OffsetAndMetadata(r.offset + 1, "")
+        last: dict[tuple[str, int], int] = {}
+        for r in records:  # each partition's records are in offset order: the last wins
+            last[(r.topic, r.partition)] = r.offset
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o + 1, "") for (t, p), o in last.items()}
         # The input offsets go first, and on their own. A transaction's first request to the
         # coordinator often arrives while the previous transaction's markers are still being
         # written and gets CONCURRENT_TRANSACTIONS (11-13 % of transactions at 1,000
         # events/s here). aiokafka retries a first AddPartitionsToTxn after a fixed 20 ms,
-        # but AddOffsetsToTxn after `retry_backoff_ms`: offsets first halves that wait, the
-        # largest single part of the latency tail. On their own: with AddOffsetsToTxn in
-        # flight alongside produce requests, the broker's per-partition transaction
-        # verification (KIP-890) answers CONCURRENT_TRANSACTIONS, which reaches aiokafka as
-        # a retried NotEnoughReplicasError. The order inside a transaction changes nothing
-        # else: the offsets and the outputs become visible together at the commit, or never.
+        # but AddOffsetsToTxn after `retry_backoff_ms`: offsets first halves that wait. On
+        # their own: with AddOffsetsToTxn in flight alongside produce requests, the broker's
+        # per-partition transaction verification (KIP-890) answers CONCURRENT_TRANSACTIONS,
+        # which reaches aiokafka as a retried NotEnoughReplicasError. The order inside a
+        # transaction changes nothing else: the offsets and the outputs become visible
+        # together at the commit, or never.
         if offsets:  # a punctuation has no input offsets
             await producer.send_offsets_to_transaction(offsets, self.config.app_id)
         t1 = time.monotonic()
