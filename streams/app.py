@@ -55,6 +55,7 @@ def create_engine(settings: Settings) -> ExactlyOnceEngine:
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,
         punctuate_ms=settings.punctuate_ms,
+        session_timeout_ms=settings.session_timeout_ms,
     )
     return ExactlyOnceEngine(
         config, topology.agents, store_manager(settings), topology.tables, topology.punctuators

@@ -106,6 +106,9 @@ class EngineConfig:
     #: Consecutive failed attempts at one batch after which the task is rebuilt (a fresh
     #: producer: a refused record can leave the old one's sequence numbers unusable).
     max_attempts: int = 5
+    #: A crashed worker's partitions wait this long before the group hands them on (and a
+    #: restarted worker waits as long to join while its dead self is still a member).
+    session_timeout_ms: int = 10_000
 
 
 class Context:
@@ -245,6 +248,8 @@ class ExactlyOnceEngine(mode.Service):
             partition_assignment_strategy=(RangePartitionAssignor,),
             fetch_max_wait_ms=self.config.fetch_max_wait_ms,
             max_poll_interval_ms=600_000,
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.session_timeout_ms // 3,
         )
         self.consumer.subscribe(sorted(self.agents), listener=_Rebalance(self))
         await self.consumer.start()

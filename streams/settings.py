@@ -46,6 +46,12 @@ class Settings(BaseModel):
     )
     command_timeout_ms: int = Field(10_000, ge=1, description="retry an unanswered command")
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=6_000,
+        description="a worker silent this long loses its partitions to the others (the "
+        "broker's group.min.session.timeout.ms, 6 s by default, is the floor)",
+    )
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)

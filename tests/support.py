@@ -121,6 +121,19 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def crash_while_recovering(self, pause: float) -> None:
+        """Start the worker, and SIGKILL it `pause` seconds after its web views first answer:
+        it has just joined the group and is restoring its tasks or running its first batches.
+        """
+        self.start(wait_ready=False)
+        wait_for(lambda: self.get("/ready/")[0] != 0, 90, what="the restarted worker answering")
+        time.sleep(pause)  # a random moment to crash, not a wait
+        self.kill()
+
+    def diagnosis(self) -> str:
+        """What a failed wait should report: the worker's own view and its latest log."""
+        return f"/ready/ says {self.get('/ready/')}; log tail:\n{self.tail(8000)}"
+
     def tail(self, n: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n:]

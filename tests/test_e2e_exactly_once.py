@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from paysaga.agents.dlq import H_KIND, H_REASON, parse_headers
 from paysaga.streams.broker import LocalBroker, free_port
@@ -45,12 +46,21 @@ def _inputs(n: int, seed: int) -> list[tuple[bytes, dict]]:
 
 
 class PacedProducer(threading.Thread):
-    """Sends the inputs at about `rate`/s, so kills land while batches are in flight."""
+    """Sends the inputs at about `rate`/s, so kills land while batches are in flight.
+
+    `stop()` ends the load early; `sent` says how many of the inputs went out (all of them
+    acknowledged once the thread has ended).
+    """
 
     def __init__(self, settings: Settings, items: list[tuple[bytes, bytes]], rate: float):
         super().__init__(daemon=True)
         self.settings, self.items, self.rate = settings, items, rate
         self.error: BaseException | None = None
+        self.sent = 0
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
 
     def run(self) -> None:
         try:
@@ -66,7 +76,10 @@ class PacedProducer(threading.Thread):
             source = pipelines.names(self.settings)[0]
             started = time.monotonic()
             for i, (key, value) in enumerate(self.items):
+                if self._halt.is_set():
+                    break
                 await producer.send(source, value, key=key)
+                self.sent = i + 1
                 ahead = i / self.rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)  # pacing the load, not synchronising
@@ -125,40 +138,67 @@ def _verify(settings: Settings, inputs: list[tuple[bytes, dict]], dead: set[int]
     assert local == totals
 
 
+def _consumed(settings: Settings) -> int:
+    """How many inputs the worker's group has committed (its input offsets, summed)."""
+
+    async def go() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(settings.app_id)
+        finally:
+            await admin.close()
+        source = pipelines.names(settings)[0]
+        return sum(meta.offset for tp, meta in offsets.items() if tp.topic == source)
+
+    return asyncio.run(go())
+
+
 @pytest.mark.slow
 def test_kill9_during_batches(broker: LocalBroker, tmp_path: Path) -> None:
-    settings = _settings(broker, tmp_path, "kill", max_batch=50)
+    # A shorter session: each restart waits that long for its killed self to leave the group.
+    settings = _settings(broker, tmp_path, "kill", max_batch=50, session_timeout_ms=6000)
     pipelines.create_topics(settings)
-    inputs = _inputs(12_000, seed=3)
-    producer = PacedProducer(settings, [(k, json.dumps(v).encode()) for k, v in inputs], 1200)
+    # Inputs keep arriving until the last kill (the list only bounds the test): a worker that
+    # caught up with a finished load would leave nothing in flight to crash into.
+    inputs = _inputs(60_000, seed=3)
+    producer = PacedProducer(settings, [(k, json.dumps(v).encode()) for k, v in inputs], 500)
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     producer.start()
     rng = random.Random(9)
     out_a = pipelines.names(settings)[1]
-    kills, progress = 0, 0
+    kills, recovering, progress = 0, 0, 0
     try:
         while kills < 6:
             seen = progress
-            progress = wait_for(lambda s=seen: (n := _count(settings, out_a)) > s + 300 and n, 60,
+            progress = wait_for(lambda s=seen: (n := _consumed(settings)) > s + 300 and n, 60,
                                 what="progress between kills")  # fmt: skip
+            assert producer.is_alive(), f"the load ended before kill {kills + 1}: {producer.error}"
             time.sleep(rng.uniform(0.0, 0.4))  # a random moment to crash, not a wait
             worker.kill()
             kills += 1
-            # Every other restart is killed again as soon as it answers, mid-recovery.
-            worker.start(wait_ready=kills % 2 == 0)
-        producer.join(120)
+            if kills % 2:
+                # Every other restart is killed again while it recovers.
+                worker.crash_while_recovering(rng.uniform(0.0, 0.5))
+                recovering += 1
+            worker.start(wait_ready=False)  # the progress wait above says it works
+        producer.stop()
+        producer.join(30)
         assert producer.error is None and not producer.is_alive()
+        inputs = inputs[: producer.sent]
         wait_for(lambda: _count(settings, out_a) >= len(inputs), 120, what="all outputs")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} after {kills} kills; {worker.diagnosis()}") from None
     finally:
         worker.stop()
-    assert kills >= 5
-    print(f"\nkill -9 test: {len(inputs)} inputs, {kills} kills, outputs verified")
+    print(f"\nkill -9 test: {len(inputs)} inputs, {kills} kills during batches and "
+          f"{recovering} during recovery, outputs verified")  # fmt: skip
     _verify(settings, inputs, dead=set())
 
 
 @pytest.mark.slow
 def test_two_workers_one_killed(broker: LocalBroker, tmp_path: Path) -> None:
-    base = _settings(broker, tmp_path, "pair", max_batch=50)
+    base = _settings(broker, tmp_path, "pair", max_batch=50, session_timeout_ms=6000)
     pipelines.create_topics(base)
     inputs = _inputs(8_000, seed=5)
     producer = PacedProducer(base, [(k, json.dumps(v).encode()) for k, v in inputs], 1000)

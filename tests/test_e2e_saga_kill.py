@@ -23,11 +23,14 @@ from paysaga.streams.broker import LocalBroker
 from paysaga.streams.kafka_io import read_all
 from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, create_topics
-from paysaga.streams.upstream import UpstreamConfig, generate, produce
+from paysaga.streams.upstream import UpstreamConfig, produce
 from tests.saga_support import CODEC, World
 from tests.support import WorkerProcess, isolated_settings, settings_env, wait_for
 
-PAYMENTS = 2500
+#: Upstream requests per second, and an upper bound on how many (the load stops after the
+#: last kill, at a few thousand).
+RATE = 100
+MAX_PAYMENTS = 20_000
 SIM_ENV = {
     "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
     "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
@@ -36,18 +39,42 @@ SIM_ENV = {
 
 
 class Upstream(threading.Thread):
+    """Sends the upstream requests at `rate`/s until `stop()` (or the list is used up)."""
+
     def __init__(self, settings: Settings, cfg: UpstreamConfig, rate: float) -> None:
         super().__init__(daemon=True)
         self.settings, self.cfg, self.rate = settings, cfg, rate
         self.error: BaseException | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
 
     def run(self) -> None:
         try:
-            topic = Topics(self.settings.topic_prefix).initiated
-            run = produce(self.settings.bootstrap, CODEC, self.cfg, self.rate, topic, False)
-            asyncio.run(run)
+            asyncio.run(self._main())
+        except asyncio.CancelledError:
+            pass  # stopped: what was sent is read back from the topic
         except BaseException as exc:  # surfaced by the test
             self.error = exc
+
+    async def _main(self) -> None:
+        topic = Topics(self.settings.topic_prefix).initiated
+        run = produce(self.settings.bootstrap, CODEC, self.cfg, self.rate, topic, False)
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.ensure_future(run)
+        self._started.set()
+        await self._task
+
+    def stop(self) -> None:
+        """End the load; the producer flushes what it already accepted."""
+        self._started.wait(30)
+        if self._loop is not None and self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+def _sent(settings: Settings) -> list[dict]:
+    """The upstream requests that reached the input topic (committed, so all of them)."""
+    records = asyncio.run(read_all(settings.bootstrap, Topics(settings.topic_prefix).initiated))
+    return [CODEC.decode(r.value, "PaymentInitiated") for r in records]
 
 
 def _simulators(settings: Settings, tmp: Path) -> list[subprocess.Popen]:
@@ -62,40 +89,51 @@ def _simulators(settings: Settings, tmp: Path) -> list[subprocess.Popen]:
 
 @pytest.mark.slow
 def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
+    # A shorter session: each restart waits that long for its killed self to leave the group.
     settings = isolated_settings(
         broker.bootstrap, tmp_path / "state", "sagakill",
-        command_timeout_ms=3000, punctuate_ms=200, max_batch=200,
+        command_timeout_ms=3000, punctuate_ms=200, max_batch=200, session_timeout_ms=6000,
     )  # fmt: skip
     asyncio.run(create_topics(settings))
     world = World(settings)
-    cfg = UpstreamConfig(count=PAYMENTS, seed=21, duplicate_rate=0.05, conflict_rate=0.01,
+    # Requests keep arriving until the last kill (the count only bounds the test): sagas that
+    # all finished before it would leave nothing in flight to crash into.
+    cfg = UpstreamConfig(count=MAX_PAYMENTS, seed=21, duplicate_rate=0.05, conflict_rate=0.01,
                          manual_capture_rate=0.0, order_rate=0.3)  # fmt: skip
-    requests = list(generate(cfg, now_ms=lambda: 0))
     sims = _simulators(settings, tmp_path)
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-    upstream = Upstream(settings, cfg, rate=150)
+    upstream = Upstream(settings, cfg, rate=RATE)
     upstream.start()
     rng = random.Random(5)
-    kills, progress = 0, 0
+    kills, recovering, progress = 0, 0, 0
     try:
         while kills < 5:
             seen = progress
             progress = wait_for(lambda s=seen: (n := len(world.statuses())) > s + 400 and n, 120,
                                 what="progress between kills")  # fmt: skip
+            assert upstream.is_alive(), f"the load ended before kill {kills + 1}: {upstream.error}"
             time.sleep(rng.uniform(0.0, 0.5))  # a random moment to crash, not a wait
             worker.kill()
             kills += 1
-            worker.start(wait_ready=kills % 2 == 0)  # every other restart dies mid-recovery
-        upstream.join(120)
+            if kills % 2:
+                # Every other restart is killed again while it recovers.
+                worker.crash_while_recovering(rng.uniform(0.0, 0.5))
+                recovering += 1
+            worker.start(wait_ready=False)  # the progress wait above says it works
+        upstream.stop()
+        upstream.join(60)
         assert upstream.error is None and not upstream.is_alive()
+        requests = _sent(settings)
         scopes = _scopes(requests)
         wait_for(lambda: len(_terminal(world)) >= len(scopes), 300, what="every saga finished")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} after {kills} kills; {worker.diagnosis()}") from None
     finally:
         worker.stop()
         for p in sims:
             p.terminate()
             p.wait(10)
-    _verify(world, requests, kills)
+    _verify(world, requests, f"{kills} kills during batches and {recovering} during recovery")
 
 
 def _scopes(requests: list[dict]) -> dict[tuple[str, str], set[str]]:
@@ -117,7 +155,7 @@ def _terminal(world: World) -> dict[str, list[dict]]:
     return out
 
 
-def _verify(world: World, requests: list[dict], kills: int) -> None:
+def _verify(world: World, requests: list[dict], kills: str) -> None:
     scopes = _scopes(requests)
     statuses = world.statuses()
     # No output twice: every status record has its own deterministic event id.
@@ -159,7 +197,7 @@ def _verify(world: World, requests: list[dict], kills: int) -> None:
     outcomes = Counter(s["saga_state"] for s in final.values())
     replays = sum(s["replay"] for s in statuses)
     print(f"\nsaga kill -9 test: {len(requests)} requests, {len(firsts)} payments, "
-          f"{len(conflicting)} conflicts, {replays} replays, {kills} kills; outcomes "
+          f"{len(conflicting)} conflicts, {replays} replays, {kills}; outcomes "
           f"{dict(outcomes)}; {len(commands)} commands, 0 duplicate command ids, "
           f"0 duplicate status ids, 0 payments with != 1 terminal outcome")  # fmt: skip
 
