@@ -26,7 +26,8 @@ this engine, a service of that worker, owns consumption:
   *retry* (a Kafka error: abort, back off, process the batch again), *rebuild* (anything
   else inside a task, e.g. a failed abort, a producer in an unusable state, a RocksDB write
   that failed after the commit, or a task that could not be opened at assignment: the task
-  is closed and opened again from committed state, with backoff while that fails), and
+  is closed and opened again from committed state, beside the fetch loop so the other
+  tasks go on, with backoff while that fails), and
   *rejoin* (the task's producer was fenced: the task is dropped and the worker rejoins the
   group, which decides who owns it now; a task fenced while still ours comes back).
 - Punctuators (Kafka Streams' punctuation) run per task every `punctuate_ms` of wall clock,
@@ -226,6 +227,8 @@ class ExactlyOnceEngine(mode.Service):
         self.owned: set[int] = set()
         self._repair_at = 0.0
         self._repair_delay = 0.1
+        #: The rebuild in flight, if any (see `_repair`); a rebalance cancels it.
+        self._repairing: asyncio.Task | None = None
         #: Set when a task was fenced: the fetch loop makes the worker rejoin the group.
         self._rejoin: str | None = None
         self._frozen = False
@@ -283,6 +286,7 @@ class ExactlyOnceEngine(mode.Service):
 
     # ---- rebalancing ------------------------------------------------------------------------
     async def release(self, partitions: set[int]) -> None:
+        await self._cancel_repair()
         async with self._lock:
             self._generation += 1
             self.owned -= partitions
@@ -298,6 +302,7 @@ class ExactlyOnceEngine(mode.Service):
         nothing may escape. A task that cannot be opened (broker unreachable while restoring,
         store locked) is closed again and left to `_repair`, and readiness says so.
         """
+        await self._cancel_repair()
         async with self._lock:
             self.recovering = True
             self._rejoin = None  # a new assignment is what a rejoin was waiting for
@@ -353,27 +358,56 @@ class ExactlyOnceEngine(mode.Service):
         if self.consumer is not None and self.tasks.get(task.partition) is task:
             self.consumer.resume(*self._inputs({task.partition}))
 
+    def _start_repair(self) -> None:
+        """Start rebuilding the broken tasks in the background, when due and not under way."""
+        if self._repairing is None or self._repairing.done():
+            self._repairing = asyncio.ensure_future(self._repair())
+
+    async def _cancel_repair(self) -> None:
+        """Stop a rebuild in flight (its half-opened task is closed): the assignment that
+        follows decides what is opened, and two opens of one task would fence each other."""
+        repair = self._repairing
+        if repair is not None and not repair.done():
+            repair.cancel()
+            await asyncio.wait([repair])  # its cleanup ran; our own cancellation still counts
+
     async def _repair(self) -> None:
-        """Open every broken task again from committed state (under the lock)."""
+        """Open every broken task again from committed state, off the fetch loop.
+
+        The slow part, starting the producer (which waits for the coordinator to fence the
+        old one) and replaying the changelog, runs outside the lock: the other tasks keep
+        fetching and committing meanwhile. The lock is taken only to retire the old task and
+        to install the new one and seek its partitions to committed.
+        """
         for p in sorted(self.broken):
-            if p not in self.owned:
-                del self.broken[p]  # not ours any more: the owner reads its records
-                continue
-            await self._retire(p)
             try:
-                await self._open(p)
-            except Exception as exc:
-                self._mark_broken(p, exc)  # paused again: the seek may have resumed it
-                continue
-            del self.broken[p]
-            self.stats["rebuilds"] += 1
-            log.info("task %s opened again from committed state", p)
-        self._generation += 1  # what was fetched before the seek to committed is stale
+                await self._reopen(p)
+            except Exception as exc:  # not a failure of the repair loop: try again later
+                self._mark_broken(p, exc)
         if self.broken:
             self._repair_delay = min(self._repair_delay * 2, 5.0)
         else:
             self._repair_delay = 0.1
         self._repair_at = time.monotonic() + self._repair_delay
+
+    async def _reopen(self, p: int) -> None:
+        async with self._lock:
+            if p not in self.broken:
+                return
+            if p not in self.owned:
+                del self.broken[p]  # not ours any more: the owner reads its records
+                return
+            await self._retire(p)
+        task = await self._open_task(p)  # a rebalance meanwhile cancels this (see release)
+        async with self._lock:
+            self.tasks[p] = task
+            try:
+                await self._open(p)  # open now: it seeks to committed, or closes the task
+            finally:
+                self._generation += 1  # what was fetched before the seek is stale
+            del self.broken[p]
+        self.stats["rebuilds"] += 1
+        log.info("task %s opened again from committed state", p)
 
     async def _seek_committed(self, partitions: set[int]) -> None:
         """Position every assigned input partition at its committed offset.
@@ -527,8 +561,7 @@ class ExactlyOnceEngine(mode.Service):
             if self._rejoin is not None and self.assigned:
                 self._force_rejoin()
             if self.broken and time.monotonic() >= self._repair_at:
-                async with self._lock:
-                    await self._repair()
+                self._start_repair()
             generation = self._generation
             batch = await consumer.getmany(
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch

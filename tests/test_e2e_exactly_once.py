@@ -514,6 +514,107 @@ def test_store_failure_rebuilds_the_task(broker: LocalBroker, tmp_path: Path) ->
     _verify(settings, inputs, dead=set())
 
 
+class GatedRestore:
+    """Holds the next restore of task `p` at a gate, once its store is open and caught up.
+
+    The real `_recover` does all the work; the gate only decides when it returns, which
+    makes a long changelog replay (a rebuild of a big store) last as long as the test needs.
+    """
+
+    def __init__(self, engine, p: int) -> None:
+        self.real, self.p = engine._recover, p
+        self.armed = False
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.cancelled = False
+
+    async def __call__(self, table: str, p: int):
+        store = await self.real(table, p)
+        if not self.armed or p != self.p:
+            return store
+        self.armed = False
+        self.entered.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            store.close()  # what `_recover` does when cancelled inside
+            raise
+        return store
+
+
+async def _break_task_2_and_hold_its_rebuild(engine, settings, inputs, outputs) -> GatedRestore:
+    """Process the first inputs, then make task 2's rebuild wait at a gate."""
+    await _first_processed(engine, settings, inputs, outputs)
+    restore = GatedRestore(engine, 2)
+    engine._recover = restore
+    restore.armed = True
+    engine.store(pipelines.TOTALS, 2).close()  # its next read fails: the task is rebuilt
+    return restore
+
+
+def test_a_rebuild_does_not_hold_up_the_other_tasks(broker: LocalBroker, tmp_path: Path) -> None:
+    """While one task replays its changelog, the worker's other tasks go on committing.
+
+    Task 2 is rebuilt after a RocksDB failure and its restore is held open. Inputs of
+    partitions 0 and 1 must be processed meanwhile (a rebuild run in the fetch loop, or
+    under the engine's lock, would stop them all); once the restore ends, task 2 catches up
+    and every input comes out exactly once.
+    """
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "rebuildbg", 300, seed=15)
+    first, breaking, later = inputs[:60], inputs[60:120], inputs[120:]
+
+    async def body(engine) -> None:
+        restore = await _break_task_2_and_hold_its_rebuild(engine, settings, first, outputs)
+        partitions = await _send(settings, breaking)
+        assert 2 in partitions
+        await asyncio.wait_for(restore.entered.wait(), 60)
+        done = len(first) + sum(1 for p in partitions if p != 2)
+        await _until(lambda: _at_least(outputs, done), 60, "the inputs of partitions 0 and 1")
+        # Sent while task 2 restores: only a fetch loop that goes on can read them.
+        partitions = await _send(settings, later)
+        others = done + sum(1 for p in partitions if p != 2)
+        assert 2 in partitions and others < len(inputs)
+        await _until(lambda: _at_least(outputs, others), 60,
+                     "partitions 0 and 1 processed while task 2 restores")  # fmt: skip
+        assert 2 in engine.broken and not engine.ready
+        restore.gate.set()
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "partition 2 processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rebuilds"] == 1
+    assert stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())
+
+
+def test_a_rebalance_cancels_a_rebuild_in_flight(broker: LocalBroker, tmp_path: Path) -> None:
+    """A rebalance during a rebuild cancels it, and the new assignment opens the task.
+
+    Without the cancel, the rebuild's open RocksDB store and producer would meet the
+    assignment's own open of the same task: a locked database, and two producers with one
+    transactional id fencing each other.
+    """
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "rebuildcancel", 200, seed=16)
+
+    async def body(engine) -> None:
+        restore = await _break_task_2_and_hold_its_rebuild(engine, settings, inputs[:60],
+                                                           outputs)  # fmt: skip
+        partitions = await _send(settings, inputs[60:])
+        assert 2 in partitions
+        await asyncio.wait_for(restore.entered.wait(), 60)
+        everything = set(engine.tasks) | {2}  # what the group takes away and gives back
+        await engine.release(everything)
+        assert restore.cancelled, "the rebuild in flight was not cancelled"
+        await engine.acquire(everything)
+        assert 2 in engine.tasks and 2 not in engine.broken, engine.failed
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rebuilds"] == 0  # the assignment opened task 2, not the cancelled rebuild
+    assert stats["fenced"] == 0 and stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())
+
+
 def test_a_timer_failure_clears_once_the_timers_run_cleanly(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
