@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
 
 from paysaga.agents.dlq import H_KIND, H_REASON, parse_headers
 from paysaga.streams.broker import LocalBroker, free_port
@@ -138,20 +139,21 @@ def _verify(settings: Settings, inputs: list[tuple[bytes, dict]], dead: set[int]
     assert local == totals
 
 
+async def _group_offsets(settings: Settings) -> dict[int, int]:
+    """The worker group's committed offset of each input partition (inputs consumed)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    source = pipelines.names(settings)[0]
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == source}
+
+
 def _consumed(settings: Settings) -> int:
-    """How many inputs the worker's group has committed (its input offsets, summed)."""
-
-    async def go() -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-        await admin.start()
-        try:
-            offsets = await admin.list_consumer_group_offsets(settings.app_id)
-        finally:
-            await admin.close()
-        source = pipelines.names(settings)[0]
-        return sum(meta.offset for tp, meta in offsets.items() if tp.topic == source)
-
-    return asyncio.run(go())
+    """How many inputs the worker's group has committed."""
+    return sum(asyncio.run(_group_offsets(settings)).values())
 
 
 @pytest.mark.slow
@@ -612,6 +614,91 @@ def test_a_rebalance_cancels_a_rebuild_in_flight(broker: LocalBroker, tmp_path: 
     stats = _engine_scenario(settings, body)
     assert stats["rebuilds"] == 0  # the assignment opened task 2, not the cancelled rebuild
     assert stats["fenced"] == 0 and stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())
+
+
+def _before_commits(task, hook) -> None:
+    """Run `await hook()` before each real `commit_transaction()` of `task`'s producer."""
+    real = task.producer.commit_transaction
+
+    async def commit() -> None:
+        await hook()
+        await real()
+
+    task.producer.commit_transaction = commit
+
+
+def test_a_store_write_failing_after_the_commit_rebuilds_the_task(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """The batch is committed, then writing it to RocksDB fails: the task is rebuilt and
+    its store catches up from the changelog; the batch is neither lost nor processed twice.
+
+    Task 2's database is closed while its batch commits (after the agent's reads, before
+    the write), so RocksDB refuses the write of a committed batch.
+    """
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "applyfail", 200, seed=17)
+
+    async def body(engine) -> None:
+        await _first_processed(engine, settings, inputs[:80], outputs)
+        store = engine.store(pipelines.TOTALS, 2)
+        closed: list[bool] = []
+
+        async def lose_the_store() -> None:
+            if not closed:
+                closed.append(True)
+                store.close()
+
+        _before_commits(engine.tasks[2], lose_the_store)
+        partitions = await _send(settings, inputs[80:])
+        assert 2 in partitions
+        await _until(lambda: engine.stats["rebuilds"] >= 1, 60, "task 2 rebuilt")
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
+        assert closed
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rebuilds"] == 1
+    assert stats["aborts"] == 0  # the failing batch was committed, not aborted and redone
+    assert stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())  # includes: local RocksDB = changelog = fold
+
+
+def test_backpressure_pauses_only_the_slow_task(broker: LocalBroker, tmp_path: Path) -> None:
+    """A task whose commits are held back stops fetching for itself only.
+
+    Task 2's commit waits at a gate while a burst of input arrives: its queue passes the
+    limit and its input partition is paused, and partitions 0 and 1 are processed in full
+    meanwhile. Once the gate opens, task 2 drains, resumes, and every input comes out
+    exactly once.
+    """
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "backpressure", 900, seed=18)
+    source = pipelines.names(settings)[0]
+
+    async def body(engine) -> None:
+        first = await _send(settings, inputs[:60])
+        await _until(lambda: _at_least(outputs, 60), 60, "the first inputs processed")
+        gate = asyncio.Event()
+        _before_commits(engine.tasks[2], gate.wait)
+        sent = Counter(first + await _send(settings, inputs[60:]))
+        assert sent[2] > 2 * 2 * settings.max_batch, "too few inputs on partition 2 to pause it"
+        await _until(lambda: TopicPartition(source, 2) in engine.consumer.paused(), 60,
+                     "partition 2 paused")  # fmt: skip
+
+        async def others_done() -> bool:
+            # Input offsets, not outputs: task 2's open transaction holds back what
+            # read_committed readers see on the output partitions it wrote to.
+            done = await _group_offsets(settings)
+            return done.get(0) == sent[0] and done.get(1) == sent[1]
+
+        await _until(others_done, 60, "partitions 0 and 1 processed")
+        assert TopicPartition(source, 0) not in engine.consumer.paused()
+        assert TopicPartition(source, 1) not in engine.consumer.paused()
+        gate.set()
+        await _until(lambda: _at_least(outputs, len(inputs)), 60, "partition 2 drained")
+        assert TopicPartition(source, 2) not in engine.consumer.paused()
+
+    stats = _engine_scenario(settings, body)
+    assert stats["dead_letters"] == 0
     _verify(settings, inputs, dead=set())
 
 
