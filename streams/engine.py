@@ -38,6 +38,7 @@ this engine, a service of that worker, owns consumption:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import heapq
 import logging
@@ -70,6 +71,17 @@ log = logging.getLogger(__name__)
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError)
 #: The task now belongs to another producer instance: drop it, never commit again.
 FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
+
+
+#: Producer stops that outlived their deadline (see `_stop_producer`). asyncio holds only
+#: weak references to tasks: without this one could be collected half-way.
+_STOPPING: set[asyncio.Future] = set()
+
+
+def _stopped(p: int, stopping: asyncio.Future) -> None:
+    _STOPPING.discard(stopping)
+    if not stopping.cancelled() and stopping.exception() is not None:
+        log.warning("task %s producer stop: %r", p, stopping.exception())
 
 
 class TaskBroken(Exception):
@@ -479,12 +491,22 @@ class ExactlyOnceEngine(mode.Service):
         await self._stop_producer(p, task.producer)
 
     @staticmethod
-    async def _stop_producer(p: int, producer: AIOKafkaProducer) -> None:
-        """Stop a task's producer; a fenced or broken one may fail, or hang flushing."""
-        try:
-            await asyncio.wait_for(producer.stop(), 10)
-        except Exception as exc:  # closing is best effort: log and go on
-            log.warning("task %s producer stop: %r", p, exc)
+    async def _stop_producer(p: int, producer: AIOKafkaProducer, timeout: float = 10.0) -> None:
+        """Stop a task's producer without letting a hung one hold up the engine.
+
+        A fenced or broken producer may fail to stop, and one whose broker stopped answering
+        waits to flush its unsent records. Those belong to a transaction that was never
+        committed, so nothing needs them: after `timeout` the stop goes on in the
+        background, where aiokafka's request timeout ends it. (Cancelling it instead would
+        leave the producer's sender task and connections behind for good.)
+        """
+        stopping = asyncio.ensure_future(producer.stop())
+        _STOPPING.add(stopping)
+        stopping.add_done_callback(functools.partial(_stopped, p))
+        done, _ = await asyncio.wait([stopping], timeout=timeout)
+        if not done:
+            log.warning("task %s producer did not stop in %s s; it goes on stopping in the "
+                        "background", p, timeout)  # fmt: skip
 
     async def _recover(self, table: str, p: int) -> PartitionStore:
         """Open the store and replay its changelog from the offset it reflects to the end."""
