@@ -495,10 +495,11 @@ class ExactlyOnceEngine(mode.Service):
         """Stop a task's producer without letting a hung one hold up the engine.
 
         A fenced or broken producer may fail to stop, and one whose broker stopped answering
-        waits to flush its unsent records. Those belong to a transaction that was never
-        committed, so nothing needs them: after `timeout` the stop goes on in the
-        background, where aiokafka's request timeout ends it. (Cancelling it instead would
-        leave the producer's sender task and connections behind for good.)
+        waits to flush its unsent records, retrying for as long as the outage lasts. Those
+        records belong to a transaction that is never committed (and the task's next
+        producer fences this one), so nothing waits for them: after `timeout` the stop goes
+        on in the background and ends once the broker answers again. Cancelling it instead
+        would leave the producer's sender task and connections behind for good.
         """
         stopping = asyncio.ensure_future(producer.stop())
         _STOPPING.add(stopping)
