@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -139,6 +141,32 @@ class WorkerProcess:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+def kill_repeatedly(
+    worker: WorkerProcess, kills: int, progress: Callable[[], int], step: int,
+    load: threading.Thread, rng: random.Random, timeout: float = 60.0,
+) -> int:  # fmt: skip
+    """SIGKILL `worker` `kills` times, each once `progress()` grew by `step` since the last
+    kill, at a random moment after that, and restart it; every other restart is killed
+    again while it recovers. Returns how many of those mid-recovery kills there were.
+
+    The `load` must still be running at every kill: a worker that has caught up with a
+    finished load has nothing in flight to crash into, and would never progress again.
+    """
+    recovering, done = 0, 0
+    for kill in range(1, kills + 1):
+        seen = done
+        done = wait_for(lambda s=seen: (n := progress()) > s + step and n, timeout,
+                        what=f"progress before kill {kill}")  # fmt: skip
+        assert load.is_alive(), f"the load ended before kill {kill}"
+        time.sleep(rng.uniform(0.0, 0.5))  # a random moment to crash, not a wait
+        worker.kill()
+        if kill % 2:
+            worker.crash_while_recovering(rng.uniform(0.0, 0.5))
+            recovering += 1
+        worker.start(wait_ready=False)  # the next progress wait says it works
+    return recovering
 
 
 def run(coro: Any) -> Any:

@@ -29,7 +29,7 @@ from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, changelog_topic
 from paysaga.tables.store import StoreManager
 from tests import pipelines
-from tests.support import WorkerProcess, isolated_settings, wait_for
+from tests.support import WorkerProcess, isolated_settings, kill_repeatedly, wait_for
 
 KEYS = 40
 
@@ -167,34 +167,21 @@ def test_kill9_during_batches(broker: LocalBroker, tmp_path: Path) -> None:
     producer = PacedProducer(settings, [(k, json.dumps(v).encode()) for k, v in inputs], 500)
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     producer.start()
-    rng = random.Random(9)
     out_a = pipelines.names(settings)[1]
-    kills, recovering, progress = 0, 0, 0
     try:
-        while kills < 6:
-            seen = progress
-            progress = wait_for(lambda s=seen: (n := _consumed(settings)) > s + 300 and n, 60,
-                                what="progress between kills")  # fmt: skip
-            assert producer.is_alive(), f"the load ended before kill {kills + 1}: {producer.error}"
-            time.sleep(rng.uniform(0.0, 0.4))  # a random moment to crash, not a wait
-            worker.kill()
-            kills += 1
-            if kills % 2:
-                # Every other restart is killed again while it recovers.
-                worker.crash_while_recovering(rng.uniform(0.0, 0.5))
-                recovering += 1
-            worker.start(wait_ready=False)  # the progress wait above says it works
+        recovering = kill_repeatedly(worker, 6, lambda: _consumed(settings), 300, producer,
+                                     random.Random(9))  # fmt: skip
         producer.stop()
         producer.join(30)
         assert producer.error is None and not producer.is_alive()
         inputs = inputs[: producer.sent]
         wait_for(lambda: _count(settings, out_a) >= len(inputs), 120, what="all outputs")
     except AssertionError as exc:
-        raise AssertionError(f"{exc} after {kills} kills; {worker.diagnosis()}") from None
+        raise AssertionError(f"{exc}; {worker.diagnosis()}") from None
     finally:
         worker.stop()
-    print(f"\nkill -9 test: {len(inputs)} inputs, {kills} kills during batches and "
-          f"{recovering} during recovery, outputs verified")  # fmt: skip
+    print(f"\nkill -9 test: {len(inputs)} inputs, 6 kills during batches and {recovering} "
+          "during recovery, outputs verified")  # fmt: skip
     _verify(settings, inputs, dead=set())
 
 

@@ -13,7 +13,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -25,12 +24,19 @@ from paysaga.streams.settings import Settings
 from paysaga.streams.topics import Topics, create_topics
 from paysaga.streams.upstream import UpstreamConfig, produce
 from tests.saga_support import CODEC, World
-from tests.support import WorkerProcess, isolated_settings, settings_env, wait_for
+from tests.support import (
+    WorkerProcess,
+    isolated_settings,
+    kill_repeatedly,
+    settings_env,
+    wait_for,
+)
 
 #: Upstream requests per second, and an upper bound on how many (the load stops after the
 #: last kill, at a few thousand).
 RATE = 100
 MAX_PAYMENTS = 20_000
+KILLS = 5
 SIM_ENV = {
     "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
     "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
@@ -104,22 +110,9 @@ def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     upstream = Upstream(settings, cfg, rate=RATE)
     upstream.start()
-    rng = random.Random(5)
-    kills, recovering, progress = 0, 0, 0
     try:
-        while kills < 5:
-            seen = progress
-            progress = wait_for(lambda s=seen: (n := len(world.statuses())) > s + 400 and n, 120,
-                                what="progress between kills")  # fmt: skip
-            assert upstream.is_alive(), f"the load ended before kill {kills + 1}: {upstream.error}"
-            time.sleep(rng.uniform(0.0, 0.5))  # a random moment to crash, not a wait
-            worker.kill()
-            kills += 1
-            if kills % 2:
-                # Every other restart is killed again while it recovers.
-                worker.crash_while_recovering(rng.uniform(0.0, 0.5))
-                recovering += 1
-            worker.start(wait_ready=False)  # the progress wait above says it works
+        recovering = kill_repeatedly(worker, KILLS, lambda: len(world.statuses()), 400, upstream,
+                                     random.Random(5), timeout=120)  # fmt: skip
         upstream.stop()
         upstream.join(60)
         assert upstream.error is None and not upstream.is_alive()
@@ -127,13 +120,13 @@ def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
         scopes = _scopes(requests)
         wait_for(lambda: len(_terminal(world)) >= len(scopes), 300, what="every saga finished")
     except AssertionError as exc:
-        raise AssertionError(f"{exc} after {kills} kills; {worker.diagnosis()}") from None
+        raise AssertionError(f"{exc}; {worker.diagnosis()}") from None
     finally:
         worker.stop()
         for p in sims:
             p.terminate()
             p.wait(10)
-    _verify(world, requests, f"{kills} kills during batches and {recovering} during recovery")
+    _verify(world, requests, f"{KILLS} kills during batches and {recovering} during recovery")
 
 
 def _scopes(requests: list[dict]) -> dict[tuple[str, str], set[str]]:
