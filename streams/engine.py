@@ -225,6 +225,11 @@ class ExactlyOnceEngine(mode.Service):
         #: Bumped by every assignment change; a batch fetched under an older generation is
         #: discarded whole, because its positions were reset by the seek to committed.
         self._generation = 0
+        #: Bumped by every rebuild's install; `_installed_at[p]` is its value when task p
+        #: was last installed. Only that partition's records fetched before are stale:
+        #: the other tasks keep theirs (discarding them would skip records for good).
+        self._installs = 0
+        self._installed_at: dict[int, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.recovering = False
@@ -265,6 +270,10 @@ class ExactlyOnceEngine(mode.Service):
             max_poll_interval_ms=600_000,
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.session_timeout_ms // 3,
+            # How long the group waits for a member's revocation (in-flight batches commit
+            # or abort, producers stop) before rebalancing without it. aiokafka defaults it
+            # to the session timeout, which a release under load can outlast.
+            rebalance_timeout_ms=max(60_000, self.config.session_timeout_ms),
         )
         self.consumer.subscribe(sorted(self.agents), listener=_Rebalance(self))
         await self.consumer.start()
@@ -409,15 +418,27 @@ class ExactlyOnceEngine(mode.Service):
             if p not in self.owned:
                 del self.broken[p]  # not ours any more: the owner reads its records
                 return
-            await self._retire(p)
+            old = await self._detach(p)
+        if old is not None:  # outside the lock: a hung producer may take seconds to stop
+            await self._stop_producer(p, old.producer)
         task = await self._open_task(p)  # a rebalance meanwhile cancels this (see release)
-        async with self._lock:
-            self.tasks[p] = task
-            try:
-                await self._open(p)  # open now: it seeks to committed, or closes the task
-            finally:
-                self._generation += 1  # what was fetched before the seek is stale
-            del self.broken[p]
+        installed = False
+        try:
+            async with self._lock:
+                if p not in self.broken or p not in self.owned or p in self.tasks:
+                    return  # a rebalance decided about p meanwhile: leave it to that
+                self.tasks[p] = task
+                installed = True
+                try:
+                    await self._open(p)  # open now: it seeks to committed, or closes the task
+                finally:
+                    # Records of p fetched before the seek are stale (see `_fetch_loop`).
+                    self._installs += 1
+                    self._installed_at[p] = self._installs
+                del self.broken[p]
+        finally:
+            if not installed:  # cancelled before, or not wanted: close what was opened
+                await self._shut(task)
         self.stats["rebuilds"] += 1
         log.info("task %s opened again from committed state", p)
 
@@ -475,20 +496,36 @@ class ExactlyOnceEngine(mode.Service):
 
     async def _retire(self, p: int) -> None:
         """Close task `p` once its in-flight batch has committed or aborted."""
-        task = self.tasks.get(p)
+        task = await self._detach(p)
         if task is not None:
-            task.closing = True  # queued records are left to the next owner
-            if task.runner is not None:
-                await task.runner
-        await self._close_task(p)
+            await self._stop_producer(p, task.producer)
+
+    async def _detach(self, p: int) -> Task | None:
+        """Take task `p` out once its in-flight batch has committed or aborted, and close its
+        stores; its producer is left to the caller to stop."""
+        task = self.tasks.get(p)
+        if task is None:
+            return None
+        task.closing = True  # queued records are left to the next owner
+        if task.runner is not None:
+            await task.runner
+        if self.tasks.get(p) is not task:
+            return None  # closed meanwhile (its runner found it fenced)
+        del self.tasks[p]
+        for store in task.stores.values():
+            store.close()
+        return task
 
     async def _close_task(self, p: int) -> None:
         task = self.tasks.pop(p, None)
-        if task is None:
-            return
+        if task is not None:
+            await self._shut(task)
+
+    async def _shut(self, task: Task) -> None:
+        """Close a task that is not (or no longer) installed: its stores, then its producer."""
         for store in task.stores.values():
             store.close()
-        await self._stop_producer(p, task.producer)
+        await self._stop_producer(task.partition, task.producer)
 
     @staticmethod
     async def _stop_producer(p: int, producer: AIOKafkaProducer, timeout: float = 10.0) -> None:
@@ -583,9 +620,10 @@ class ExactlyOnceEngine(mode.Service):
         while not self.should_stop:
             if self._rejoin is not None and self.assigned:
                 self._force_rejoin()
-            if self.broken and time.monotonic() >= self._repair_at:
-                self._start_repair()
+            if self.broken and self.assigned and time.monotonic() >= self._repair_at:
+                self._start_repair()  # not between a release and the next assignment
             generation = self._generation
+            installs = self._installs
             batch = await consumer.getmany(
                 timeout_ms=self.config.poll_timeout_ms, max_records=self.config.max_batch
             )
@@ -598,6 +636,8 @@ class ExactlyOnceEngine(mode.Service):
                 if generation != self._generation:
                     self._refetch(batch)
                     continue
+                if installs != self._installs:  # a rebuilt task was sought meanwhile
+                    batch = self._refetch_installed(batch, installs)
                 for tp, records in batch.items():
                     task = self.tasks.get(tp.partition)
                     if task is None or task.closing or tp not in task.next_offsets:
@@ -610,7 +650,7 @@ class ExactlyOnceEngine(mode.Service):
                         task.paused = True
                     if task.runner is None or task.runner.done():
                         task.runner = asyncio.ensure_future(self._drain(task))
-            self._schedule_ticks()
+                self._schedule_ticks()
 
     def _force_rejoin(self) -> None:
         """Make the group assign partitions again (after a task's producer was fenced).
@@ -651,6 +691,16 @@ class ExactlyOnceEngine(mode.Service):
                      tp.topic, tp.partition, start)  # fmt: skip
             consumer.seek(tp, start)
             self.stats["refetches"] += 1
+
+    def _refetch_installed(
+        self, batch: dict[TopicPartition, list[ConsumerRecord]], installs: int
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Split off the records of tasks rebuilt while `batch` was fetched: those are read
+        again (`_refetch`); the rest of the batch is good and is returned."""
+        stale = {tp: records for tp, records in batch.items()
+                 if self._installed_at.get(tp.partition, -1) > installs}  # fmt: skip
+        self._refetch(stale)
+        return {tp: records for tp, records in batch.items() if tp not in stale}
 
     def _schedule_ticks(self) -> None:
         """Mark punctuation due on every idle or busy task whose interval has passed."""

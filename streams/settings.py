@@ -49,8 +49,10 @@ class Settings(BaseModel):
     session_timeout_ms: int = Field(
         10_000,
         ge=6_000,
+        le=1_800_000,
         description="a worker silent this long loses its partitions to the others (the "
-        "broker's group.min.session.timeout.ms, 6 s by default, is the floor)",
+        "broker's group.min.session.timeout.ms, 6 s, and group.max.session.timeout.ms, "
+        "30 min, by default, are the bounds)",
     )
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)

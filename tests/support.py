@@ -124,13 +124,23 @@ class WorkerProcess:
             self.proc.wait()
 
     def crash_while_recovering(self, pause: float) -> None:
-        """Start the worker, and SIGKILL it `pause` seconds after its web views first answer:
-        it has just joined the group and is restoring its tasks or running its first batches.
+        """Start the worker, and SIGKILL it `pause` seconds after it joined the group: it is
+        restoring its tasks or running its first batches.
         """
         self.start(wait_ready=False)
-        wait_for(lambda: self.get("/ready/")[0] != 0, 90, what="the restarted worker answering")
+        wait_for(self.joined, 90, what="the restarted worker joining the group")
         time.sleep(pause)  # a random moment to crash, not a wait
         self.kill()
+
+    def joined(self) -> bool:
+        """The group gave this worker its partitions: it is opening tasks or running them.
+
+        (Its web views answer earlier, while it still waits to join.)
+        """
+        _, body = self.get("/ready/")
+        return isinstance(body, dict) and bool(
+            body.get("assigned") or body.get("recovering") or body.get("tasks")
+        )
 
     def diagnosis(self) -> str:
         """What a failed wait should report: the worker's own view and its latest log."""

@@ -163,7 +163,7 @@ def test_kill9_during_batches(broker: LocalBroker, tmp_path: Path) -> None:
     pipelines.create_topics(settings)
     # Inputs keep arriving until the last kill (the list only bounds the test): a worker that
     # caught up with a finished load would leave nothing in flight to crash into.
-    inputs = _inputs(60_000, seed=3)
+    inputs = _inputs(200_000, seed=3)  # 400 s at 500/s: far more than the kills take
     producer = PacedProducer(settings, [(k, json.dumps(v).encode()) for k, v in inputs], 500)
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     producer.start()
@@ -261,6 +261,8 @@ class GatedFetch:
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
         self.returned: dict = {}
+        #: The partitions the held call fetches (default: what the caller asked for).
+        self.only: tuple[TopicPartition, ...] = ()
 
     async def __call__(self, *tps, timeout_ms: int = 0, max_records: int | None = None):
         if not self.armed:
@@ -273,7 +275,8 @@ class GatedFetch:
         await self.gate.wait()
         deadline = asyncio.get_running_loop().time() + 30
         while not self.returned and asyncio.get_running_loop().time() < deadline:
-            self.returned = await self.real(*tps, timeout_ms=timeout_ms, max_records=max_records)
+            self.returned = await self.real(*(self.only or tps), timeout_ms=timeout_ms,
+                                            max_records=max_records)  # fmt: skip
         return self.returned
 
 
@@ -602,6 +605,60 @@ def test_a_rebalance_cancels_a_rebuild_in_flight(broker: LocalBroker, tmp_path: 
     assert stats["rebuilds"] == 0  # the assignment opened task 2, not the cancelled rebuild
     assert stats["fenced"] == 0 and stats["dead_letters"] == 0
     _verify(settings, inputs, dead=set())
+
+
+def test_a_rebuild_installed_under_load_costs_the_other_tasks_nothing(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """Records of the other tasks fetched while a rebuilt task is installed are kept.
+
+    The fetch loop is inside `getmany()` (held at a gate) when task 2's rebuild installs it
+    and seeks it to committed, while task 0 is busy (its commit held at a gate). The fetch
+    then returns new records of partition 0. Only partition 2's part of that fetch is
+    stale: throwing partition 0's away would skip them for good, since aiokafka has moved
+    past them and a busy task is not sought back, and task 0's next batch would commit
+    past the gap.
+    """
+    settings, inputs, outputs = _recovery_case(broker, tmp_path, "rebuildload", 400, seed=19)
+    first, middle = inputs[:60], inputs[60:120]
+    sent = first + middle
+
+    async def body(engine) -> None:
+        restore = await _break_task_2_and_hold_its_rebuild(engine, settings, first, outputs)
+        committing, held = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            committing.set()
+            await held.wait()
+
+        _before_commits(engine.tasks[0], hold)
+        try:
+            partitions = await _send(settings, middle)
+            assert 0 in partitions and 2 in partitions
+            await asyncio.wait_for(restore.entered.wait(), 60)
+            await asyncio.wait_for(committing.wait(), 60)  # task 0 is busy
+            fetch = GatedFetch(engine.consumer)
+            engine.consumer.getmany = fetch
+            fetch.only = (TopicPartition(pipelines.names(settings)[0], 0),)
+            fetch.armed = True
+            await asyncio.wait_for(fetch.entered.wait(), 60)
+            restore.gate.set()  # task 2 is installed and sought while the fetch is held
+            await _until(lambda: 2 in engine.tasks and 2 not in engine.broken, 60,
+                         "task 2 back")  # fmt: skip
+            home = {key: p for (key, _), p in zip(middle, partitions, strict=True)}
+            later = [(key, value) for key, value in inputs[120:] if home.get(key) == 0]
+            assert later
+            await _send(settings, later)
+            sent.extend(later)
+            fetch.gate.set()
+            await _until(lambda: fetch.returned, 30, "the held fetch of partition 0")
+        finally:
+            held.set()  # never leave task 0 held: stopping the engine waits for it
+        await _until(lambda: _at_least(outputs, len(sent)), 60, "every input processed")
+
+    stats = _engine_scenario(settings, body)
+    assert stats["rebuilds"] == 1 and stats["dead_letters"] == 0
+    _verify(settings, sent, dead=set())
 
 
 def _before_commits(task, hook) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -54,6 +55,7 @@ async def _create_topic(bootstrap: str, name: str) -> None:
         await admin.close()
 
 
+@pytest.mark.slow  # a Kafka broker of its own
 def test_a_producer_that_cannot_stop_is_abandoned_cleanly(tmp_path: Path) -> None:
     node = LocalBroker(tmp_path / "kafka", free_port())
     node.up(timeout=120)
