@@ -22,6 +22,8 @@ this engine, a service of that worker, owns consumption:
   send or commit aborts the transaction and the batch is processed again; a record whose
   own output the broker refuses becomes poison too.
 - A rebalance waits for the in-flight batch (commit or abort) before giving partitions up.
+  A new assignment's tasks are opened (producer started, stores restored) after aiokafka's
+  rebalance callback, beside the fetch loop, so heartbeats go on through a long restore.
 - Failures get one of three answers, and `/ready/` says which task is failing meanwhile:
   *retry* (a Kafka error: abort, back off, process the batch again), *rebuild* (anything
   else inside a task, e.g. a failed abort, a producer in an unusable state, a RocksDB write
@@ -232,8 +234,10 @@ class ExactlyOnceEngine(mode.Service):
         self._installed_at: dict[int, int] = {}
         self._partition_counts: dict[str, int] = {}
         self.consumer: AIOKafkaConsumer | None = None
-        self.recovering = False
         self.assigned = False
+        #: Assigned partition numbers whose task is being opened (restored) after the
+        #: assignment, off aiokafka's callback (see `acquire`).
+        self.opening: set[int] = set()
         #: The fetch loop died: nothing is consumed any more (the worker must be restarted).
         self.fatal: str | None = None
         #: Assigned partition numbers whose task is not open, and why (see `_repair`).
@@ -280,7 +284,8 @@ class ExactlyOnceEngine(mode.Service):
         self.add_future(self._run())
 
     async def on_stop(self) -> None:
-        await self.release(set(self.tasks))  # in-flight batches commit or abort first
+        # In-flight batches commit or abort first; opens and rebuilds under way are cancelled.
+        await self.release(self.owned | set(self.tasks))
         if self.consumer is not None:
             await self.consumer.stop()
 
@@ -298,6 +303,11 @@ class ExactlyOnceEngine(mode.Service):
         return f"task {failing[0]}: {self.tasks[failing[0]].failure}" if failing else None
 
     @property
+    def recovering(self) -> bool:
+        """Tasks of the current assignment are still being opened and restored."""
+        return bool(self.opening)
+
+    @property
     def ready(self) -> bool:
         return self.assigned and not self.recovering and self.failed is None
 
@@ -311,41 +321,40 @@ class ExactlyOnceEngine(mode.Service):
         async with self._lock:
             self._generation += 1
             self.owned -= partitions
+            self.opening -= partitions
             self.assigned = False  # until the next assignment: a rebalance is under way
             for p in partitions:
                 await self._retire(p)
                 self.broken.pop(p, None)  # after the runner: it may have marked it broken
 
     async def acquire(self, partitions: set[int]) -> None:
-        """Open (restore) a task per assigned partition number and seek it to committed.
+        """Take the assigned partition numbers; their tasks are opened after the callback.
 
-        Runs inside aiokafka's rebalance callback, which logs and swallows exceptions: so
-        nothing may escape. A task that cannot be opened (broker unreachable while restoring,
-        store locked) is closed again and left to `_repair`, and readiness says so.
+        aiokafka sends no heartbeats while this callback runs, so it must be short: a
+        restore that outlasted the session timeout would cost the worker its membership.
+        The partitions are paused and `_repair` opens each task beside the fetch loop (start
+        its producer, restore its stores, install it and seek it to committed), as Kafka
+        Streams and Faust restore outside the rebalance. `/ready/` says recovering until
+        every task is open. The callback also swallows exceptions: nothing may escape.
         """
         await self._cancel_repair()
         async with self._lock:
-            self.recovering = True
             self._rejoin = None  # a new assignment is what a rejoin was waiting for
             self.owned |= partitions
-            try:
-                for p in sorted(partitions):
+            for p in sorted(partitions):
+                if p in self.tasks:  # kept across the rebalance: only sought to committed
                     try:
                         await self._open(p)
                     except Exception as exc:
                         self._mark_broken(p, exc)
-                    else:
-                        self.broken.pop(p, None)
-            finally:
-                self._generation += 1  # batches fetched before this point are stale
-                self.recovering = False
-                self.assigned = True
-            if not self._frozen:
-                # Everything allocated by start-up and restore lives as long as the worker:
-                # keep it out of the cyclic GC's full collections (tens of ms each, a pause
-                # every task's latency pays).
-                gc.freeze()
-                self._frozen = True
+                else:
+                    self.opening.add(p)
+                    self._pause(p)
+            self._generation += 1  # batches fetched before this point are stale
+            self.assigned = True
+            self._repair_at = 0.0
+            if self.opening:
+                self._start_repair()
 
     async def _open(self, p: int) -> None:
         """Open task `p` if it is not open, and seek its input partitions to committed."""
@@ -362,6 +371,7 @@ class ExactlyOnceEngine(mode.Service):
         reason = f"{type(exc).__name__}: {exc}"[:300]
         log.error("task %s cannot run (%s); it will be opened again", p, reason)
         self.broken[p] = reason
+        self.opening.discard(p)
         self._repair_at = min(self._repair_at, time.monotonic() + self._repair_delay)
         self._pause(p)
 
@@ -393,14 +403,15 @@ class ExactlyOnceEngine(mode.Service):
             await asyncio.wait([repair])  # its cleanup ran; our own cancellation still counts
 
     async def _repair(self) -> None:
-        """Open every broken task again from committed state, off the fetch loop.
+        """Open every task of the assignment not yet open, and every broken one, from
+        committed state, off the fetch loop and off aiokafka's rebalance callback.
 
         The slow part, starting the producer (which waits for the coordinator to fence the
         old one) and replaying the changelog, runs outside the lock: the other tasks keep
         fetching and committing meanwhile. The lock is taken only to retire the old task and
         to install the new one and seek its partitions to committed.
         """
-        for p in sorted(self.broken):
+        for p in sorted(self.opening | set(self.broken)):
             try:
                 await self._reopen(p)
             except Exception as exc:  # not a failure of the repair loop: try again later
@@ -410,13 +421,22 @@ class ExactlyOnceEngine(mode.Service):
         else:
             self._repair_delay = 0.1
         self._repair_at = time.monotonic() + self._repair_delay
+        if not self._frozen and self.tasks and not self.opening:
+            # Everything allocated by start-up and restore lives as long as the worker: keep
+            # it out of the cyclic GC's full collections (tens of ms each, a pause every
+            # task's latency pays).
+            gc.freeze()
+            self._frozen = True
+
+    def _wanted(self, p: int) -> bool:
+        """Task `p` is to be opened: assigned, and not open or broken."""
+        return p in self.owned and (p in self.opening or p in self.broken)
 
     async def _reopen(self, p: int) -> None:
         async with self._lock:
-            if p not in self.broken:
-                return
-            if p not in self.owned:
-                del self.broken[p]  # not ours any more: the owner reads its records
+            if not self._wanted(p):
+                self.broken.pop(p, None)  # not ours any more: the owner reads its records
+                self.opening.discard(p)
                 return
             old = await self._detach(p)
         if old is not None:  # outside the lock: a hung producer may take seconds to stop
@@ -425,7 +445,7 @@ class ExactlyOnceEngine(mode.Service):
         installed = False
         try:
             async with self._lock:
-                if p not in self.broken or p not in self.owned or p in self.tasks:
+                if not self._wanted(p) or p in self.tasks:
                     return  # a rebalance decided about p meanwhile: leave it to that
                 self.tasks[p] = task
                 installed = True
@@ -435,12 +455,16 @@ class ExactlyOnceEngine(mode.Service):
                     # Records of p fetched before the seek are stale (see `_fetch_loop`).
                     self._installs += 1
                     self._installed_at[p] = self._installs
-                del self.broken[p]
+                rebuilt = self.broken.pop(p, None) is not None
+                self.opening.discard(p)
         finally:
             if not installed:  # cancelled before, or not wanted: close what was opened
                 await self._shut(task)
-        self.stats["rebuilds"] += 1
-        log.info("task %s opened again from committed state", p)
+        if rebuilt:
+            self.stats["rebuilds"] += 1
+            log.info("task %s opened again from committed state", p)
+        else:
+            log.info("task %s opened", p)
 
     async def _seek_committed(self, partitions: set[int]) -> None:
         """Position every assigned input partition at its committed offset.
@@ -620,7 +644,8 @@ class ExactlyOnceEngine(mode.Service):
         while not self.should_stop:
             if self._rejoin is not None and self.assigned:
                 self._force_rejoin()
-            if self.broken and self.assigned and time.monotonic() >= self._repair_at:
+            due = time.monotonic() >= self._repair_at
+            if (self.broken or self.opening) and self.assigned and due:
                 self._start_repair()  # not between a release and the next assignment
             generation = self._generation
             installs = self._installs

@@ -372,6 +372,8 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
             everything = set(engine.tasks)
             await engine.release(everything)
             await engine.acquire(everything)
+            await _until(lambda: sorted(engine.tasks) == [0, 1, 2] and not engine.recovering, 60,
+                         "the tasks opened again")  # fmt: skip
             await send(after)
             fetch.gate.set()
             await _until(lambda: fetch.returned, 30, "the held fetch to return records")
@@ -598,7 +600,8 @@ def test_a_rebalance_cancels_a_rebuild_in_flight(broker: LocalBroker, tmp_path: 
         await engine.release(everything)
         assert restore.cancelled, "the rebuild in flight was not cancelled"
         await engine.acquire(everything)
-        assert 2 in engine.tasks and 2 not in engine.broken, engine.failed
+        await _until(lambda: 2 in engine.tasks and not engine.recovering, 60, "task 2 opened")
+        assert 2 not in engine.broken, engine.failed
         await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
 
     stats = _engine_scenario(settings, body)
