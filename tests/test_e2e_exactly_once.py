@@ -664,6 +664,72 @@ def test_a_rebuild_installed_under_load_costs_the_other_tasks_nothing(
     _verify(settings, sent, dead=set())
 
 
+async def _group_state(settings: Settings) -> tuple[str, int]:
+    """The worker group's state at the broker and how many members it has."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([settings.app_id])
+    finally:
+        await admin.close()
+    group = response.to_object()["groups"][0]
+    return group["state"], len(group["members"])
+
+
+def test_a_restore_longer_than_the_session_keeps_the_membership(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """A task whose restore outlasts the session timeout costs the worker nothing.
+
+    aiokafka sends no heartbeats while its assignment callback runs. Restoring inside it
+    (task 1's restore is held at a gate for 1.5 session timeouts here) would get the
+    worker expelled from the group, and a rebalance after. The tasks are opened after the
+    callback instead: the broker still counts the worker as a member, no partition is
+    given up, and once the restore ends every input comes out exactly once.
+    """
+    from paysaga.streams.app import create_engine
+
+    settings = _settings(broker, tmp_path, "longrestore", max_batch=50, session_timeout_ms=6000)
+    pipelines.create_topics(settings)
+    inputs, outputs = _inputs(200, seed=20), _output_count(settings)
+    releases: list[set[int]] = []
+
+    async def scenario() -> dict[str, float]:
+        engine = create_engine(settings)
+        restore = GatedRestore(engine, 1)
+        engine._recover = restore
+        restore.armed = True
+        real_release = engine.release
+
+        async def release(partitions: set[int]) -> None:
+            if partitions:  # aiokafka's first join "revokes" the empty assignment
+                releases.append(set(partitions))
+            await real_release(partitions)
+
+        engine.release = release
+        await engine.start()
+        try:
+            await asyncio.wait_for(restore.entered.wait(), 60)
+            await _send(settings, inputs)
+            # Not a wait for an event: the session timeout has to pass without the restore
+            # ending, which is what a long restore is.
+            await asyncio.sleep(1.5 * settings.session_timeout_ms / 1000)
+            assert await _group_state(settings) == ("Stable", 1)
+            assert engine.recovering and not engine.ready
+            restore.gate.set()
+            await _until(lambda: engine.ready, 60, "the engine ready")
+            await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
+            assert not releases, f"partitions given up during the restore: {releases}"
+            return dict(engine.stats)
+        finally:
+            restore.gate.set()
+            await engine.stop()
+
+    stats = asyncio.run(scenario())
+    assert stats["rebuilds"] == 0 and stats["dead_letters"] == 0
+    _verify(settings, inputs, dead=set())
+
+
 def _before_commits(task, hook) -> None:
     """Run `await hook()` before each real `commit_transaction()` of `task`'s producer."""
     real = task.producer.commit_transaction
