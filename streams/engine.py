@@ -411,11 +411,15 @@ class ExactlyOnceEngine(mode.Service):
         fetching and committing meanwhile. The lock is taken only to retire the old task and
         to install the new one and seek its partitions to committed.
         """
-        for p in sorted(self.opening | set(self.broken)):
-            try:
-                await self._reopen(p)
-            except Exception as exc:  # not a failure of the repair loop: try again later
-                self._mark_broken(p, exc)
+        # All at once: producer starts (coordinator round trips) and restores overlap, so
+        # the tasks of an assignment start processing together.
+        due = sorted(self.opening | set(self.broken))
+        results = await asyncio.gather(*(self._reopen(p) for p in due), return_exceptions=True)
+        for p, result in zip(due, results, strict=True):
+            if isinstance(result, Exception):  # not a failure of the repair: try again later
+                self._mark_broken(p, result)
+            elif isinstance(result, BaseException):
+                raise result
         if self.broken:
             self._repair_delay = min(self._repair_delay * 2, 5.0)
         else:
