@@ -27,7 +27,7 @@ this engine, a service of that worker, owns consumption:
 - Failures get one of three answers, and `/ready/` says which task is failing meanwhile:
   *retry* (a Kafka error: abort, back off, process the batch again), *rebuild* (anything
   else inside a task, e.g. a failed abort, a producer in an unusable state, a RocksDB write
-  that failed after the commit, or a task that could not be opened at assignment: the task
+  that failed after the commit, or a task that could not be opened after an assignment: the task
   is closed and opened again from committed state, beside the fetch loop so the other
   tasks go on, with backoff while that fails), and
   *rejoin* (the task's producer was fenced: the task is dropped and the worker rejoins the
@@ -344,25 +344,18 @@ class ExactlyOnceEngine(mode.Service):
         async with self._lock:
             self._rejoin = None  # a new assignment is what a rejoin was waiting for
             self.owned |= partitions
-            for p in sorted(partitions):
-                if p in self.tasks:  # kept across the rebalance: only sought to committed
-                    try:
-                        await self._open(p)
-                    except Exception as exc:
-                        self._mark_broken(p, exc)
-                else:
-                    self.opening.add(p)
-                    self._pause(p)
+            # aiokafka's rebalance is eager: `release` retired every task first, so each
+            # assigned task is opened afresh.
+            self.opening |= partitions
+            for p in partitions:
+                self._pause(p)
             self._generation += 1  # batches fetched before this point are stale
             self.assigned = True
-            self._repair_at = 0.0
             if self.opening:
                 self._start_repair()
 
-    async def _open(self, p: int) -> None:
-        """Open task `p` if it is not open, and seek its input partitions to committed."""
-        if p not in self.tasks:
-            self.tasks[p] = await self._open_task(p)
+    async def _seek_or_close(self, p: int) -> None:
+        """Seek installed task `p`'s input partitions to committed, or close the task."""
         try:
             await self._seek_committed({p})
         except BaseException:
@@ -436,7 +429,7 @@ class ExactlyOnceEngine(mode.Service):
             self._frozen = True
 
     def _wanted(self, p: int) -> bool:
-        """Task `p` is to be opened: assigned, and not open or broken."""
+        """Task `p` is to be opened: assigned, and new to this worker or broken."""
         return p in self.owned and (p in self.opening or p in self.broken)
 
     async def _reopen(self, p: int) -> None:
@@ -447,7 +440,7 @@ class ExactlyOnceEngine(mode.Service):
                 return
             old = await self._detach(p)
         if old is not None:  # outside the lock: a hung producer may take seconds to stop
-            await self._stop_producer(p, old.producer)
+            await self._shut(old)
         task = await self._open_task(p)  # a rebalance meanwhile cancels this (see release)
         installed = False
         try:
@@ -457,7 +450,7 @@ class ExactlyOnceEngine(mode.Service):
                 self.tasks[p] = task
                 installed = True
                 try:
-                    await self._open(p)  # open now: it seeks to committed, or closes the task
+                    await self._seek_or_close(p)
                 finally:
                     # Records of p fetched before the seek are stale (see `_fetch_loop`).
                     self._installs += 1
@@ -529,11 +522,11 @@ class ExactlyOnceEngine(mode.Service):
         """Close task `p` once its in-flight batch has committed or aborted."""
         task = await self._detach(p)
         if task is not None:
-            await self._stop_producer(p, task.producer)
+            await self._shut(task)
 
     async def _detach(self, p: int) -> Task | None:
-        """Take task `p` out once its in-flight batch has committed or aborted, and close its
-        stores; its producer is left to the caller to stop."""
+        """Take task `p` out once its in-flight batch has committed or aborted; closing it
+        (`_shut`) is left to the caller, who may do it outside the lock."""
         task = self.tasks.get(p)
         if task is None:
             return None
@@ -543,8 +536,6 @@ class ExactlyOnceEngine(mode.Service):
         if self.tasks.get(p) is not task:
             return None  # closed meanwhile (its runner found it fenced)
         del self.tasks[p]
-        for store in task.stores.values():
-            store.close()
         return task
 
     async def _close_task(self, p: int) -> None:
@@ -665,9 +656,10 @@ class ExactlyOnceEngine(mode.Service):
         while not self.should_stop:
             if self._rejoin is not None and self.assigned:
                 self._force_rejoin()
-            due = time.monotonic() >= self._repair_at
-            if (self.broken or self.opening) and self.assigned and due:
-                self._start_repair()  # not between a release and the next assignment
+            # Tasks to open, when due; never between a release and the next assignment.
+            pending = self.broken or self.opening
+            if pending and self.assigned and time.monotonic() >= self._repair_at:
+                self._start_repair()
             generation = self._generation
             installs = self._installs
             batch = await consumer.getmany(

@@ -9,6 +9,7 @@ are exactly the fold of the inputs, and the changelog and the local RocksDB stor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import random
@@ -139,14 +140,20 @@ def _verify(settings: Settings, inputs: list[tuple[bytes, dict]], dead: set[int]
     assert local == totals
 
 
-async def _group_offsets(settings: Settings) -> dict[int, int]:
-    """The worker group's committed offset of each input partition (inputs consumed)."""
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings):
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
     try:
-        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+        yield admin
     finally:
         await admin.close()
+
+
+async def _group_offsets(settings: Settings) -> dict[int, int]:
+    """The worker group's committed offset of each input partition (inputs consumed)."""
+    async with _admin(settings) as admin:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
     source = pipelines.names(settings)[0]
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == source}
 
@@ -666,12 +673,8 @@ def test_a_rebuild_installed_under_load_costs_the_other_tasks_nothing(
 
 async def _group_state(settings: Settings) -> tuple[str, int]:
     """The worker group's state at the broker and how many members it has."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         [response] = await admin.describe_consumer_groups([settings.app_id])
-    finally:
-        await admin.close()
     group = response.to_object()["groups"][0]
     return group["state"], len(group["members"])
 
