@@ -28,9 +28,9 @@ from paysaga.domain.idempotency import Decision, KeyRecord, decide, fingerprint,
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import PaymentInitiated, validation_reason
-from paysaga.streams.engine import AgentSpec, Context
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.idempotency import IDEMPOTENCY
 from paysaga.tables.timers import TimerIndex, advance_stream_time, stream_time
 

@@ -29,9 +29,9 @@ from paysaga.domain.saga import Command, Effects, Orchestrator, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import validation_reason
-from paysaga.streams.engine import AgentSpec, Context
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 from paysaga.tables.timers import TimerIndex, advance_stream_time, stream_time
 

@@ -160,16 +160,13 @@ class SchemaRegistry:
         history = root.joinpath("history")
         if not history.is_dir():
             return
-        for folder in sorted(history.iterdir(), key=lambda e: e.name):
-            if not folder.is_dir():
-                continue
-            for entry in folder.iterdir():
-                stem = entry.name.removesuffix(".avsc")
-                if entry.name.endswith(".avsc") and stem[:1] == "v" and stem[1:].isdigit():
-                    version = int(stem[1:])
-                    schema = Schema(_load_json(entry), version=version)
-                    self._by_fp.setdefault(schema.fingerprint, schema)
-                    self._history.setdefault(schema.name, {})[version] = schema
+        # history/<Name>.v<N>.avsc: one flat folder, so it installs as one package's data.
+        for entry in sorted(history.iterdir(), key=lambda e: e.name):
+            stem, _, version = entry.name.removesuffix(".avsc").rpartition(".v")
+            if entry.name.endswith(".avsc") and stem and version.isdigit():
+                schema = Schema(_load_json(entry), version=int(version))
+                self._by_fp.setdefault(schema.fingerprint, schema)
+                self._history.setdefault(schema.name, {})[int(version)] = schema
 
     def add(self, source: dict[str, Any] | Schema) -> Schema:
         """Register one more writer schema version (e.g. one a producer fleet still uses).

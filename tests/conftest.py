@@ -1,6 +1,6 @@
 """Fixtures: one real Apache Kafka node per test session, isolated settings per test.
 
-The broker comes from `paysaga.streams.broker` (jars from Maven Central); nothing here
+The broker comes from `paysaga.streams.dev.broker` (jars from Maven Central); nothing here
 mocks Kafka or RocksDB, and a broker that cannot start fails the session.
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from paysaga.streams.broker import LocalBroker, free_port
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import create_topics
+from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import create_topics
+from paysaga.streams.dev.broker import LocalBroker
 from tests.support import WorkerProcess, isolated_settings
 
 _ids = itertools.count(1)

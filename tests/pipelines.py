@@ -13,10 +13,10 @@ import json
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from paysaga.streams.engine import AgentSpec, Context
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics, changelog_topic
-from paysaga.streams.topology import Topology
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, changelog_topic
+from paysaga.streams.app.topology import Topology
+from paysaga.streams.engine.core import AgentSpec, Context
 
 TOTALS = "totals"
 

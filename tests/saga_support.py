@@ -13,13 +13,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from paysaga.agents.dlq import parse_headers
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.engine.deadletter import parse_headers
+from paysaga.streams.engine.partitioner import partition_for
 from tests.support import wait_for
 
 CODEC = AvroCodec(SchemaRegistry())

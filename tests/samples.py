@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from paysaga.streams.upstream import UpstreamConfig, generate
+from paysaga.streams.dev.upstream import UpstreamConfig, generate
 
 
 def initiated(n: int, seed: int = 7, **overrides: Any) -> list[dict[str, Any]]:

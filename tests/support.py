@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.settings import Settings
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def wait_for(
 
 def isolated_settings(bootstrap: str, state: Path, name: str, **overrides: Any) -> Settings:
     """Settings for one test: its own topic prefix, app id, state dir and web port."""
-    from paysaga.streams.broker import free_port
+    from paysaga.streams.app.net import free_port
 
     values: dict[str, Any] = {
         "bootstrap": bootstrap, "app_id": f"paysaga-{name}", "topic_prefix": f"{name}.",
@@ -75,7 +75,7 @@ class WorkerProcess:
     def start(self, wait_ready: bool = True) -> WorkerProcess:
         out = open(self.log, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "paysaga.streams.cli", "worker"],
+            [sys.executable, "-m", "paysaga.streams.ops.cli", "worker"],
             env=settings_env(self.settings),
             stdout=out,
             stderr=subprocess.STDOUT,

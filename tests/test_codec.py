@@ -142,7 +142,7 @@ def test_samples_round_trip(codec: AvroCodec) -> None:
 
 
 def test_old_writer_new_reader(codec: AvroCodec) -> None:
-    v1_source = load(SCHEMAS / "history" / "PaymentInitiated" / "v1.avsc")
+    v1_source = load(SCHEMAS / "history" / "PaymentInitiated.v1.avsc")
     v1 = Schema(v1_source)
     v1_fields = {f["name"] for f in v1_source["fields"]}
     assert {"device_id", "description", "metadata"}.isdisjoint(v1_fields)
@@ -160,7 +160,7 @@ def test_old_writer_new_reader(codec: AvroCodec) -> None:
 
 
 def test_every_history_version_is_a_known_writer(codec: AvroCodec) -> None:
-    for path in SCHEMAS.glob("history/*/v*.avsc"):
+    for path in SCHEMAS.glob("history/*.v*.avsc"):
         schema = Schema(load(path))
         assert codec.registry.by_fingerprint(schema.fingerprint) is not None, path
 
@@ -296,7 +296,7 @@ def test_confluent_registry_url(registry_server: tuple[str, type[_FakeRegistry]]
 
 def test_confluent_registry_old_writer(registry_server: tuple[str, type[_FakeRegistry]]) -> None:
     url, handler = registry_server
-    v1_text = (SCHEMAS / "history" / "PaymentInitiated" / "v1.avsc").read_text()
+    v1_text = (SCHEMAS / "history" / "PaymentInitiated.v1.avsc").read_text()
     handler.bodies[7] = {"schema": v1_text}
     codec = AvroCodec(SchemaRegistry(registry_url=url, timeout=5))
     v1 = Schema(json.loads(v1_text))

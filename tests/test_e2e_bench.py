@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paysaga.streams.broker import LocalBroker
+from paysaga.streams.dev.broker import LocalBroker
 
 
 def test_bench_runs_all_three_pipelines_and_the_restore(
@@ -22,7 +22,7 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
     events, keys = 400, 3000
     results = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "paysaga.streams.cli", "bench", "--bootstrap", broker.bootstrap,
+        [sys.executable, "-m", "paysaga.streams.ops.cli", "bench", "--bootstrap", broker.bootstrap,
          "--events", str(events), "--rate", "200", "--latency-seconds", "2",
          "--latency-warmup-seconds", "1",
          "--keys", str(keys), "--results-dir", str(results)],

@@ -10,15 +10,15 @@ from aiokafka import AIOKafkaProducer
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
 from tests.samples import initiated
 from tests.support import settings_env, wait_for
 
 
 def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "paysaga.streams.cli", *args], env=settings_env(settings),
+        [sys.executable, "-m", "paysaga.streams.ops.cli", *args], env=settings_env(settings),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaProducer
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.settings import Settings
 from tests.samples import initiated
 
 CONFLUENT_ID = 17
@@ -23,7 +23,7 @@ def _codec() -> AvroCodec:
 
 def _old_writer_bytes(event: dict) -> bytes:
     """Single-object bytes written with the previous released PaymentInitiated (v1)."""
-    text = resources.files("paysaga.schemas").joinpath("history/PaymentInitiated/v1.avsc")
+    text = resources.files("paysaga.schemas").joinpath("history/PaymentInitiated.v1.avsc")
     v1 = json.loads(text.read_text())
     fields = {f["name"] for f in v1["fields"]}
     codec = _codec()

@@ -23,11 +23,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from paysaga.agents.dlq import H_KIND, H_REASON, parse_headers
-from paysaga.streams.broker import LocalBroker, free_port
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics, changelog_topic
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, changelog_topic
+from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.engine.deadletter import H_KIND, H_REASON, parse_headers
 from paysaga.tables.store import StoreManager
 from tests import pipelines
 from tests.support import WorkerProcess, isolated_settings, kill_repeatedly, wait_for
@@ -347,7 +348,7 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
     test times out at its last wait; so does the first wait if inputs arrive while the very
     first fetch, which runs the first assignment, is still in flight.)
     """
-    from paysaga.streams.app import create_engine
+    from paysaga.streams.app.assembly import create_engine
 
     settings = _settings(broker, tmp_path, "refetch", max_batch=50)
     pipelines.create_topics(settings)
@@ -404,7 +405,7 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
 
 def _engine_scenario(settings: Settings, body) -> dict[str, float]:
     """Run `body(engine)` against a started engine that owns every task; return its stats."""
-    from paysaga.streams.app import create_engine
+    from paysaga.streams.app.assembly import create_engine
 
     async def scenario() -> dict[str, float]:
         engine = create_engine(settings)
@@ -470,7 +471,7 @@ def test_task_that_cannot_be_opened_is_opened_again(broker: LocalBroker, tmp_pat
     say it is not ready and why, keep processing the other partitions, and open task 1 as
     soon as it can, processing its inputs exactly once.
     """
-    from paysaga.streams.app import store_manager
+    from paysaga.streams.app.assembly import store_manager
 
     settings, inputs, outputs = _recovery_case(broker, tmp_path, "locked", 240, seed=13)
     held = store_manager(settings).open(pipelines.TOTALS, 1)  # holds the database's LOCK
@@ -690,7 +691,7 @@ def test_a_restore_longer_than_the_session_keeps_the_membership(
     callback instead: the broker still counts the worker as a member, no partition is
     given up, and once the restore ends every input comes out exactly once.
     """
-    from paysaga.streams.app import create_engine
+    from paysaga.streams.app.assembly import create_engine
 
     settings = _settings(broker, tmp_path, "longrestore", max_batch=50, session_timeout_ms=6000)
     pipelines.create_topics(settings)

@@ -7,12 +7,12 @@ import shutil
 
 from aiokafka import AIOKafkaProducer
 
-from paysaga.agents.dlq import H_KIND, H_OFFSET, H_REASON, H_TOPIC, parse_headers
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.engine.deadletter import H_KIND, H_OFFSET, H_REASON, H_TOPIC, parse_headers
 from tests.samples import initiated
 from tests.support import wait_for
 

@@ -20,8 +20,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from paysaga.streams.broker import LocalBroker, free_port
-from paysaga.streams.engine import ExactlyOnceEngine
+from paysaga.streams.app.net import free_port
+from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.engine.core import ExactlyOnceEngine
 
 
 def _connections_to(port: int) -> int:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import DAY_MS, Settings
-from paysaga.streams.topics import create_topics
+from paysaga.streams.app.settings import DAY_MS, Settings
+from paysaga.streams.app.topics import create_topics
+from paysaga.streams.engine.partitioner import partition_for
 from tests.saga_support import World, new_id
 from tests.samples import initiated
 from tests.support import WorkerProcess, isolated_settings, wait_for

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from paysaga.streams.broker import LocalBroker
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics, create_topics
-from paysaga.streams.upstream import UpstreamConfig, produce
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, create_topics
+from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.dev.upstream import UpstreamConfig, produce
 from tests.saga_support import CODEC, World
 from tests.support import (
     WorkerProcess,
@@ -88,7 +88,7 @@ def _simulators(settings: Settings, tmp: Path) -> list[subprocess.Popen]:
     procs = []
     for kind in ("gateway", "inventory", "shipping"):
         log = open(tmp / f"sim-{kind}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "paysaga.streams.cli", "simulate", kind]
+        cmd = [sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 

@@ -16,10 +16,10 @@ from aiokafka import AIOKafkaProducer
 from paysaga.domain.payment import derived_id
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import read_all
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
-from paysaga.streams.simulators import (
+from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, create_topics, topic_specs
+from paysaga.streams.dev.simulators import (
     GatewayConfig,
     InventoryConfig,
     ShippingConfig,
@@ -27,7 +27,7 @@ from paysaga.streams.simulators import (
     gateway_fault,
     run_simulator,
 )
-from paysaga.streams.topics import Topics, create_topics, topic_specs
+from paysaga.streams.engine.partitioner import partition_for
 from tests.support import settings_env
 
 CODEC = AvroCodec(SchemaRegistry())
@@ -312,7 +312,7 @@ def test_cli_simulate_gateway_runs_until_sigterm(settings: Settings) -> None:
     t = asyncio.run(_create(settings, "commands", *PAYMENT_OUT))
     env = {**settings_env(settings), "PAYSAGA_SIM_APPROVAL_RATE": "0.5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paysaga.streams.cli", "simulate", "gateway", "--seed", "11",
+        [sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", "gateway", "--seed", "11",
          "--transient-error-rate", "0", "--timeout-rate", "0", "--latency-ms", "1"],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

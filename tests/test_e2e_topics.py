@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import create_topics, describe_configs, topic_specs
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import create_topics, describe_configs, topic_specs
 
 
 def _partition_counts(settings: Settings) -> dict[str, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from paysaga.agents.intake import EXPIRY, purge_expired_keys
 from paysaga.domain.idempotency import KeyRecord
-from paysaga.streams.engine import Context
+from paysaga.streams.engine.core import Context
 from paysaga.tables.idempotency import IDEMPOTENCY
 from paysaga.tables.store import StoreManager
 from paysaga.tables.timers import STREAM_TIME_KEY

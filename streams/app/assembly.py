@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import faust
 
+from paysaga.domain.card import redact
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics, changelog_topic
-from paysaga.streams.topology import load_topology
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, changelog_topic
+from paysaga.streams.app.topology import load_topology
+from paysaga.streams.engine.core import EngineConfig, ExactlyOnceEngine
 from paysaga.tables.store import StoreManager, StoreOptions
 
 
@@ -56,6 +57,7 @@ def create_engine(settings: Settings) -> ExactlyOnceEngine:
         max_batch=settings.max_batch,
         punctuate_ms=settings.punctuate_ms,
         session_timeout_ms=settings.session_timeout_ms,
+        redact=redact,
     )
     return ExactlyOnceEngine(
         config, topology.agents, store_manager(settings), topology.tables, topology.punctuators
@@ -82,7 +84,7 @@ def create_app(settings: Settings) -> Paysaga:
     app.producer_only = True  # no Faust consumer group: the engine owns consumption
     codec = AvroCodec(SchemaRegistry())
     engine = create_engine(settings)
-    from paysaga.streams.web import register_views
+    from paysaga.streams.ops.web import register_views
 
     register_views(app, settings, engine)
     return Paysaga(settings, app, codec, engine)

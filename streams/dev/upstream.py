@@ -20,7 +20,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from paysaga.schemas.codec import AvroCodec
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.topics import Topics
 
 CURRENCIES = (("USD", 60), ("EUR", 20), ("GBP", 8), ("JPY", 6), ("BHD", 3), ("CHF", 3))
 COUNTRIES = ("US", "DE", "FR", "GB", "JP", "BH", "CH", "NL", "ES", "IT")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from paysaga.streams.engine import AgentSpec, Punctuator
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.engine.core import AgentSpec, Punctuator
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def paysaga_topology(settings: Settings) -> Topology:
     from paysaga.domain.saga import Orchestrator, SagaPolicy
     from paysaga.schemas.codec import AvroCodec
     from paysaga.schemas.registry import SchemaRegistry
-    from paysaga.streams.topics import Topics
+    from paysaga.streams.app.topics import Topics
     from paysaga.tables import TABLES
 
     names = Topics(settings.topic_prefix)

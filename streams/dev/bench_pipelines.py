@@ -9,11 +9,11 @@ same `IntakeStep`, so the difference measured is the processing path, not the lo
 - `faust`: the textbook Faust agent (`table[k] = v; await topic.send(...)`) under Faust's own
   `processing_guarantee="exactly_once"`.
 - `intake_topology`: the same step on paysaga's engine (a `paysaga worker` with
-  `PAYSAGA_TOPOLOGY=paysaga.streams.bench_pipelines:intake_topology`). The full payment
+  `PAYSAGA_TOPOLOGY=paysaga.streams.dev.bench_pipelines:intake_topology`). The full payment
   topology does more per request (idempotency stage, saga, commands), so the benchmark
   keeps this like-for-like intake for its ratios.
 
-Usage: python -m paysaga.streams.bench_pipelines {baseline|faust} BOOTSTRAP INPUT OUTPUT
+Usage: python -m paysaga.streams.dev.bench_pipelines {baseline|faust} BOOTSTRAP INPUT OUTPUT
 GROUP STATE_DIR PARTITIONS
 """
 
@@ -29,11 +29,11 @@ from aiokafka.structs import ConsumerRecord
 from paysaga.agents.intake import IntakeStep, Rejected
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.engine import AgentSpec, Context
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
-from paysaga.streams.topology import Topology
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.app.topology import Topology
+from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -97,7 +97,7 @@ def faust_textbook(
 ) -> None:
     import faust
 
-    from paysaga.streams.worker import PaysagaWorker
+    from paysaga.streams.app.worker import PaysagaWorker
 
     step = IntakeStep(AvroCodec(SchemaRegistry()))
     state.mkdir(parents=True, exist_ok=True)

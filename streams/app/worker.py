@@ -7,8 +7,8 @@ import sys
 
 import faust
 
-from paysaga.streams.broker import free_port
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
 
 
 class PaysagaWorker(faust.Worker):
@@ -26,7 +26,7 @@ class PaysagaWorker(faust.Worker):
 
 def run_worker(settings: Settings) -> None:
     """Start the worker and block until it is stopped (SIGINT/SIGTERM)."""
-    from paysaga.streams.app import create_app
+    from paysaga.streams.app.assembly import create_app
 
     if settings.web_port == 0:
         settings = settings.model_copy(update={"web_port": free_port()})

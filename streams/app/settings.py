@@ -34,7 +34,7 @@ class Settings(BaseModel):
         "exactly_once", description="paysaga's engine: outputs, changelog, offsets in one txn"
     )
     topology: str = Field(
-        "paysaga.streams.topology:paysaga_topology", description="module:factory of agents"
+        "paysaga.streams.app.topology:paysaga_topology", description="module:factory of agents"
     )
     max_batch: int = Field(2000, ge=1, description="records fetched per engine batch")
     initiated_retention_ms: int = Field(7 * DAY_MS, description="payment.initiated retention")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.settings import Settings
 
 
 def _env_opt(p: argparse.ArgumentParser, flag: str, env: str, default: Any, typ=str, **kw) -> None:
@@ -47,7 +47,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # ---- broker ---------------------------------------------------------------------------------
 def _broker(args: argparse.Namespace) -> int:
-    from paysaga.streams.broker import BrokerError, LocalBroker
+    from paysaga.streams.dev.broker import BrokerError, LocalBroker
 
     broker = LocalBroker(Path(args.broker_data_dir), args.port)
     try:
@@ -66,7 +66,7 @@ def _broker(args: argparse.Namespace) -> int:
 
 # ---- topics ---------------------------------------------------------------------------------
 def _topics(args: argparse.Namespace) -> int:
-    from paysaga.streams.topics import create_topics
+    from paysaga.streams.app.topics import create_topics
 
     try:
         result = asyncio.run(create_topics(_settings(args)))
@@ -82,7 +82,7 @@ def _topics(args: argparse.Namespace) -> int:
 
 # ---- worker ---------------------------------------------------------------------------------
 def _worker(args: argparse.Namespace) -> int:
-    from paysaga.streams.worker import run_worker
+    from paysaga.streams.app.worker import run_worker
 
     run_worker(_settings(args))
     return 0
@@ -92,8 +92,8 @@ def _worker(args: argparse.Namespace) -> int:
 def _produce(args: argparse.Namespace) -> int:
     from paysaga.schemas.codec import AvroCodec
     from paysaga.schemas.registry import SchemaRegistry
-    from paysaga.streams.topics import Topics
-    from paysaga.streams.upstream import UpstreamConfig, produce
+    from paysaga.streams.app.topics import Topics
+    from paysaga.streams.dev.upstream import UpstreamConfig, produce
 
     cfg = UpstreamConfig(
         count=args.count,
@@ -113,7 +113,7 @@ def _produce(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
-    from paysaga.streams.simulators import config_for, run_until_signalled
+    from paysaga.streams.dev.simulators import config_for, run_until_signalled
 
     try:
         config = config_for(
@@ -163,7 +163,7 @@ def _payment(args: argparse.Namespace) -> int:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from paysaga.streams.inspect import dlq_list, dlq_show
+    from paysaga.streams.ops.inspection import dlq_list, dlq_show
 
     settings = _settings(args)
     if args.action == "list":
@@ -172,13 +172,13 @@ def _dlq(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from paysaga.streams.inspect import watch
+    from paysaga.streams.ops.inspection import watch
 
     return asyncio.run(watch(_settings(args), seconds=args.seconds))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from paysaga.streams.demo import run_demo
+    from paysaga.streams.dev.demo import run_demo
 
     return run_demo(
         _settings(args),
@@ -190,7 +190,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from paysaga.streams.bench import PIPELINES, BenchOptions, run_bench
+    from paysaga.streams.dev.bench import PIPELINES, BenchOptions, run_bench
 
     pipelines = tuple(args.pipelines.split(",")) if args.pipelines else PIPELINES
     opts = BenchOptions(

@@ -1,16 +1,16 @@
 """Dead letters: the original bytes plus headers that say why, from where, and how often.
 
-Nothing undecodable or invalid is dropped: it lands on payment.dlq with its reason, and the
-stream goes on. Reasons are run through `redact` so a PAN that slipped into a payload never
-reaches the DLQ headers (the value keeps the original bytes for forensic redrive).
+Nothing undecodable or invalid is dropped: it lands on the dead-letter topic with its
+reason, and the stream goes on. The engine runs every reason through the application's
+`EngineConfig.redact` before it gets here (paysaga's removes anything that looks like a
+card number), so sensitive text never reaches the headers; the value keeps the original
+bytes for forensic redrive.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-from paysaga.domain.card import redact
 
 H_REASON = "paysaga.error.reason"
 H_KIND = "paysaga.error.kind"
@@ -34,7 +34,7 @@ class DeadLetter:
     attempts: int = 1
 
     def headers(self) -> list[tuple[str, bytes]]:
-        reason = redact(self.reason)[:MAX_REASON]
+        reason = self.reason[:MAX_REASON]
         return [
             (H_KIND, self.kind.encode()),
             (H_REASON, reason.encode()),

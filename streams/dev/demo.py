@@ -16,15 +16,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-from paysaga.streams.broker import LocalBroker, free_port
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import create_topics
+from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import create_topics
+from paysaga.streams.dev.broker import LocalBroker
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     out = open(log, "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "paysaga.streams.cli", *args],
+        [sys.executable, "-m", "paysaga.streams.ops.cli", *args],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -102,7 +103,7 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
             "(Ctrl-C stops everything)",
             flush=True,
         )
-        from paysaga.streams.inspect import watch
+        from paysaga.streams.ops.inspection import watch
 
         asyncio.run(watch(settings))
     except KeyboardInterrupt:

@@ -7,12 +7,19 @@ import sys
 import time
 from collections import Counter
 
-from paysaga.agents.dlq import H_KIND, H_OFFSET, H_PARTITION, H_REASON, H_TOPIC, parse_headers
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import iter_records, read_all
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
+from paysaga.streams.app.kafka_io import iter_records, read_all
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.engine.deadletter import (
+    H_KIND,
+    H_OFFSET,
+    H_PARTITION,
+    H_REASON,
+    H_TOPIC,
+    parse_headers,
+)
 
 
 async def dlq_list(settings: Settings, limit: int = 50) -> int:

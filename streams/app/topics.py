@@ -14,8 +14,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
-from paysaga.streams.kafka_io import consumer
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.kafka_io import consumer
+from paysaga.streams.app.settings import Settings
 
 RETRY_LEVELS = ("1s", "5s", "30s", "300s")
 
@@ -143,7 +143,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 def internal_specs(settings: Settings) -> list[TopicSpec]:
     """The app's own topics: one compacted changelog per table, co-partitioned with inputs."""
-    from paysaga.streams.topology import load_topology
+    from paysaga.streams.app.topology import load_topology
 
     return [
         TopicSpec(changelog_topic(settings, table), "table changelog", cleanup_policy="compact")

@@ -57,11 +57,11 @@ from paysaga.domain.card import redact
 from paysaga.domain.payment import derived_id
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.kafka_io import consumer as make_consumer
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics
-from paysaga.streams.upstream import Progress
+from paysaga.streams.app.kafka_io import consumer as make_consumer
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.dev.upstream import Progress
+from paysaga.streams.engine.partitioner import partition_for
 
 __all__ = [
     "SERVICES",

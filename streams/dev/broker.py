@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from paysaga.streams.app.net import free_port
+
 KAFKA_VERSION = os.environ.get("PAYSAGA_KAFKA_VERSION", "4.1.0")
 ARTIFACTS = ("kafka_2.13", "kafka-server", "kafka-storage", "kafka-clients")
 DEFAULT_PORT = 9092
@@ -86,13 +88,6 @@ def ensure_jars(log=print) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         (root / "READY").write_text(KAFKA_VERSION)
     return lib
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

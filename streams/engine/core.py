@@ -61,9 +61,8 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
-from paysaga.agents.dlq import DeadLetter
-from paysaga.domain.card import redact
-from paysaga.streams.partitioner import partition_for
+from paysaga.streams.engine.deadletter import DeadLetter
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.store import PartitionStore, StoreError, StoreManager
 from paysaga.tables.transaction import TableTransaction, TaskTransaction
 
@@ -124,14 +123,18 @@ class EngineConfig:
     #: A crashed worker's partitions wait this long before the group hands them on (and a
     #: restarted worker waits as long to join while its dead self is still a member).
     session_timeout_ms: int = 10_000
+    #: Applied to every dead-letter reason (the application's scrubber of sensitive text).
+    redact: Callable[[str], str] = str
 
 
 class Context:
     """What an agent sees while it processes one record: tables, sends, dead letters."""
 
-    __slots__ = ("_outputs", "_txn", "index", "partition", "record")
+    __slots__ = ("_outputs", "_txn", "index", "partition", "record", "redact")
 
-    def __init__(self, txn: TaskTransaction, outputs: list, partition: int = 0) -> None:
+    def __init__(self, txn: TaskTransaction, outputs: list, partition: int = 0,
+                 redact: Callable[[str], str] = str) -> None:  # fmt: skip
+        self.redact = redact
         self._txn = txn
         self._outputs = outputs
         self.record: ConsumerRecord | None = None
@@ -155,13 +158,13 @@ class Context:
     def dead_letter(self, kind: str, reason: str, dlq_topic: str, attempts: int = 1) -> None:
         r = self.record
         assert r is not None
-        letter = DeadLetter(kind, reason, r.topic, r.partition, r.offset, attempts)
+        letter = DeadLetter(kind, self.redact(reason), r.topic, r.partition, r.offset, attempts)
         self.send(dlq_topic, r.key, r.value, letter.headers())
 
     def review(self, kind: str, reason: str, dlq_topic: str, key: bytes, value: bytes,
                source: str) -> None:  # fmt: skip
         """A DLQ record for manual review that no single input record caused (a timer's)."""
-        letter = DeadLetter(kind, reason, source, self.partition, -1, 1)
+        letter = DeadLetter(kind, self.redact(reason), source, self.partition, -1, 1)
         self.send(dlq_topic, key, value, letter.headers())
 
 
@@ -874,7 +877,7 @@ class ExactlyOnceEngine(mode.Service):
     def _run_punctuators(
         self, task: Task, txn: TaskTransaction, outputs: list, now_ms: int
     ) -> bool:
-        ctx = Context(txn, outputs, task.partition)
+        ctx = Context(txn, outputs, task.partition, self.config.redact)
         try:
             for punctuate in self.punctuators:
                 punctuate(ctx, now_ms)
@@ -892,7 +895,7 @@ class ExactlyOnceEngine(mode.Service):
         self, task: Task, txn: TaskTransaction, outputs: list, records: list[ConsumerRecord]
     ) -> bool:
         """Run the agents over the batch; False if one raised (its record is marked poison)."""
-        ctx = Context(txn, outputs, task.partition)
+        ctx = Context(txn, outputs, task.partition, self.config.redact)
         dlq = self.config.dlq_topic
         poison = task.poison
         for i, record in enumerate(records):
@@ -908,7 +911,7 @@ class ExactlyOnceEngine(mode.Service):
             except StoreError:
                 raise  # the local database failed, not the record: the task is rebuilt
             except Exception as exc:
-                reason = redact(f"agent {self.agents[record.topic].name} raised "
+                reason = self.config.redact(f"agent {self.agents[record.topic].name} raised "
                                 f"{type(exc).__name__}: {exc}")[:500]  # fmt: skip
                 log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
                           record.offset, reason)  # fmt: skip

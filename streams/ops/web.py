@@ -14,9 +14,9 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
-from paysaga.streams.engine import ExactlyOnceEngine
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.engine.core import ExactlyOnceEngine
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 
 

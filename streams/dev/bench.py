@@ -28,12 +28,13 @@ from aiokafka import AIOKafkaProducer
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
-from paysaga.streams.broker import LocalBroker, free_port
-from paysaga.streams.kafka_io import iter_records
-from paysaga.streams.partitioner import partition_for
-from paysaga.streams.settings import Settings
-from paysaga.streams.topics import Topics, changelog_topic, create_topics
-from paysaga.streams.upstream import Progress, UpstreamConfig, produce, upstream_producer
+from paysaga.streams.app.kafka_io import iter_records
+from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
+from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.dev.upstream import Progress, UpstreamConfig, produce, upstream_producer
+from paysaga.streams.engine.partitioner import partition_for
 
 PIPELINES = ("baseline", "faust", "paysaga")
 
@@ -84,7 +85,7 @@ class Pipeline:
         self.settings = Settings(
             bootstrap=bootstrap, app_id=f"{prefix}{kind}".replace(".", "-"), topic_prefix=prefix,
             partitions=partitions, data_dir=work / "state", web_port=free_port(),
-            topology="paysaga.streams.bench_pipelines:intake_topology",
+            topology="paysaga.streams.dev.bench_pipelines:intake_topology",
         )  # fmt: skip
         names = Topics(prefix)
         self.source = names.initiated
@@ -113,12 +114,12 @@ class Pipeline:
         log = open(self.work / f"{self.kind}.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ)
         if self.kind == "paysaga":
-            cmd = [sys.executable, "-m", "paysaga.streams.cli", "worker"]
+            cmd = [sys.executable, "-m", "paysaga.streams.ops.cli", "worker"]
             for name, value in self.settings.model_dump(mode="json").items():
                 if value is not None:
                     env["PAYSAGA_" + name.upper()] = str(value)
         else:
-            cmd = [sys.executable, "-m", "paysaga.streams.bench_pipelines", self.kind,
+            cmd = [sys.executable, "-m", "paysaga.streams.dev.bench_pipelines", self.kind,
                    self.bootstrap, self.source, self.output, self.settings.app_id,
                    str(self.work / "state"), str(self.partitions)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,1 @@
+"""paysaga's exactly-once stream processing engine (knows nothing of payments)."""
