@@ -10,9 +10,11 @@ different payment ids and so belong to different payment partitions:
   re-emits the payment's stored outcome, no new work;
 - CONFLICT (same key, other request): an IDEMPOTENCY_CONFLICT status, no state change.
 
-`IntakeStep` is the per-record logic with no Kafka in it (decode, validate); the agents are
-glue inside the engine's transaction for the record's partition. `IntakeStep.apply` is the
-single-hop intake the benchmark measures against its baselines.
+`IntakeStep` is the per-record logic with no Kafka in it (decode, validate); `add_intake`
+declares the agent on the processor API: it reads payment.initiated and its re-keyed copy,
+keeps the `idempotency` table, and purges expired keys with a stream-time timer (event
+time, so a replay purges identically). `IntakeStep.apply` is the single-hop intake the
+benchmark measures against its baselines.
 """
 
 from __future__ import annotations
@@ -24,22 +26,21 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
+from paysaga.agents.outputs import STATUS, compact_json, conflict_status
 from paysaga.domain.idempotency import Decision, KeyRecord, decide, fingerprint, scope_key
-from paysaga.domain.payment import Payment, derived_id, initiate, status_event
+from paysaga.domain.payment import Payment, initiate, status_event
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import PaymentInitiated, validation_reason
 from paysaga.streams.app.topics import Topics
-from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.idempotency import IDEMPOTENCY
-from paysaga.tables.timers import TimerIndex, advance_stream_time, stream_time
 
 INITIATED = "PaymentInitiated"
-STATUS = "PaymentStatusChanged"
 #: Header on paysaga.payment.accepted: b"new" or b"replay".
 H_INTAKE = "paysaga.intake"
-EXPIRY = TimerIndex("idempotency-expiry")
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+#: The stream-time timer that forgets an idempotency key once its lifetime ended.
+EXPIRY = "idempotency-expiry"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class IntakeStep:
 
     def __init__(self, codec: AvroCodec) -> None:
         self.codec = codec
+
+    def decode(self, record: ConsumerRecord) -> PaymentInitiated:
+        """The engine's decoder: a validated event, or `BadRecord` (to the DLQ)."""
+        parsed = self.parse(record.value)
+        if isinstance(parsed, Rejected):
+            raise BadRecord(parsed.kind, parsed.reason)
+        return parsed
 
     def parse(self, value: bytes | None) -> PaymentInitiated | Rejected:
         if value is None:
@@ -94,74 +102,48 @@ class IntakeStep:
         return Accepted(event.payment_id, payment.to_table(), self.codec.encode(STATUS, status))
 
 
-def conflict_status(event: PaymentInitiated, holder: str) -> dict[str, Any]:
-    """The IDEMPOTENCY_CONFLICT outcome for a request whose key another request holds."""
-    return {
-        "event_id": derived_id(event.event_id, "status", event.payment_id, "conflict"),
-        "occurred_at": event.occurred_at,
-        "payment_id": event.payment_id,
-        "correlation_id": event.correlation_id,
-        "causation_id": event.event_id,
-        "merchant_id": event.merchant_id,
-        "idempotency_key": event.idempotency_key,
-        "status": "IDEMPOTENCY_CONFLICT",
-        "previous_status": None,
-        "amount_minor": event.amount_minor,
-        "currency": event.currency,
-        "replay": False,
-        "reason": f"idempotency key already used for a different request (payment {holder})",
-    }
+def add_intake(
+    topology: Topology, step: IntakeStep, topics: Topics, partitions: int, ttl_ms: int
+) -> None:
+    """Declare the idempotency stage on `topology`: payment.initiated and its re-keyed copy."""
 
-
-def intake_agents(
-    step: IntakeStep, topics: Topics, partitions: int, ttl_ms: int
-) -> list[AgentSpec]:
-    """The idempotency stage: payment.initiated and its re-keyed copy."""
-
-    def process(ctx: Context, record: ConsumerRecord) -> None:
-        parsed = step.parse(record.value)
-        if isinstance(parsed, Rejected):
-            ctx.dead_letter(parsed.kind, parsed.reason, topics.dlq)
-            return
-        scope = scope_key(parsed.merchant_id, parsed.idempotency_key).encode()
-        if partition_for(scope, partitions) != record.partition:
+    @topology.agent(
+        "paysaga.intake",
+        sources=[topics.initiated, topics.initiated_repartition],
+        tables=[IDEMPOTENCY],
+        decode=step.decode,
+        event_time=lambda event: event.occurred_at,
+    )
+    def intake(ctx: ProcessorContext, event: PaymentInitiated) -> None:
+        record = ctx.record
+        assert record is not None
+        scope = scope_key(event.merchant_id, event.idempotency_key).encode()
+        if partition_for(scope, partitions) != ctx.partition:
             # Upstream's partitioning is not ours to trust: re-key by scope, same transaction.
             ctx.send(topics.initiated_repartition, scope, record.value, list(record.headers or ()))
             return
         table = ctx.table(IDEMPOTENCY)
-        advance_stream_time(table, parsed.occurred_at)
         raw = table.get(scope)
         stored = None if raw is None else KeyRecord.from_json(json.loads(raw))
-        fp = fingerprint(parsed.to_avro())
-        decision, new = decide(stored, fp, parsed.payment_id, parsed.event_id,
-                               parsed.occurred_at, ttl_ms)  # fmt: skip
-        key = parsed.payment_id.encode()
+        fp = fingerprint(event.to_avro())
+        decision, new = decide(stored, fp, event.payment_id, event.event_id,
+                               event.occurred_at, ttl_ms)  # fmt: skip
+        key = event.payment_id.encode()
         if decision is Decision.CONFLICT:
             assert stored is not None
-            status = conflict_status(parsed, stored.payment_id)
-            ctx.send(topics.status, key, step.codec.encode(STATUS, status))
+            ctx.emit(topics.status, STATUS, conflict_status(event, stored.payment_id), key=key)
             return
         if new is not None:
-            EXPIRY.move(table, scope, None if stored is None else stored.expires_at,
-                        new.expires_at)  # fmt: skip
-            table.set(scope, _dumps(new.to_json()).encode())
+            if stored is None or stored.expires_at != new.expires_at:
+                ctx.timers(EXPIRY).set(scope, new.expires_at)
+            table.set(scope, compact_json(new.to_json()))
         tag = b"new" if decision is Decision.NEW else b"replay"
         ctx.send(topics.accepted, key, record.value, [(H_INTAKE, tag)])
 
-    return [
-        AgentSpec("paysaga.intake", topics.initiated, process, (IDEMPOTENCY,)),
-        AgentSpec("paysaga.intake.rekeyed", topics.initiated_repartition, process, (IDEMPOTENCY,)),
-    ]
-
-
-def purge_expired_keys(ctx: Context, now_ms: int) -> None:
-    """Punctuator: drop idempotency keys whose lifetime ended by this partition's event time."""
-    table = ctx.table(IDEMPOTENCY)
-    upto = stream_time(table)
-    if upto < 0:
-        return
-    for due, scope in EXPIRY.due(table, upto):
+    @intake.timer(EXPIRY, IDEMPOTENCY, PunctuationType.STREAM_TIME)
+    def purge_expired_key(ctx: ProcessorContext, scope: bytes, due: int) -> None:
+        """Forget a key whose lifetime ended by this partition's event time."""
+        table = ctx.table(IDEMPOTENCY)
         raw = table.get(scope)
-        if raw is not None and KeyRecord.from_json(json.loads(raw)).expires_at == due:
+        if raw is not None and KeyRecord.from_json(json.loads(raw)).expires_at <= due:
             table.delete(scope)
-        EXPIRY.move(table, scope, due, None)

@@ -2,11 +2,12 @@
 
 Stage two of the payment topology, keyed by payment_id (the `payments` table). Its inputs:
 accepted requests from intake, the gateway's lifecycle events, the inventory and shipping
-services' events, and upstream's capture / refund / cancel requests. Per input it decodes
-and validates (bad input: DLQ), deduplicates by event_id, lets the pure orchestrator
-(`paysaga.domain.saga`) decide, and then, in the input partition's transaction: stores the
-payment, sends the commands, one PaymentStatusChanged, and DLQ records for manual review.
-A punctuator fires command timeouts (wall clock) and authorization expiry (event time).
+services' events, and upstream's capture / refund / cancel requests. The engine decodes
+and validates each with `SagaAgent.decode` (bad input: DLQ); `process` deduplicates by
+event_id, lets the pure orchestrator (`paysaga.domain.saga`) decide, and then, in the input
+partition's transaction: stores the payment, emits the commands, one PaymentStatusChanged,
+and DLQ records for manual review. Two durable timers: command deadlines (wall clock) and
+authorization expiry (stream time).
 """
 
 from __future__ import annotations
@@ -20,26 +21,27 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
-from paysaga.agents.intake import H_INTAKE, STATUS, IntakeStep, Rejected
+from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
+from paysaga.agents.outputs import COMMAND_SCHEMAS, STATUS, command_record, compact_json
 from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
-from paysaga.domain.saga import Command, Effects, Orchestrator, Unmatched
+from paysaga.domain.saga import Effects, Orchestrator, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
-from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
-from paysaga.tables.timers import TimerIndex, advance_stream_time, stream_time
 
 #: Header on paysaga.saga.repartition: the topic the record was first read from.
 H_SOURCE = "paysaga.source"
-WALL_TIMERS = TimerIndex("command-deadline")
-EVENT_TIMERS = TimerIndex("auth-expiry")
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+#: Durable per-payment timers: unanswered commands (wall clock), uncaptured authorizations
+#: (event time, so a replay voids exactly the same ones).
+COMMAND_DEADLINE = "command-deadline"
+AUTH_EXPIRY = "auth-expiry"
 
 
 def _reversal(e: ev.PaymentReversed) -> str:
@@ -115,19 +117,49 @@ class SagaAgent:
         self.command_topics = {"payment": t.commands, "inventory": t.inventory_commands,
                                "shipping": t.shipping_commands}  # fmt: skip
 
-    def agents(self) -> list[AgentSpec]:
-        topics = [self.topics.accepted, *self.sources, self.topics.saga_repartition]
-        return [AgentSpec(f"paysaga.saga[{t}]", t, self.process, (PAYMENTS,)) for t in topics]
+    def add_to(self, topology: Topology) -> None:
+        """Declare the saga agent, its two timers and its sources on `topology`."""
+        sources = [self.topics.accepted, *self.sources, self.topics.saga_repartition]
+        agent = topology.agent(
+            "paysaga.saga",
+            sources=sources,
+            tables=[PAYMENTS],
+            decode=self.decode,
+            event_time=lambda v: v[1].occurred_at,
+        )
+        saga = agent(self.process)
+        saga.timer(COMMAND_DEADLINE, PAYMENTS, PunctuationType.WALL_CLOCK)(self._timeout)
+        saga.timer(AUTH_EXPIRY, PAYMENTS, PunctuationType.STREAM_TIME)(self._expiry)
 
     # ---- per record ---------------------------------------------------------------------
-    def process(self, ctx: Context, record: ConsumerRecord) -> None:
-        headers = dict(record.headers or ())
+    def decode(self, record: ConsumerRecord) -> tuple[str, Any]:
+        """(source topic, validated event); the source of a repartitioned record is the
+        topic it was first read from. Bad input raises `BadRecord` (to the DLQ)."""
         source = record.topic
         if source == self.topics.saga_repartition:
-            source = headers.get(H_SOURCE, b"").decode()
-        event = self._parse(ctx, source, record.value)
-        if event is None:
-            return
+            source = dict(record.headers or ()).get(H_SOURCE, b"").decode()
+        value = record.value
+        if source == self.topics.accepted:
+            parsed = self.intake.parse(value)
+            if isinstance(parsed, Rejected):
+                raise BadRecord(parsed.kind, parsed.reason)
+            return source, parsed
+        spec = self.sources.get(source)
+        if spec is None:
+            raise BadRecord("decode", f"unknown saga source topic {source!r}")
+        if value is None:
+            raise BadRecord("decode", f"empty record value (tombstone) on {source}")
+        try:
+            return source, spec.model.model_validate(self.codec.decode(value, spec.schema))
+        except DecodeError as exc:
+            raise BadRecord("decode", f"{exc.reason}: {exc}") from exc
+        except ValidationError as exc:
+            raise BadRecord("validation", validation_reason(exc)) from exc
+
+    def process(self, ctx: ProcessorContext, value: tuple[str, Any]) -> None:
+        source, event = value
+        record = ctx.record
+        assert record is not None
         key = event.payment_id.encode()
         if partition_for(key, self.partitions) != ctx.partition:
             hdrs = [h for h in record.headers or () if h[0] != H_SOURCE]
@@ -135,14 +167,13 @@ class SagaAgent:
             ctx.send(self.topics.saga_repartition, key, record.value, hdrs)
             return
         payments = ctx.table(PAYMENTS)
-        advance_stream_time(payments, event.occurred_at)
         raw = payments.get(key)
         current = None if raw is None else Payment.from_table(json.loads(raw))
         if source == self.topics.accepted:
-            self._accepted(ctx, event, current, headers.get(H_INTAKE) == b"replay")
+            replay = dict(record.headers or ()).get(H_INTAKE) == b"replay"
+            self._accepted(ctx, event, current, replay)
         elif current is None:
-            ctx.dead_letter("transition", f"no payment {event.payment_id} for this event",
-                            self.topics.dlq)  # fmt: skip
+            ctx.dead_letter("transition", f"no payment {event.payment_id} for this event")
         elif current.seen(event.event_id):
             return  # a duplicate delivery: applied once already (dedup by event_id)
         elif source == self.topics.requests:
@@ -150,34 +181,12 @@ class SagaAgent:
         else:
             self._answer(ctx, event, current, self.sources[source])
 
-    def _parse(self, ctx: Context, source: str, value: bytes | None) -> Any:
-        if source == self.topics.accepted:
-            parsed = self.intake.parse(value)
-            if isinstance(parsed, Rejected):
-                ctx.dead_letter(parsed.kind, parsed.reason, self.topics.dlq)
-                return None
-            return parsed
-        spec = self.sources.get(source)
-        if spec is None:
-            ctx.dead_letter("decode", f"unknown saga source topic {source!r}", self.topics.dlq)
-            return None
-        if value is None:
-            ctx.dead_letter("decode", f"empty record value (tombstone) on {source}",
-                            self.topics.dlq)  # fmt: skip
-            return None
-        try:
-            return spec.model.model_validate(self.codec.decode(value, spec.schema))
-        except DecodeError as exc:
-            ctx.dead_letter("decode", f"{exc.reason}: {exc}", self.topics.dlq)
-        except ValidationError as exc:
-            ctx.dead_letter("validation", validation_reason(exc), self.topics.dlq)
-        return None
-
-    def _accepted(self, ctx: Context, event: Any, current: Payment | None, replay: bool) -> None:
+    def _accepted(
+        self, ctx: ProcessorContext, event: Any, current: Payment | None, replay: bool
+    ) -> None:
         if current is not None or replay:
             if current is None:
-                ctx.dead_letter("transition", "replay of a payment that does not exist",
-                                self.topics.dlq)  # fmt: skip
+                ctx.dead_letter("transition", "replay of a payment that does not exist")
                 return
             status = status_event(current, cause_event_id=event.event_id,
                                   occurred_at=event.occurred_at,
@@ -188,7 +197,7 @@ class SagaAgent:
         effects = self.orch.start(payment, event.saga.value, self.clock())
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, None)
 
-    def _answer(self, ctx: Context, event: Any, current: Payment, source: Source) -> None:
+    def _answer(self, ctx: ProcessorContext, event: Any, current: Payment, source: Source) -> None:
         assert source.kind is not None
         outcome = _outcome(event, source.kind(event))
         try:
@@ -201,7 +210,7 @@ class SagaAgent:
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at,
                      current.status.value)  # fmt: skip
 
-    def _request(self, ctx: Context, event: ev.PaymentRequest, current: Payment) -> None:
+    def _request(self, ctx: ProcessorContext, event: ev.PaymentRequest, current: Payment) -> None:
         if event.merchant_id != current.merchant_id:
             self._reject(ctx, current, event, "request from another merchant")
             return
@@ -234,7 +243,7 @@ class SagaAgent:
         payment.record(event.event_id, f"{kind.value.title()}Requested", event.occurred_at)
         self._commit(ctx, payment, eff, event.event_id, event.occurred_at, current.status.value)
 
-    def _reject(self, ctx: Context, current: Payment, event: Any, reason: str) -> None:
+    def _reject(self, ctx: ProcessorContext, current: Payment, event: Any, reason: str) -> None:
         """Refused input: a REJECTED status for upstream, the record to the DLQ, no change.
 
         The money state is untouched; only the event id is remembered, so a redelivery of
@@ -248,81 +257,75 @@ class SagaAgent:
                               occurred_at=event.occurred_at, previous=current.status.value,
                               status="REJECTED", reason=reason, role="rejected")  # fmt: skip
         self._send_status(ctx, marked, status)
-        ctx.dead_letter("transition", reason, self.topics.dlq)
+        ctx.dead_letter("transition", reason)
 
     # ---- writing the outcome ------------------------------------------------------------
-    def _store(self, ctx: Context, p: Payment) -> None:
-        """Write the payment, moving its timer index entries to its current deadlines."""
+    def _store(self, ctx: ProcessorContext, p: Payment) -> None:
+        """Write the payment, moving its timers to its current deadlines. The payment
+        remembers what is armed (`timer_wall`, `timer_event`), so an unchanged deadline
+        costs no read of the timer index."""
         key = p.payment_id.encode()
-        payments = ctx.table(PAYMENTS)
         wall, event = self.orch.next_deadline(p), self.orch.expiry_due(p)
-        WALL_TIMERS.move(payments, key, p.timer_wall, wall)
-        EVENT_TIMERS.move(payments, key, p.timer_event, event)
+        for name, armed, due in ((COMMAND_DEADLINE, p.timer_wall, wall),
+                                 (AUTH_EXPIRY, p.timer_event, event)):  # fmt: skip
+            if armed != due:
+                timers = ctx.timers(name)
+                if due is None:
+                    timers.cancel(key)
+                else:
+                    timers.set(key, due)
         p.timer_wall, p.timer_event = wall, event
-        payments.set(key, _dumps(p.to_table()).encode())
+        ctx.table(PAYMENTS).set(key, compact_json(p.to_table()))
 
-    def _commit(self, ctx: Context, p: Payment, eff: Effects, cause: str, occurred_at: int,
+    def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
                 previous: str | None) -> None:  # fmt: skip
         """Store the payment and send what the input caused: commands, one status, reviews."""
         self._store(ctx, p)
         key = p.payment_id.encode()
         for command in eff.commands:
             topic = self.command_topics[command.service]
-            record = self._command(p, command, cause, occurred_at)
-            ctx.send(topic, key, self.codec.encode(record[0], record[1]))
+            fields = command_record(p, command, cause, occurred_at)
+            ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key)
         reason = "; ".join(eff.notes) or None
         status = status_event(p, cause_event_id=cause, occurred_at=occurred_at,
                               previous=previous, reason=reason and reason[:1000],
                               terminal=eff.terminal, step=eff.step)  # fmt: skip
         self._send_status(ctx, p, status)
         for why in eff.review:
-            ctx.review("saga", why, self.topics.dlq, key, _review_value(p), PAYMENTS)
+            ctx.review("saga", why, key, _review_value(p), PAYMENTS)
 
-    def _send_status(self, ctx: Context, p: Payment, status: dict[str, Any]) -> None:
-        ctx.send(self.topics.status, p.payment_id.encode(), self.codec.encode(STATUS, status))
-
-    def _command(self, p: Payment, c: Command, cause: str, occurred_at: int) -> tuple[str, dict]:
-        envelope = {
-            "event_id": c.command_id, "occurred_at": occurred_at, "payment_id": p.payment_id,
-            "correlation_id": p.order_id, "causation_id": cause, "command_id": c.command_id,
-            "idempotency_key": c.idempotency_key,
-        }  # fmt: skip
-        if c.service == "payment":
-            return "PaymentCommand", {
-                **envelope, "command_type": c.action, "amount_minor": c.amount_minor,
-                "currency": p.currency, "merchant_id": p.merchant_id,
-                "card_token": p.card_token, "attempt": c.attempt,
-            }  # fmt: skip
-        if c.service == "inventory":
-            items = [{"sku": i.sku, "quantity": i.quantity} for i in p.items]
-            return "InventoryCommand", {**envelope, "command_type": c.action,
-                                        "order_id": p.order_id, "items": items}  # fmt: skip
-        return "ShippingCommand", {**envelope, "command_type": c.action, "order_id": p.order_id,
-                                   "address_country": p.shipping_country}  # fmt: skip
+    def _send_status(self, ctx: ProcessorContext, p: Payment, status: dict[str, Any]) -> None:
+        ctx.emit(self.topics.status, STATUS, status, key=p.payment_id.encode())
 
     # ---- timers -------------------------------------------------------------------------
-    def punctuate(self, ctx: Context, now_ms: int) -> None:
-        """Fire overdue command deadlines (wall clock) and expired authorizations (event
-        time); each fired timer is one state change with its own deterministic ids."""
-        payments = ctx.table(PAYMENTS)
-        for due, key in WALL_TIMERS.due(payments, now_ms):
-            self._fire(ctx, key, due, "timeout", lambda p: self.orch.on_timeout(p, now_ms))
-        upto = stream_time(payments)
-        for due, key in EVENT_TIMERS.due(payments, upto):
-            self._fire(ctx, key, due, "expiry",
-                       lambda p: self.orch.on_auth_expiry(p, upto, now_ms))  # fmt: skip
+    def _timeout(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
+        """An unanswered command's deadline passed (wall clock): retry it or give up."""
+        now = self.clock()
+        self._fire(ctx, key, due, "timeout", lambda p: self.orch.on_timeout(p, now))
 
-    def _fire(self, ctx: Context, key: bytes, due: int, kind: str,
+    def _expiry(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
+        """An uncaptured authorization's window ended by the partition's event time."""
+        upto = ctx.stream_time
+        self._fire(ctx, key, due, "expiry",
+                   lambda p: self.orch.on_auth_expiry(p, upto, self.clock()))  # fmt: skip
+
+    def _fire(self, ctx: ProcessorContext, key: bytes, due: int, kind: str,
               run: Callable[[Payment], Effects]) -> None:  # fmt: skip
-        payments = ctx.table(PAYMENTS)
-        index = WALL_TIMERS if kind == "timeout" else EVENT_TIMERS
-        raw = payments.get(key)
+        """One fired timer: one state change with its own deterministic ids."""
+        raw = ctx.table(PAYMENTS).get(key)
         current = None if raw is None else Payment.from_table(json.loads(raw))
-        indexed = None if current is None else (
-            current.timer_wall if kind == "timeout" else current.timer_event)  # fmt: skip
-        if current is None or indexed != due:
-            index.move(payments, key, due, None)  # stale entry: the payment moved on
+        if current is None:
             return
+        # The engine removed the fired timer: what the payment says is armed must agree,
+        # so `_store` arms whatever is due next.
+        if kind == "timeout":
+            if current.timer_wall != due:
+                return
+            current.timer_wall = None
+        else:
+            if current.timer_event != due:
+                return
+            current.timer_event = None
         previous, version, updated_at = current.status.value, current.version, current.updated_at
         effects = run(current)
         if not effects.changed:  # nothing was due after all: just re-arm the timers
@@ -337,4 +340,4 @@ def _review_value(p: Payment) -> bytes:
     """What an operator needs to review a saga: the payment record without the card token."""
     body = p.to_table()
     body.pop("card_token", None)
-    return _dumps(body).encode()
+    return compact_json(body)

@@ -1,13 +1,15 @@
 """The payment state machine: which gateway outcome may change a payment, and how.
 
-INITIATED -> AUTHORIZED -> CAPTURED -> SETTLED, with FAILED (authorization declined) and
-REVERSED (voided, or refunded in full). A partial refund keeps the status and raises
-`refunded_minor`; a partial capture releases the rest of the authorization. An outcome that
-would break an invariant is refused with a reason and never applied (`InvalidTransition`).
+INITIATED -> AUTHORIZED -> CAPTURED -> SETTLED, with FAILED (authorization declined),
+REVERSED (voided, or refunded in full) and CANCELED (the saga ended before any money moved:
+`cancel_if_no_money_moved`, the one move no gateway outcome causes). A partial refund keeps
+the status and raises `refunded_minor`; a partial capture releases the rest of the
+authorization. An outcome that would break an invariant is refused with a reason and never
+applied (`InvalidTransition`).
 
-Pure module: no Faust or Kafka. `invariant_violations` is the single statement of
-DESIGN.md section 5's money rules; the saga agent checks it before every write, the
-property tests after every step.
+Pure module: no Faust or Kafka. `invariant_violations` is the single statement of the
+money rules (docs/contract.md#payment-state-and-invariants); the saga agent checks it before
+every write, the property tests after every step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from paysaga.domain.payment import Payment, PaymentStatus
 S = PaymentStatus
 
 #: Statuses out of which nothing moves, except a refund after capture or settlement.
-TERMINAL = frozenset({S.SETTLED, S.FAILED, S.REVERSED})
+TERMINAL = frozenset({S.SETTLED, S.FAILED, S.REVERSED, S.CANCELED})
 
 
 class InvalidTransition(ValueError):
@@ -65,8 +67,8 @@ def apply_transition(p: Payment, outcome: GatewayOutcome) -> None:
         # settlement leaves the money where it is and is the saga's to handle.
         if outcome.step in (None, "authorize") and status is S.INITIATED:
             p.status = S.FAILED
-        elif status is S.FAILED:
-            raise InvalidTransition("payment already failed")
+        elif status in (S.FAILED, S.CANCELED):
+            raise InvalidTransition(f"payment already {status.value.lower()}")
     elif kind == "CAPTURED":
         _require(status is S.AUTHORIZED, kind, status)
         room = p.authorized_minor - p.captured_minor
@@ -108,6 +110,20 @@ def apply_transition(p: Payment, outcome: GatewayOutcome) -> None:
         raise InvalidTransition("; ".join(problems))
 
 
+def cancel_if_no_money_moved(p: Payment) -> bool:
+    """INITIATED -> CANCELED in place, for a payment whose saga has ended: nothing was
+    authorized, so nothing was ever held, captured or refunded. True when it moved; any
+    other payment (declined: FAILED, voided or refunded: REVERSED, ...) is left as it is.
+
+    The caller decides that the saga has ended for good; an end whose outcome is unknown
+    (IN_DOUBT: a silent gateway may have authorized) must not call this.
+    """
+    if p.status is not S.INITIATED or p.authorized_minor != 0:
+        return False
+    p.status = S.CANCELED
+    return True
+
+
 def _require(ok: bool, kind: str, status: PaymentStatus) -> None:
     if not ok:
         raise InvalidTransition(f"{kind} is not allowed in status {status.value}")
@@ -136,6 +152,7 @@ def invariant_violations(p: Payment) -> list[str]:
     expected = {
         S.INITIATED: p.authorized_minor == 0,
         S.FAILED: p.authorized_minor == 0,
+        S.CANCELED: p.authorized_minor == 0,
         S.AUTHORIZED: p.authorized_minor > 0 and p.captured_minor == 0 and not p.voided_minor,
         S.CAPTURED: p.captured_minor > 0 and p.refunded_minor < p.captured_minor,
         S.SETTLED: p.captured_minor > 0,

@@ -29,6 +29,8 @@ class PaymentStatus(StrEnum):
     SETTLED = "SETTLED"
     FAILED = "FAILED"
     REVERSED = "REVERSED"
+    #: The saga ended before any money moved (nothing authorized): Stripe's `canceled`.
+    CANCELED = "CANCELED"
 
 
 class HistoryEntry(BaseModel):

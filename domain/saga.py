@@ -5,8 +5,8 @@ its service, the command that performs it, the outcome that completes it, the ou
 fails it, and the command that undoes it. The orchestrator is pure: given a payment and an
 input (a service outcome, an upstream request, a timer) it changes the payment record and
 returns the commands to send; the agent sends them in the same Kafka transaction that
-stores the record, so a step's state change and its command commit together (seed 001's
-read-call-write capture is exactly what this avoids).
+stores the record, so a step's state change and its command commit together (a
+read-call-write capture is exactly what this avoids: docs/traps.md#read-call-write-is-not-atomic).
 
 Commands carry deterministic ids: the idempotency key is (payment, step, role) and stays the
 same across retries, as Stripe requires (a retried authorization must not authorize twice);
@@ -18,8 +18,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, apply_transition
-from paysaga.domain.payment import Outstanding, Payment, RefundRequest, SagaState, derived_id
+from paysaga.domain.lifecycle import (
+    GatewayOutcome,
+    InvalidTransition,
+    apply_transition,
+    cancel_if_no_money_moved,
+)
+from paysaga.domain.payment import (
+    TERMINAL_SAGA_STATES,
+    Outstanding,
+    Payment,
+    RefundRequest,
+    SagaState,
+    derived_id,
+)
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -147,9 +159,9 @@ class Orchestrator:
         saga, steps = p.saga, self._definition(p).steps
         assert saga is not None
         if saga.step >= len(steps):
-            saga.state = "COMPLETED"
-            eff.terminal, eff.step = True, steps[-1].name
+            eff.step = steps[-1].name
             eff.notes.append(f"{saga.kind} saga completed")
+            self._finish(p, eff, "COMPLETED")  # captured: never cancels
             if p.captured_minor > 0:
                 key = f"{p.payment_id}:settle:post"
                 self._send(p, eff, "payment", "SETTLE", "settle", "post", p.captured_minor, key,
@@ -214,9 +226,9 @@ class Orchestrator:
             self._send(p, eff, step.service, step.compensation, step.name, "compensation",
                        amount, key, now)  # fmt: skip
             return
-        saga.state = "COMPENSATED" if saga.completed else "FAILED"
-        eff.terminal = True
-        eff.notes.append(f"{saga.kind} saga {saga.state.lower()}: {saga.reason}")
+        state = "COMPENSATED" if saga.completed else "FAILED"
+        eff.notes.append(f"{saga.kind} saga {state.lower()}: {saga.reason}")
+        self._finish(p, eff, state)
 
     def _in_doubt(self, p: Payment, eff: Effects, reason: str) -> None:
         saga = p.saga
@@ -224,8 +236,18 @@ class Orchestrator:
         eff.review.append(reason)
         eff.notes.append(reason)
         if not saga.finished:
-            saga.state, saga.reason = "IN_DOUBT", reason
-            eff.terminal = True
+            saga.reason = reason
+            self._finish(p, eff, "IN_DOUBT")
+
+    def _finish(self, p: Payment, eff: Effects, state: str) -> None:
+        """End the saga in `state` (terminal). A saga that decided its own end with nothing
+        authorized cancels its payment: CANCELED, not INITIATED, is the final word. IN_DOUBT
+        never does: a silent AUTHORIZE may have authorized, and a human decides."""
+        saga = p.saga
+        assert saga is not None and state in TERMINAL_SAGA_STATES
+        saga.state, eff.terminal = state, True
+        if state != "IN_DOUBT" and cancel_if_no_money_moved(p):
+            eff.notes.append("payment canceled: no money moved")
 
     # ---- outcomes from the services -----------------------------------------------------
     def find(self, p: Payment, cmd_id: str | None) -> Outstanding | None:

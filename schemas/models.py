@@ -64,6 +64,7 @@ Status = Literal[
     "SETTLED",
     "FAILED",
     "REVERSED",
+    "CANCELED",
     "REJECTED",
     "IDEMPOTENCY_CONFLICT",
 ]
@@ -117,7 +118,7 @@ class OrderItem(BaseModel):
 
 
 class Envelope(BaseModel):
-    """The fields every paysaga event starts with (DESIGN.md section 4)."""
+    """The fields every paysaga event starts with (docs/contract.md#the-avro-envelope)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
 

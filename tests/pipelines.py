@@ -12,11 +12,11 @@ import asyncio
 import json
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
 
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic
-from paysaga.streams.app.topology import Topology
-from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine import ProcessorContext, PunctuationType, Topology
 
 TOTALS = "totals"
 
@@ -28,8 +28,10 @@ def names(settings: Settings) -> tuple[str, str, str]:
 
 def fold_topology(settings: Settings) -> Topology:
     source, out_a, out_b = names(settings)
+    topology = Topology()
 
-    def process(ctx: Context, record) -> None:
+    @topology.agent("fold", sources=[source], tables=[TOTALS])
+    def fold(ctx: ProcessorContext, record: ConsumerRecord) -> None:
         if record.value == b"POISON":
             raise ValueError("this record always fails")
         event = json.loads(record.value)
@@ -46,20 +48,22 @@ def fold_topology(settings: Settings) -> Topology:
         if event.get("huge"):
             ctx.send(out_a, record.key, b"x" * 2_000_000)  # over max_request_size: refused
 
-    return Topology([AgentSpec("fold", source, process, (TOTALS,))], (TOTALS,))
+    return topology
 
 
 def flaky_timer_topology(settings: Settings) -> Topology:
-    """The fold pipeline plus a timer that raises on its very first run, then idles."""
-    fold = fold_topology(settings)
+    """The fold pipeline plus a wall-clock schedule that raises on its very first run."""
+    topology = fold_topology(settings)
     runs = []
+    fold = topology.builder("fold")
 
-    def timer(ctx: Context, now_ms: int) -> None:
+    @fold.schedule(10, PunctuationType.WALL_CLOCK)
+    def timer(ctx: ProcessorContext, now_ms: int) -> None:
         runs.append(now_ms)
         if len(runs) == 1:
             raise RuntimeError("a timer bug that happens once")
 
-    return Topology(fold.agents, fold.tables, (timer,))
+    return topology
 
 
 def create_topics(settings: Settings) -> None:

@@ -13,7 +13,7 @@ from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from tests.samples import initiated
-from tests.support import settings_env, wait_for
+from tests.support import WorkerProcess, settings_env, wait_for
 
 
 def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
@@ -62,6 +62,13 @@ def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> No
     unauthenticated = topics.model_copy(update={"web_token": None})
     denied = paysaga(unauthenticated, "payment", "show", pid)
     assert denied.returncode == 1 and "401" in denied.stderr
+    # /ready/ names failing tasks and engine counters: the token guards it too. /health/
+    # stays open and says nothing else.
+    anonymous = WorkerProcess(unauthenticated, worker.log)  # the same port, no token
+    assert anonymous.get("/ready/") == (401, {"error": "unauthorized"})
+    assert anonymous.get("/health/") == (200, {"status": "ok"})
+    code, body = worker.get("/ready/")
+    assert code in (200, 503) and "stats" in body
 
     listing = wait_for(lambda: (r := paysaga(topics, "dlq", "list")) and "1 dead letters" in
                        r.stdout and r, 60, what="dlq list")  # fmt: skip

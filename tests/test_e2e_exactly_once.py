@@ -519,12 +519,12 @@ def test_store_failure_rebuilds_the_task(broker: LocalBroker, tmp_path: Path) ->
 class GatedRestore:
     """Holds the next restore of task `p` at a gate, once its store is open and caught up.
 
-    The real `_recover` does all the work; the gate only decides when it returns, which
+    The real `Recovery.restore` does all the work; the gate only decides when it returns, which
     makes a long changelog replay (a rebuild of a big store) last as long as the test needs.
     """
 
     def __init__(self, engine, p: int) -> None:
-        self.real, self.p = engine._recover, p
+        self.real, self.p = engine.recovery.restore, p
         self.armed = False
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
@@ -540,7 +540,7 @@ class GatedRestore:
             await self.gate.wait()
         except asyncio.CancelledError:
             self.cancelled = True
-            store.close()  # what `_recover` does when cancelled inside
+            store.close()  # what `Recovery.restore` does when cancelled inside
             raise
         return store
 
@@ -549,7 +549,7 @@ async def _break_task_2_and_hold_its_rebuild(engine, settings, inputs, outputs) 
     """Process the first inputs, then make task 2's rebuild wait at a gate."""
     await _first_processed(engine, settings, inputs, outputs)
     restore = GatedRestore(engine, 2)
-    engine._recover = restore
+    engine.recovery.restore = restore
     restore.armed = True
     engine.store(pipelines.TOTALS, 2).close()  # its next read fails: the task is rebuilt
     return restore
@@ -701,7 +701,7 @@ def test_a_restore_longer_than_the_session_keeps_the_membership(
     async def scenario() -> dict[str, float]:
         engine = create_engine(settings)
         restore = GatedRestore(engine, 1)
-        engine._recover = restore
+        engine.recovery.restore = restore
         restore.armed = True
         real_release = engine.release
 

@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from paysaga.streams.app.net import free_port
 from paysaga.streams.dev.broker import LocalBroker
-from paysaga.streams.engine.core import ExactlyOnceEngine
+from paysaga.streams.engine.recovery import stop_producer
 
 
 def _connections_to(port: int) -> int:
@@ -77,7 +77,7 @@ def test_a_producer_that_cannot_stop_is_abandoned_cleanly(tmp_path: Path) -> Non
         frozen = True
         unsent = await producer.send("abandon.out", b"never acknowledged")
         # Returns at its deadline although the producer cannot stop (a hang fails here).
-        await asyncio.wait_for(ExactlyOnceEngine._stop_producer(0, producer, timeout=0.5), 30)
+        await asyncio.wait_for(stop_producer(0, producer, timeout=0.5), 30)
         assert not unsent.done(), "the producer was not stuck: the test proves nothing"
         os.kill(pid, signal.SIGCONT)  # the outage ends
         frozen = False

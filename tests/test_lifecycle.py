@@ -2,7 +2,8 @@
 
 `transition` either returns a new, sound payment or raises InvalidTransition and leaves the
 payment it was given untouched. The property test checks every step against a small
-reference model of which outcome each status admits; the examples pin the named paths.
+reference model of which outcome each status admits (and, now and then, the end of a saga:
+`cancel_if_no_money_moved`); the examples pin the named paths.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from paysaga.domain.lifecycle import (
     TERMINAL,
     GatewayOutcome,
     InvalidTransition,
+    cancel_if_no_money_moved,
     invariant_violations,
     transition,
 )
@@ -59,7 +61,7 @@ def allowed(p: Payment, o: GatewayOutcome) -> bool:
     """Reference model: does the state machine accept `o` in `p`'s state?"""
     kind, amount, status = o.kind, o.amount_minor, p.status
     if kind == "FAILED":
-        return status is not S.FAILED
+        return status not in (S.FAILED, S.CANCELED)
     if amount <= 0:
         return False
     if kind == "AUTHORIZED":
@@ -100,6 +102,7 @@ LIKELY = {
     S.SETTLED: ("REFUNDED",),
     S.REVERSED: ("REFUNDED",),
     S.FAILED: KINDS,
+    S.CANCELED: KINDS,
 }
 MONEY = ("authorized_minor", "captured_minor", "released_minor", "voided_minor", "refunded_minor")
 
@@ -110,6 +113,16 @@ def test_random_outcome_sequences_keep_every_money_rule(amount: int, data: st.Da
     p = payment(amount)
     assert invariant_violations(p) == []
     for _ in range(data.draw(st.integers(1, 25), label="length")):
+        if data.draw(st.integers(0, 9), label="saga ends") == 0:
+            q = p.model_copy(deep=True)
+            moved = cancel_if_no_money_moved(q)
+            assert moved == (p.status is S.INITIATED), p.status
+            assert q.status is (S.CANCELED if moved else p.status)
+            assert {n: getattr(q, n) for n in MONEY} == {n: getattr(p, n) for n in MONEY}
+            assert invariant_violations(q) == []
+            event(f"saga ends: {p.status.value} -> {q.status.value}")
+            p = q
+            continue
         # half the time a kind the status admits, else any: deep paths get explored too
         kind = data.draw(st.sampled_from(KINDS) | st.sampled_from(LIKELY[p.status]), label="kind")
         o = outcome(
@@ -134,8 +147,8 @@ def test_random_outcome_sequences_keep_every_money_rule(amount: int, data: st.Da
         assert 0 <= q.refunded_minor <= q.captured_minor
         for name in MONEY:  # money already moved never moves back
             assert getattr(q, name) >= getattr(p, name), name
-        if p.status is S.FAILED:
-            pytest.fail("nothing may follow FAILED")
+        if p.status in (S.FAILED, S.CANCELED):
+            pytest.fail(f"nothing may follow {p.status.value}")
         if p.status in TERMINAL and q.status != p.status:
             # the only way out of SETTLED is a full refund; nothing leaves REVERSED
             assert (p.status, q.status, kind) == (S.SETTLED, S.REVERSED, "REFUNDED")
@@ -262,6 +275,45 @@ def test_declined_authorization_fails_and_nothing_follows() -> None:
     for kind in KINDS:
         with pytest.raises(InvalidTransition):
             transition(p, outcome(kind, 1, step="authorize"))
+
+
+def test_a_saga_ending_with_nothing_authorized_cancels_and_nothing_follows() -> None:
+    p = payment(1000)
+    assert cancel_if_no_money_moved(p) and p.status is S.CANCELED
+    assert (p.authorized_minor, p.captured_minor, p.refunded_minor) == (0, 0, 0)
+    assert invariant_violations(p) == [] and p.status in TERMINAL
+    assert not cancel_if_no_money_moved(p)  # already canceled: nothing changes
+    for kind in KINDS:
+        with pytest.raises(InvalidTransition):
+            transition(p, outcome(kind, 1000, step="authorize"))
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "status"),
+    [
+        ((("FAILED", 0, "authorize"),), S.FAILED),  # declined: FAILED stays FAILED
+        ((("AUTHORIZED", 1000, None),), S.AUTHORIZED),
+        ((("AUTHORIZED", 1000, None), ("VOIDED", 1000, None)), S.REVERSED),  # voided
+        ((("AUTHORIZED", 1000, None), ("CAPTURED", 400, None)), S.CAPTURED),
+        (
+            (("AUTHORIZED", 1000, None), ("CAPTURED", 1000, None), ("REFUNDED", 1000, None)),
+            S.REVERSED,
+        ),
+    ],
+)
+def test_only_a_payment_with_nothing_authorized_is_canceled(
+    outcomes: tuple[tuple[str, int, str | None], ...], status: PaymentStatus
+) -> None:
+    p = apply(payment(1000), *(outcome(*o) for o in outcomes))
+    before = p.model_dump()
+    assert not cancel_if_no_money_moved(p)
+    assert p.status is status and p.model_dump() == before
+
+
+def test_canceled_amounts_must_be_zero() -> None:
+    p = apply(payment(1000), outcome("AUTHORIZED", 1000), outcome("VOIDED", 1000))
+    p.status = S.CANCELED  # what cancel_if_no_money_moved refuses to do
+    assert "amounts inconsistent with status CANCELED" in invariant_violations(p)
 
 
 @pytest.mark.parametrize("step", ["capture", "void", "refund", "settle"])

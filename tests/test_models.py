@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from paysaga.domain.payment import PaymentStatus
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.models import (
     STATUSES,
@@ -223,6 +224,23 @@ def test_status_minimal_conflict_outcome() -> None:
     )
     assert model.amount_minor is None and model.captured_minor == 0
     assert set(STATUSES) >= {"REJECTED", "IDEMPOTENCY_CONFLICT"}
+
+
+def test_every_payment_status_can_be_published() -> None:
+    """The record's statuses are the domain's plus the intake/refusal outcomes."""
+    assert set(STATUSES) == {s.value for s in PaymentStatus} | {"REJECTED", "IDEMPOTENCY_CONFLICT"}
+
+
+def test_canceled_status_round_trips_through_avro() -> None:
+    """A saga that ended before any money moved: CANCELED, nothing authorized, terminal."""
+    codec = AvroCodec(SchemaRegistry())
+    canceled = status(status="CANCELED", previous_status="INITIATED", authorized_minor=0,
+                      captured_minor=0, saga="ORDER", saga_state="FAILED",
+                      step="reserve_inventory")  # fmt: skip
+    record = PaymentStatusChanged.model_validate(canceled).to_avro()
+    assert (record["status"], record["terminal"]) == ("CANCELED", True)
+    decoded = codec.decode(codec.encode("PaymentStatusChanged", record), "PaymentStatusChanged")
+    assert decoded == record
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, invariant_violations
-from paysaga.domain.payment import Outstanding, Payment, PaymentStatus, initiate
+from paysaga.domain.payment import Outstanding, Payment, PaymentStatus, initiate, status_event
 from paysaga.domain.saga import (
     ORDER_SAGA,
     PAYMENT_SAGA,
@@ -29,7 +29,9 @@ from paysaga.domain.saga import (
     Unmatched,
     command_id,
 )
-from paysaga.schemas.models import PaymentInitiated
+from paysaga.schemas.codec import AvroCodec
+from paysaga.schemas.models import PaymentInitiated, PaymentStatusChanged
+from paysaga.schemas.registry import SchemaRegistry
 from tests.samples import initiated
 
 S = PaymentStatus
@@ -173,6 +175,12 @@ class Run:
         assert p.refund_pending_minor == pending + self.stuck_refunds
         if p.status is S.FAILED:
             assert saga.state in ("FAILED", "COMPENSATING", "COMPENSATED", "IN_DOUBT")
+        # CANCELED: exactly a saga that decided its end with nothing authorized. IN_DOUBT
+        # keeps the last known status (a silent AUTHORIZE may have authorized).
+        if p.status is S.CANCELED:
+            assert saga.state in ("FAILED", "COMPENSATED") and p.authorized_minor == 0
+        if saga.finished and saga.state != "IN_DOUBT":
+            assert p.status is not S.INITIATED, "a finished saga's final word is never INITIATED"
 
 
 def fire_timeout(run: Run, data: st.DataObject) -> str:
@@ -402,7 +410,7 @@ def test_simulated_services_never_break_the_saga(
         p = run.p
         assert p.captured_minor == p.refunded_minor  # nothing kept, nothing left on hold
         assert p.authorized_minor == p.captured_minor + p.released_minor + p.voided_minor
-        assert p.status in (S.INITIATED, S.FAILED, S.REVERSED)
+        assert p.status in (S.CANCELED, S.FAILED, S.REVERSED)
 
 
 # ---- liveness ---------------------------------------------------------------------------
@@ -456,8 +464,131 @@ def test_first_step_failing_fails_the_saga_with_nothing_else_sent(kind: str, mod
     p, eff = answer(orch, p, only(p), success=False, retryable=False)
     assert eff.commands == [] and eff.terminal
     assert p.saga is not None and p.saga.state == "FAILED" and not p.outstanding
-    assert p.status is (S.FAILED if first.action == "AUTHORIZE" else S.INITIATED)
+    # declined: FAILED; inventory refused (nothing authorized, nothing declined): CANCELED
+    assert p.status is (S.FAILED if first.action == "AUTHORIZE" else S.CANCELED)
     assert p.authorized_minor == 0
+
+
+# ---- CANCELED: the saga ended before any money moved ------------------------------------
+
+
+def published(p: Payment, eff: Effects, previous: PaymentStatus) -> dict:
+    """Record the input as the saga agent does, and return the PaymentStatusChanged it sends
+    for `eff` (validated, and through Avro)."""
+    cause = "5f0b8d3c-0000-4000-8000-00000000c0de"
+    p.record(cause, "Input", T0 + 1)
+    record = status_event(p, cause_event_id=cause, occurred_at=T0 + 1, previous=previous.value,
+                          reason="; ".join(eff.notes), terminal=eff.terminal,
+                          step=eff.step)  # fmt: skip
+    record = PaymentStatusChanged.model_validate(record).to_avro()
+    codec = AvroCodec(SchemaRegistry())
+    assert codec.decode(codec.encode("PaymentStatusChanged", record), "PaymentStatusChanged") == (
+        record
+    )
+    return record
+
+
+@pytest.mark.parametrize("mode", ["AUTOMATIC", "MANUAL"])
+def test_inventory_refused_order_saga_ends_canceled(mode: str) -> None:
+    orch = Orchestrator()
+    p = payment("ORDER", mode)
+    orch.start(p, "ORDER", T0)
+    assert only(p).action == "RESERVE"
+    q, eff = answer(orch, p, only(p), success=False)  # RESERVATION_FAILED
+    assert eff.terminal and eff.commands == [] and not q.outstanding
+    assert q.saga is not None and q.saga.state == "FAILED"
+    assert q.status is S.CANCELED and (q.authorized_minor, q.captured_minor) == (0, 0)
+    status = published(q, eff, p.status)
+    assert (status["status"], status["previous_status"]) == ("CANCELED", "INITIATED")
+    assert (status["terminal"], status["saga_state"]) == (True, "FAILED")
+    assert q.history[-1].status is S.CANCELED
+    # nothing follows a canceled payment
+    assert orch.request_capture(q, "cap", "fp", None, T0).rejected
+    assert orch.request_cancel(q, "c", "fp", T0).rejected
+    assert orch.request_refund(q, "r", "fp", None, T0).rejected
+
+
+@pytest.mark.parametrize("kind", sorted(SAGAS))
+def test_declined_authorization_stays_failed(kind: str) -> None:
+    orch = Orchestrator()
+    p = payment(kind)
+    orch.start(p, kind, T0)
+    if kind == "ORDER":
+        p, _ = answer(orch, p, only(p))  # reserved
+    assert only(p).action == "AUTHORIZE"
+    q, eff = answer(orch, p, only(p), success=False)  # declined
+    if kind == "ORDER":  # the reservation is released first
+        assert [c.action for c in eff.commands] == ["RELEASE"] and not eff.terminal
+        q, eff = answer(orch, q, only(q))
+    assert eff.terminal and q.saga is not None
+    assert q.saga.state == ("COMPENSATED" if kind == "ORDER" else "FAILED")
+    assert q.status is S.FAILED and q.authorized_minor == 0
+    assert published(q, eff, S.FAILED)["status"] == "FAILED"
+
+
+@pytest.mark.parametrize("kind", sorted(SAGAS))
+def test_authorized_then_voided_is_reversed_not_canceled(kind: str) -> None:
+    orch, p = manual_authorized(kind)
+    orch.request_cancel(p, "c1", "fp", T0)
+    p, eff = answer(orch, p, only(p))  # voided
+    if kind == "ORDER":
+        p, eff = answer(orch, p, only(p))  # released
+    assert eff.terminal and p.saga is not None and p.saga.state == "COMPENSATED"
+    assert p.status is S.REVERSED and p.voided_minor == p.authorized_minor > 0
+    assert published(p, eff, S.AUTHORIZED)["status"] == "REVERSED"
+
+
+def test_order_saga_compensated_before_any_authorization_ends_canceled() -> None:
+    """A failure answering AUTHORIZE that does not say it declined the authorization (its
+    step names another command): nothing was authorized, the reservation is released."""
+    orch = Orchestrator()
+    p = payment("ORDER")
+    orch.start(p, "ORDER", T0)
+    p, _ = answer(orch, p, only(p))  # reserved
+    o = only(p)
+    failure = GatewayOutcome("FAILED", "ev-mislabelled", T0, command_id(o.idempotency_key, 1),
+                             step="capture", reason="gateway error")  # fmt: skip
+    p, eff = orch.on_outcome(p, "payment", failure, T0)
+    assert p.status is S.INITIATED and [c.action for c in eff.commands] == ["RELEASE"]
+    p, eff = answer(orch, p, only(p))
+    assert eff.terminal and p.saga is not None and p.saga.state == "COMPENSATED"
+    assert p.status is S.CANCELED and p.authorized_minor == 0
+
+
+@pytest.mark.parametrize("kind", sorted(SAGAS))
+def test_cancel_request_before_authorization_is_rejected(kind: str) -> None:
+    orch = Orchestrator()
+    p = payment(kind, "MANUAL")
+    orch.start(p, kind, T0)
+    before = snapshot(p)
+    eff = orch.request_cancel(p, "c1", "fp", T0)
+    assert eff.rejected and not eff.commands and not eff.terminal
+    assert snapshot(p) == before and p.status is S.INITIATED
+
+
+@pytest.mark.parametrize(("kind", "silent"), [("PAYMENT", "AUTHORIZE"), ("ORDER", "RESERVE"),
+                                              ("ORDER", "AUTHORIZE")])  # fmt: skip
+def test_in_doubt_before_authorization_is_not_canceled(kind: str, silent: str) -> None:
+    """IN_DOUBT keeps the last known status, INITIATED. After a silent AUTHORIZE the gateway
+    may have authorized, so CANCELED could be false. After a silent RESERVE no money moved,
+    but the saga did not decide its end either: a human does, and one rule (IN_DOUBT never
+    cancels) keeps CANCELED a word paysaga publishes only when it knows."""
+    orch = Orchestrator()
+    p = payment(kind)
+    orch.start(p, kind, T0)
+    while only(p).action != silent:
+        p, _ = answer(orch, p, only(p))
+    for _ in range(POLICY.timeout_attempts):
+        eff = orch.on_timeout(p, only(p).deadline)
+    assert eff.terminal and eff.review and f"no answer to {silent}" in eff.review[0]
+    assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
+    assert p.status is S.INITIATED and p.authorized_minor == 0
+    status = published(p, eff, S.INITIATED)
+    assert (status["status"], status["saga_state"], status["terminal"]) == (
+        "INITIATED",
+        "IN_DOUBT",
+        True,
+    )
 
 
 @settings(max_examples=50, deadline=None)

@@ -147,7 +147,7 @@ def test_removing_an_enum_symbol() -> None:
     assert result.compatibility is SchemaCompatibilityType.incompatible
 
 
-# -- the contract every schema keeps (DESIGN.md section 4) ---------------------------------
+# -- the contract every schema keeps (docs/contract.md#events) -----------------------------
 
 ENVELOPE = ["event_id", "occurred_at", "payment_id", "correlation_id", "causation_id"]
 #: Records keyed by something other than a payment: no full envelope.

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
+from aiokafka.structs import TopicPartition
 
 from paysaga.domain.card import redact
-from paysaga.schemas.codec import AvroCodec
-from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic
 from paysaga.streams.app.topology import load_topology
-from paysaga.streams.engine.core import EngineConfig, ExactlyOnceEngine
+from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine, StartAt
 from paysaga.tables.store import StoreManager, StoreOptions
 
 
@@ -28,7 +27,6 @@ class Paysaga:
 
     settings: Settings
     app: faust.App
-    codec: AvroCodec
     engine: ExactlyOnceEngine
 
 
@@ -47,21 +45,30 @@ def store_manager(settings: Settings) -> StoreManager:
     )
 
 
-def create_engine(settings: Settings) -> ExactlyOnceEngine:
+def create_engine(
+    settings: Settings,
+    start: dict[TopicPartition, StartAt] | None = None,
+    stop: dict[TopicPartition, int] | None = None,
+) -> ExactlyOnceEngine:
+    """The engine running `settings.topology`; `start` and `stop` bound a replay's input
+    (docs/architecture.md#replay-hooks)."""
     topology = load_topology(settings)
+    names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     config = EngineConfig(
         bootstrap=settings.bootstrap,
         app_id=settings.app_id,
-        dlq_topic=Topics(settings.topic_prefix).dlq,
+        dlq_topic=names.dlq,
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,
         punctuate_ms=settings.punctuate_ms,
         session_timeout_ms=settings.session_timeout_ms,
         redact=redact,
+        tick_topic=names.stream_time if topology.uses_stream_time else None,
+        idle_ms=settings.idle_ms,
+        start=start or {},
+        stop=stop or {},
     )
-    return ExactlyOnceEngine(
-        config, topology.agents, store_manager(settings), topology.tables, topology.punctuators
-    )
+    return ExactlyOnceEngine(config, topology, store_manager(settings))
 
 
 def create_app(settings: Settings) -> Paysaga:
@@ -82,9 +89,8 @@ def create_app(settings: Settings) -> Paysaga:
         autodiscover=False,
     )
     app.producer_only = True  # no Faust consumer group: the engine owns consumption
-    codec = AvroCodec(SchemaRegistry())
     engine = create_engine(settings)
     from paysaga.streams.ops.web import register_views
 
     register_views(app, settings, engine)
-    return Paysaga(settings, app, codec, engine)
+    return Paysaga(settings, app, engine)

@@ -24,6 +24,11 @@ class Settings(BaseModel):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
     app_id: str = Field("paysaga", description="Faust application id (consumer group)")
     topic_prefix: str = Field("", description="prefix of every topic name (isolation)")
+    input_topic_prefix: str | None = Field(
+        None,
+        description="prefix of the input topics when they differ from topic_prefix (a replay "
+        "reads the live inputs and writes only its own prefixed topics); None: topic_prefix",
+    )
     partitions: int = Field(3, ge=1, description="partition count of every payment topic")
     replication_factor: int = Field(1, ge=1)
     data_dir: Path = Field(Path("data"), description="where worker state lives")
@@ -46,6 +51,12 @@ class Settings(BaseModel):
     )
     command_timeout_ms: int = Field(10_000, ge=1, description="retry an unanswered command")
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
+    idle_ms: int = Field(
+        5_000,
+        ge=100,
+        description="a partition without input this long has its stream time follow the "
+        "wall clock, this far behind (the idle policy, written as ticks a replay reproduces)",
+    )
     session_timeout_ms: int = Field(
         10_000,
         ge=6_000,
@@ -57,7 +68,6 @@ class Settings(BaseModel):
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
-    max_amount_major_units: int = Field(10_000_000, ge=1)
     log_level: str = Field("WARNING")
 
     @classmethod

@@ -49,9 +49,27 @@ class Topics:
     or one test among many on the same broker).
     """
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", input_prefix: str | None = None) -> None:
         self.prefix = prefix
-        self.initiated = prefix + "payment.initiated"
+        #: Input topics (what upstream, the gateway and the services write) may live under
+        #: another prefix than what this deployment writes: a replay reads the live inputs
+        #: and writes only its own topics.
+        inp = prefix if input_prefix is None else input_prefix
+        self.input_prefix = inp
+        self.initiated = inp + "payment.initiated"
+        #: Upstream's capture / refund / cancel requests on existing payments.
+        self.requests = inp + "payment.requests"
+        self.authorized = inp + "payment.authorized"
+        self.captured = inp + "payment.captured"
+        self.failed = inp + "payment.failed"
+        self.reversed = inp + "payment.reversed"
+        self.settled = inp + "payment.settled"
+        self.inventory_events = inp + "inventory.events"
+        self.shipping_events = inp + "shipping.events"
+        self.bank_statements = inp + "bank.statements"
+        #: Stream-time ticks of the idle policy (written by the live application, read back
+        #: as input; a replay reads the live ones).
+        self.stream_time = inp + "paysaga.stream-time"
         #: payment.initiated re-keyed by idempotency scope (merchant_id, idempotency_key)
         #: with paysaga's partitioner (internal): where the idempotency table decides.
         self.initiated_repartition = prefix + "paysaga.payment.initiated.repartition"
@@ -59,30 +77,27 @@ class Topics:
         self.accepted = prefix + "paysaga.payment.accepted"
         #: Saga inputs found on a partition other than their payment_id's (internal).
         self.saga_repartition = prefix + "paysaga.saga.repartition"
-        #: Upstream's capture / refund / cancel requests on existing payments.
-        self.requests = prefix + "payment.requests"
-        self.authorized = prefix + "payment.authorized"
-        self.captured = prefix + "payment.captured"
-        self.failed = prefix + "payment.failed"
-        self.reversed = prefix + "payment.reversed"
-        self.settled = prefix + "payment.settled"
         self.commands = prefix + "payment.commands"
         self.status = prefix + "payment.status"
         self.dlq = prefix + "payment.dlq"
         self.inventory_commands = prefix + "inventory.commands"
-        self.inventory_events = prefix + "inventory.events"
         self.shipping_commands = prefix + "shipping.commands"
-        self.shipping_events = prefix + "shipping.events"
-        self.bank_statements = prefix + "bank.statements"
         self.recon_reports = prefix + "reconciliation.reports"
         self.recon_discrepancies = prefix + "reconciliation.discrepancies"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The topics other systems write and this deployment only reads."""
+        return (self.initiated, self.requests, self.authorized, self.captured, self.failed,
+                self.reversed, self.settled, self.inventory_events, self.shipping_events,
+                self.bank_statements, self.stream_time)  # fmt: skip
 
     def retry(self, level: str) -> str:
         return f"{self.prefix}payment.retry.{level}"
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The declarative topic table of DESIGN.md section 3."""
+    """The declarative topic table (docs/contract.md#topics)."""
     audit = settings.lifecycle_retention_ms
     t = Topics(settings.topic_prefix)
     specs = [
@@ -125,6 +140,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             for level in RETRY_LEVELS
         ),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
+        TopicSpec(
+            t.stream_time,
+            "stream-time ticks of idle partitions (idle policy)",
+            key="none (one per partition)",
+            retention_ms=audit,
+        ),
         TopicSpec(t.bank_statements, "BankStatementLine", key="merchant_id", retention_ms=audit),
         TopicSpec(t.recon_reports, "ReconciliationReport", key="merchant_id", retention_ms=audit),
         TopicSpec(

@@ -15,8 +15,9 @@ class PaysagaWorker(faust.Worker):
     """Faust's worker without the terminal spinner.
 
     Faust's spinner sets the ROOT logger to DEBUG so it can spin on every record; every
-    aiokafka/Faust `logger.debug` then builds a record (about 14 % of the hot path measured,
-    DESIGN.md section 10). We keep the root logger at the level asked for.
+    aiokafka/Faust `logger.debug` then builds a record (about 14 % of the hot path measured:
+    docs/traps.md#faust-spinner-sets-the-root-logger-to-debug). We keep the root logger at
+    the level asked for.
     """
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:

@@ -5,7 +5,7 @@ get/put in RocksDB with a changelog record, a PaymentStatusChanged output) by ca
 same `IntakeStep`, so the difference measured is the processing path, not the logic:
 
 - `baseline`: a minimal hand-written aiokafka consume-transform-produce loop, one
-  transaction per fetched batch (DESIGN.md section 10's reference point).
+  transaction per fetched batch (the baseline of docs/exactly-once.md#how-it-is-measured).
 - `faust`: the textbook Faust agent (`table[k] = v; await topic.send(...)`) under Faust's own
   `processing_guarantee="exactly_once"`.
 - `intake_topology`: the same step on paysaga's engine (a `paysaga worker` with
@@ -24,15 +24,14 @@ import json
 import sys
 from pathlib import Path
 
-from aiokafka.structs import ConsumerRecord
-
 from paysaga.agents.intake import IntakeStep, Rejected
+from paysaga.agents.outputs import compact_json
 from paysaga.schemas.codec import AvroCodec
+from paysaga.schemas.models import PaymentInitiated
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
-from paysaga.streams.app.topology import Topology
-from paysaga.streams.engine.core import AgentSpec, Context
+from paysaga.streams.engine import ProcessorContext, Topology
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 
@@ -135,29 +134,26 @@ def intake_topology(settings: Settings) -> Topology:
     decode, validate, payment lookup and write, one status record (no saga after it)."""
     names = Topics(settings.topic_prefix)
     step = IntakeStep(AvroCodec(SchemaRegistry()))
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    topology = Topology()
 
-    def process(ctx: Context, record: ConsumerRecord) -> None:
-        parsed = step.parse(record.value)
-        if isinstance(parsed, Rejected):
-            ctx.dead_letter(parsed.kind, parsed.reason, names.dlq)
-            return
-        key = parsed.payment_id.encode()
+    @topology.agent("bench.intake", sources=[names.initiated, names.initiated_repartition],
+                    tables=[PAYMENTS], decode=step.decode,
+                    event_time=lambda event: event.occurred_at)  # fmt: skip
+    def intake(ctx: ProcessorContext, event: PaymentInitiated) -> None:
+        record = ctx.record
+        assert record is not None
+        key = event.payment_id.encode()
         if partition_for(key, settings.partitions) != record.partition:
             ctx.send(names.initiated_repartition, key, record.value, list(record.headers or ()))
             return
         payments = ctx.table(PAYMENTS)
         current = payments.get(key)
-        out = step.apply(parsed, None if current is None else json.loads(current))
+        out = step.apply(event, None if current is None else json.loads(current))
         if out.store is not None:
-            payments.set(key, dumps(out.store).encode())
+            payments.set(key, compact_json(out.store))
         ctx.send(names.status, key, out.status)
 
-    agents = [
-        AgentSpec("bench.intake", names.initiated, process, (PAYMENTS,)),
-        AgentSpec("bench.intake.rekeyed", names.initiated_repartition, process, (PAYMENTS,)),
-    ]
-    return Topology(agents, (PAYMENTS,))
+    return topology
 
 
 def main(argv: list[str]) -> None:

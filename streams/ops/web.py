@@ -2,7 +2,9 @@
 
 Payment data is not public: the server binds to loopback by default, Faust's built-in
 `/table` dumps are off, and when `PAYSAGA_WEB_TOKEN` is set every view but `/health`
-requires `Authorization: Bearer <token>`. Binding off loopback without a token is refused.
+requires `Authorization: Bearer <token>` (`/ready/` too: its failure texts and counters are
+for operators); `/health` answers nothing but `{"status": "ok"}`. Binding off loopback
+without a token is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import faust
 from faust.web import Request, Response, View
 
 from paysaga.streams.app.settings import Settings
-from paysaga.streams.engine.core import ExactlyOnceEngine
+from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS
 
@@ -61,6 +63,8 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     @app.page("/ready/")
     class Ready(View):
         async def get(self, request: Request) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
             body: dict[str, Any] = {
                 "ready": engine.ready,
                 "assigned": engine.assigned,

@@ -1,0 +1,67 @@
+"""Every record the payment topology writes, each built in one place.
+
+The agents emit these through `ProcessorContext.emit(topic, schema, fields)`, so the
+topology's one codec encodes each exactly once. The status record of a payment is the
+domain's `status_event`; the ones here are the records that have no payment behind them
+(an idempotency conflict) or that speak to another service (commands).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from paysaga.domain.payment import Payment, derived_id
+from paysaga.domain.saga import Command
+from paysaga.schemas.models import PaymentInitiated
+
+STATUS = "PaymentStatusChanged"
+#: Avro record of each service's commands.
+COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
+                   "shipping": "ShippingCommand"}  # fmt: skip
+
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def compact_json(value: Any) -> bytes:
+    """Table values: compact JSON (integers only for money)."""
+    return _encode_json(value).encode()
+
+
+def conflict_status(event: PaymentInitiated, holder: str) -> dict[str, Any]:
+    """The IDEMPOTENCY_CONFLICT outcome for a request whose key another request holds."""
+    return {
+        "event_id": derived_id(event.event_id, "status", event.payment_id, "conflict"),
+        "occurred_at": event.occurred_at,
+        "payment_id": event.payment_id,
+        "correlation_id": event.correlation_id,
+        "causation_id": event.event_id,
+        "merchant_id": event.merchant_id,
+        "idempotency_key": event.idempotency_key,
+        "status": "IDEMPOTENCY_CONFLICT",
+        "previous_status": None,
+        "amount_minor": event.amount_minor,
+        "currency": event.currency,
+        "replay": False,
+        "reason": f"idempotency key already used for a different request (payment {holder})",
+    }
+
+
+def command_record(p: Payment, c: Command, cause: str, occurred_at: int) -> dict[str, Any]:
+    """The command `c` of payment `p` as its service's Avro record (COMMAND_SCHEMAS)."""
+    envelope = {
+        "event_id": c.command_id, "occurred_at": occurred_at, "payment_id": p.payment_id,
+        "correlation_id": p.order_id, "causation_id": cause, "command_id": c.command_id,
+        "idempotency_key": c.idempotency_key,
+    }  # fmt: skip
+    if c.service == "payment":
+        return {
+            **envelope, "command_type": c.action, "amount_minor": c.amount_minor,
+            "currency": p.currency, "merchant_id": p.merchant_id,
+            "card_token": p.card_token, "attempt": c.attempt,
+        }  # fmt: skip
+    if c.service == "inventory":
+        items = [{"sku": i.sku, "quantity": i.quantity} for i in p.items]
+        return {**envelope, "command_type": c.action, "order_id": p.order_id, "items": items}
+    return {**envelope, "command_type": c.action, "order_id": p.order_id,
+            "address_country": p.shipping_country}  # fmt: skip

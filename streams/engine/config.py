@@ -1,0 +1,69 @@
+"""How one engine instance connects, names its internal topics and positions its inputs.
+
+Everything an application decides about the engine is here, so the engine itself stays
+free of application knowledge (docs/architecture.md#the-engine). The replay hooks are part
+of it: where each input partition starts when the group has no committed offset yet, and
+where it stops (docs/architecture.md#replay-hooks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka.structs import TopicPartition
+
+
+@dataclass(frozen=True)
+class StartAt:
+    """Where a partition without a committed offset starts: an offset, or the first
+    offset whose timestamp is at or after `timestamp_ms` (Kafka's offsets-for-times)."""
+
+    offset: int | None = None
+    timestamp_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.offset is None) == (self.timestamp_ms is None):
+            raise ValueError("StartAt needs exactly one of offset and timestamp_ms")
+
+
+@dataclass
+class EngineConfig:
+    bootstrap: str
+    app_id: str
+    dlq_topic: str
+    changelog: Callable[[str], str]
+    #: Consumer group of the application (an isolated replay has its own); app_id if None.
+    group_id: str | None = None
+    max_batch: int = 2000
+    linger_ms: int = 0
+    poll_timeout_ms: int = 100
+    #: How long the broker may hold a fetch waiting for data. aiokafka's default (500 ms)
+    #: adds up to half a second of latency per hop when traffic is light.
+    fetch_max_wait_ms: int = 5
+    #: How often the fetch loop looks for due wall-clock schedules (each schedule has its
+    #: own interval; this is the resolution).
+    punctuate_ms: int = 500
+    #: Consecutive failed attempts at one batch after which the task is rebuilt (a fresh
+    #: producer: a refused record can leave the old one's sequence numbers unusable).
+    max_attempts: int = 5
+    #: A crashed worker's partitions wait this long before the group hands them on (and a
+    #: restarted worker waits as long to join while its dead self is still a member).
+    session_timeout_ms: int = 10_000
+    #: Applied to every dead-letter reason (the application's scrubber of sensitive text).
+    redact: Callable[[str], str] = str
+    #: The idle policy's topic (docs/exactly-once.md#idle-partitions): a task that has seen
+    #: no input for `idle_ms` of wall clock writes a stream-time tick to its partition here
+    #: and reads it back as input, so idle partitions still close windows and fire
+    #: stream-time timers, and a replay of the recorded input reproduces it. None: no ticks.
+    tick_topic: str | None = None
+    idle_ms: int = 5_000
+    #: Where input partitions with no committed offset start (replays); earliest if absent.
+    start: dict[TopicPartition, StartAt] = field(default_factory=dict)
+    #: Where input partitions stop: records at or past the offset are never processed, and
+    #: a task whose inputs all reached their stop idles (`ExactlyOnceEngine.finished`).
+    stop: dict[TopicPartition, int] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        return self.group_id or self.app_id

@@ -1,0 +1,427 @@
+"""The task runner: a task's batches, from queued records to a committed transaction.
+
+Per batch (docs/exactly-once.md#one-transaction-per-batch): the records of the task's
+input partitions, merged by timestamp, run through their agents with one state transaction;
+stream time advances with every input's event time, and whatever it makes due (stream-time
+schedules, timers, window closes) runs right after that input, in the same transaction.
+Then `commit` makes it all visible at once, or nothing. Failures get retry (a Kafka error:
+abort, back off, again from committed state), poison (an agent raised: the batch again,
+that record to the DLQ) or a rebuild (anything else: `TaskBroken` and friends reach the
+drain loop, which hands the task to the manager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from paysaga.streams.engine.commit import FENCED_ERRORS, abort, commit
+from paysaga.streams.engine.manager import TaskManager
+from paysaga.streams.engine.processor import (
+    Agent,
+    BadRecord,
+    Output,
+    ProcessorContext,
+    PunctuationType,
+    Timer,
+)
+from paysaga.streams.engine.state import EngineState
+from paysaga.streams.engine.task import Task, TaskBroken
+from paysaga.tables.store import StoreError
+from paysaga.tables.transaction import TaskTransaction
+
+log = logging.getLogger(__name__)
+
+#: Far beyond any event time: an index found empty needs no scan until something is armed.
+NEVER = 1 << 62
+#: Windows closed (timers fired) per index scan; scans repeat until one returns fewer.
+CLOSE_PAGE = 1000
+
+
+#: What `_decode` returns for an input it sent to the dead-letter topic.
+_SKIP = object()
+
+
+class SystemClock:
+    """The wall clock and the monotonic clock; the test driver substitutes its own."""
+
+    def wall_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class TaskRunner:
+    def __init__(
+        self, state: EngineState, manager: TaskManager | None, clock: SystemClock | None = None
+    ) -> None:
+        self.state = state
+        self.manager = manager
+        self.clock = clock or SystemClock()
+        agents = state.topology.agents
+        self.routes = state.routes
+        self.runtime = state.runtime
+        self.tick_topic = state.config.tick_topic
+        #: Stream-time work, checked after every input that advanced stream time.
+        self.stream_schedules = [(a, s) for a in agents for s in a.schedules
+                                 if s.type is PunctuationType.STREAM_TIME]  # fmt: skip
+        self.wall_schedules = [(a, s) for a in agents for s in a.schedules
+                               if s.type is PunctuationType.WALL_CLOCK]  # fmt: skip
+        self.stream_timers = [(a, t) for a in agents for t in a.timers
+                              if t.type is PunctuationType.STREAM_TIME]  # fmt: skip
+        self.wall_timers = [(a, t) for a in agents for t in a.timers
+                            if t.type is PunctuationType.WALL_CLOCK]  # fmt: skip
+        self.windows = [(a, w) for a in agents for w in a.windows]
+        self.stream_work = bool(self.stream_schedules or self.stream_timers or self.windows)
+        #: Whether anything runs on the wall clock (the fetch loop's punctuation).
+        self.has_wall_work = bool(self.wall_schedules or self.wall_timers or self.writes_ticks)
+
+    @property
+    def writes_ticks(self) -> bool:
+        """Idle ticks are written by unbounded runs only: a bounded run (a replay) reads
+        the live application's ticks as recorded input instead."""
+        return self.tick_topic is not None and not self.state.config.stop
+
+    # ---- the drain loop -----------------------------------------------------------------
+    async def drain(self, task: Task) -> None:
+        """Process a task's queued records (then a due punctuation) until none are left."""
+        s = self.state
+        try:
+            while s.current(task):
+                if task.inbox:
+                    lists = [records for records in task.inbox.values() if records]
+                    task.inbox = {}
+                    await self._process_task(task, lists)
+                    if task.paused and task.queued() <= s.config.max_batch:
+                        task.paused = False
+                        s.resume(task)
+                elif task.tick:
+                    task.tick = False
+                    await self.process_batch(task, [], tick=True)
+                else:
+                    break
+        except Exception as exc:
+            # Not a Kafka error the batch loop retries: a failed abort, an aiokafka state
+            # assertion, a RocksDB write that failed after the commit, a bug. The task's
+            # producer and stores can no longer be trusted: rebuild it from committed state.
+            if not s.current(task):
+                # Being released (or already replaced): the next owner starts from
+                # committed state anyway; nothing to rebuild here.
+                log.warning("task %s failed while closing: %r", task.partition, exc)
+                return
+            log.exception("task %s failed; rebuilding it", task.partition)
+            task.closing = True
+            assert self.manager is not None
+            self.manager.mark_broken(task.partition, exc)
+
+    def _fresh(self, task: Task, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """The records not processed yet, and before the partition's stop (if any)."""
+        tp = TopicPartition(records[0].topic, records[0].partition)
+        expected = task.next_offsets[tp]
+        if records[0].offset < expected:
+            records = [r for r in records if r.offset >= expected]
+        stop = self.state.config.stop.get(tp)
+        if stop is not None and records and records[-1].offset >= stop:
+            records = [r for r in records if r.offset < stop]
+            task.done.add(tp)
+            if self.state.consumer is not None:
+                self.state.consumer.pause(tp)  # reached its stop: this partition idles
+        return records
+
+    async def _process_task(self, task: Task, lists: list[list[ConsumerRecord]]) -> None:
+        lists = [kept for records in lists if (kept := self._fresh(task, records))]
+        if not lists:
+            return
+        # Merge the partitions of the task by timestamp, keeping each partition's order.
+        if len(lists) == 1:
+            records = lists[0]
+        else:
+            records = list(heapq.merge(*lists, key=lambda r: r.timestamp))
+        if not await self.process_batch(task, records):
+            # The broker refused an output and several inputs could have caused it: commit
+            # one record per transaction, so the culprit is known and only it is poison.
+            for record in records:
+                if not self.state.current(task):
+                    return
+                await self.process_batch(task, [record])
+
+    # ---- one batch, until it commits ----------------------------------------------------
+    async def process_batch(
+        self, task: Task, records: list[ConsumerRecord], tick: bool = False
+    ) -> bool:
+        """Process and commit `records` as one transaction, retrying from committed state.
+
+        With `tick`, the batch is a wall-clock punctuation (no records). Returns False when
+        a broker-refused output cannot be tied to one input record.
+        """
+        s = self.state
+        p = task.partition
+        delay = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            txn = TaskTransaction(task.stores)
+            outputs: list[Output] = []
+            if tick:
+                if not self.run_wall_clock(task, txn, outputs):
+                    return True  # a punctuation bug: logged; the next tick tries again
+                if not outputs and not any(True for _ in txn.changed()):
+                    task.failure = None  # the timers ran cleanly (and nothing was due)
+                    return True
+                stream_time = task.stream_time
+            else:
+                ran = self.run_records(task, txn, outputs, records)
+                if ran is None:
+                    continue  # an agent raised: that record is now poison; process again
+                stream_time = ran
+            try:
+                await commit(s, task, txn, outputs, records, stream_time)
+                task.failure = None
+                return True
+            except FENCED_ERRORS:
+                assert self.manager is not None
+                await self.manager.fenced(task)
+                return True
+            except KafkaError as exc:
+                s.stats["aborts"] += 1
+                try:
+                    await abort(task)
+                except FENCED_ERRORS:
+                    assert self.manager is not None
+                    await self.manager.fenced(task)
+                    return True  # the group decides who processes it again
+                culprits = getattr(exc, "paysaga_records", None)
+                if culprits and tick:
+                    # A timer's output the broker refuses: no input to make poison. Say so
+                    # (not ready) and let the next tick try again.
+                    log.error("task %s punctuation output refused: %r", p, exc)
+                    s.stats["punctuate_errors"] += 1
+                    task.failure = f"punctuation: {type(exc).__name__}"
+                    return True
+                if culprits:
+                    if len(culprits) > 1:
+                        return False
+                    r = records[next(iter(culprits))]
+                    reason = f"output refused by the broker: {type(exc).__name__}"
+                    task.poison[(r.topic, r.partition, r.offset)] = ("poison", reason)
+                    continue
+                # Kafka is failing us: accept no further work for this task (readiness goes
+                # false), back off and process the same batch again from committed state.
+                log.warning("task %s batch attempt %s failed: %r; retrying", p, attempt, exc)
+                task.failure = f"{type(exc).__name__} (attempt {attempt})"
+                if attempt >= s.config.max_attempts:
+                    raise TaskBroken(f"{attempt} attempts failed, last: {exc!r}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if not s.current(task):
+                    return True  # given up: uncommitted, so the next owner reads it again
+
+    # ---- records ------------------------------------------------------------------------
+    def context(self, task: Task, txn: TaskTransaction, outputs: list[Output]) -> ProcessorContext:
+        return ProcessorContext(txn, outputs, task.partition, self.runtime, task.clocks,
+                                task.stream_time)  # fmt: skip
+
+    def run_records(
+        self, task: Task, txn: TaskTransaction, outputs: list[Output], records: list[ConsumerRecord]
+    ) -> int | None:
+        """Run the agents over the batch; returns the batch's stream time, or None if
+        something raised (that record is marked poison and the batch runs again)."""
+        ctx = self.context(task, txn, outputs)
+        stats = self.state.stats
+        routes = self.routes
+        poison = task.poison
+        stream_work = self.stream_work
+        done_upto = task.stream_time  # stream time up to which stream-time work has run
+        record: ConsumerRecord | None = None
+        agent: Agent | None = None
+        try:
+            for i, record in enumerate(records):
+                ctx.record = record
+                ctx.index = i
+                if poison:
+                    mark = poison.get((record.topic, record.partition, record.offset))
+                    if mark is not None:
+                        ctx._agent = None
+                        ctx.dead_letter(mark[0], mark[1], attempts=2)
+                        stats["dead_letters"] += 1
+                        continue
+                agents = routes.get(record.topic)
+                if agents is None:
+                    self._tick_input(ctx, record)
+                else:
+                    task.idle_since = self.clock.monotonic()
+                    for agent in agents:
+                        ctx._agent = agent
+                        value = record if agent.decode is None else self._decode(ctx, agent)
+                        if value is _SKIP:
+                            continue
+                        ts = (
+                            record.timestamp
+                            if agent.event_time is None
+                            else agent.event_time(value)
+                        )
+                        ctx.timestamp = ts
+                        if ts > ctx.stream_time:
+                            ctx.stream_time = ts
+                        agent.process(ctx, value)
+                    agent = None
+                    task.idle_base = ctx.stream_time
+                if stream_work and ctx.stream_time > done_upto:
+                    self._stream_time_work(task, ctx, done_upto)
+                    done_upto = ctx.stream_time
+        except StoreError:
+            raise  # the local database failed, not the record: the task is rebuilt
+        except Exception as exc:
+            assert record is not None
+            who = f"agent {agent.name}" if agent is not None else "stream-time work"
+            reason = self.state.config.redact(f"{who} raised {type(exc).__name__}: {exc}")[:500]
+            log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
+                      record.offset, reason)  # fmt: skip
+            poison[(record.topic, record.partition, record.offset)] = ("poison", reason)
+            stats["aborts"] += 1
+            return None
+        return ctx.stream_time
+
+    def _decode(self, ctx: ProcessorContext, agent: Agent) -> object:
+        record = ctx.record
+        assert record is not None and agent.decode is not None
+        try:
+            return agent.decode(record)
+        except BadRecord as bad:
+            ctx.dead_letter(bad.kind, f"{agent.name}: {bad.reason}")
+            self.state.stats["dead_letters"] += 1
+            return _SKIP
+
+    def _tick_input(self, ctx: ProcessorContext, record: ConsumerRecord) -> None:
+        """A stream-time tick of the idle policy read back: it advances stream time only."""
+        raw = record.value or b""
+        if record.topic != self.tick_topic or not raw.isdigit():
+            ctx._agent = None
+            ctx.dead_letter("decode", f"not a stream-time tick on {record.topic}")
+            self.state.stats["dead_letters"] += 1
+            return
+        ts = int(raw)
+        ctx.timestamp = ts
+        if ts > ctx.stream_time:
+            ctx.stream_time = ts
+
+    # ---- what stream time makes due -----------------------------------------------------
+    def _stream_time_work(self, task: Task, ctx: ProcessorContext, before: int) -> None:
+        """Run what stream time's move from `before` to `ctx.stream_time` made due: the
+        stream-time schedules whose interval boundary it crossed, the due timers and the
+        windows past their end plus grace. Inside the input's transaction."""
+        now = ctx.stream_time
+        record, timestamp = ctx.record, ctx.timestamp
+        ctx.record = None  # what runs now was not caused by this input alone
+        try:
+            for agent, sched in self.stream_schedules:
+                if before < 0 or before // sched.interval_ms < now // sched.interval_ms:
+                    ctx._agent, ctx.timestamp = agent, now
+                    sched.callback(ctx, now)
+                    self.state.stats["punctuations"] += 1
+            self._fire_timers(task, ctx, self.stream_timers, now)
+            for agent, spec in self.windows:
+                clock = task.clocks[f"w:{spec.name}"]
+                if not clock.may_fire(now):
+                    continue
+                ctx._agent = agent
+                _, store = self.runtime.window(agent, spec.name)
+                table = ctx.table(spec.table)
+                while True:
+                    closed = store.close_due(table, now, CLOSE_PAGE)
+                    for window, value in closed:
+                        ctx.timestamp = window.end - 1
+                        spec.on_close(ctx, window, value)
+                    if len(closed) < CLOSE_PAGE:
+                        break
+                nxt = store.next_close(table)
+                clock.earliest = NEVER if nxt is None else nxt
+        finally:
+            ctx.record, ctx.timestamp = record, timestamp
+
+    def _fire_timers(
+        self, task: Task, ctx: ProcessorContext, timers: list[tuple[Agent, Timer]], now: int
+    ) -> None:
+        for agent, spec in timers:
+            clock = task.clocks[f"t:{spec.name}"]
+            if not clock.may_fire(now):
+                continue
+            ctx._agent = agent
+            _, index = self.runtime.timer(agent, spec.name)
+            table = ctx.table(spec.table)
+            while True:
+                fired = index.due(table, now, CLOSE_PAGE)
+                for due, key in fired:
+                    index.cancel(table, key)
+                    ctx.timestamp = due
+                    spec.on_fire(ctx, key, due)
+                if len(fired) < CLOSE_PAGE:
+                    break
+            nxt = index.next_due(table)
+            clock.earliest = NEVER if nxt is None else nxt
+
+    # ---- the wall clock -----------------------------------------------------------------
+    def schedule_ticks(self, now: float | None = None) -> None:
+        """Mark wall-clock punctuation due on every task whose interval has passed."""
+        if not self.has_wall_work:
+            return
+        s = self.state
+        now = self.clock.monotonic() if now is None else now
+        interval = s.config.punctuate_ms / 1000
+        for task in s.tasks.values():
+            if task.closing or now - task.last_tick < interval:
+                continue
+            task.tick, task.last_tick = True, now
+            if task.runner is None or task.runner.done():
+                task.runner = asyncio.ensure_future(self.drain(task))
+
+    def run_wall_clock(self, task: Task, txn: TaskTransaction, outputs: list[Output]) -> bool:
+        """A wall-clock punctuation: due schedules and timers, and the idle policy's tick."""
+        ctx = self.context(task, txn, outputs)
+        wall_ms = self.clock.wall_ms()
+        mono = self.clock.monotonic()
+        try:
+            for agent, sched in self.wall_schedules:
+                last = task.wall_runs.get(sched.name)
+                if last is not None and (mono - last) * 1000 < sched.interval_ms:
+                    continue
+                task.wall_runs[sched.name] = mono
+                ctx._agent, ctx.timestamp = agent, wall_ms
+                sched.callback(ctx, wall_ms)
+                self.state.stats["punctuations"] += 1
+            self._fire_timers(task, ctx, self.wall_timers, wall_ms)
+            self._idle_tick(task, ctx, mono)
+        except StoreError:
+            raise  # the database, not the timer: the task is rebuilt
+        except Exception as exc:
+            log.exception("punctuation failed on task %s", task.partition)
+            self.state.stats["punctuate_errors"] += 1
+            task.failure = f"punctuation: {type(exc).__name__}"
+            return False
+        return True
+
+    def _idle_tick(self, task: Task, ctx: ProcessorContext, mono: float) -> None:
+        """The idle policy (docs/exactly-once.md#idle-partitions): once a task has seen no
+        input for `idle_ms`, its stream time follows the wall clock from where it stood,
+        `idle_ms` behind. The move is written to the tick topic and read back as input, so
+        it is part of the recorded stream: a replay reproduces it exactly."""
+        config = self.state.config
+        if not self.writes_ticks or task.idle_base < 0:
+            return
+        idle = (mono - task.idle_since) * 1000
+        if idle < config.idle_ms or (mono - task.last_tick_write) * 1000 < config.idle_ms:
+            return
+        proposed = task.idle_base + int(idle) - config.idle_ms
+        if proposed <= task.stream_time:
+            return
+        assert self.tick_topic is not None
+        task.last_tick_write = mono
+        ctx._agent = None
+        ctx.send(self.tick_topic, None, str(proposed).encode(), None, proposed, task.partition)
+        self.state.stats["ticks"] += 1

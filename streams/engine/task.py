@@ -1,0 +1,81 @@
+"""One task: partition number p of every source topic and every table, and its producer.
+
+A task is what Kafka Streams calls a StreamTask: the unit that owns a transactional
+producer (`transactional.id = <app_id>-task-<p>`), its partition of each store, the poison
+list of its inputs, its stream time and its queued records (docs/exactly-once.md#tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from paysaga.streams.engine.processor import TimerClock
+from paysaga.tables.store import PartitionStore
+
+#: Prefix of the offset-commit metadata that carries a task's stream time.
+STREAM_TIME_META = "paysaga:st="
+
+
+class TaskBroken(Exception):
+    """The task cannot go on with what it has: close it and open it again (a rebuild)."""
+
+
+def stream_time_metadata(stream_time: int) -> str:
+    return f"{STREAM_TIME_META}{stream_time}"
+
+
+def parse_stream_time(metadata: str | None) -> int:
+    """The stream time recorded with a committed offset (-1 if none or unreadable)."""
+    if not metadata or not metadata.startswith(STREAM_TIME_META):
+        return -1
+    raw = metadata[len(STREAM_TIME_META) :]
+    return int(raw) if raw.lstrip("-").isdigit() else -1
+
+
+@dataclass
+class Task:
+    """One partition number's producer, stores, stream time and poison list."""
+
+    partition: int
+    #: None only in the test driver, which commits without Kafka.
+    producer: AIOKafkaProducer | None
+    stores: dict[str, PartitionStore]
+    poison: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
+    #: Next offset to process per input partition: the committed offset at assignment,
+    #: then advanced by every commit. Records below it were already committed here (a
+    #: fetch made before a seek can deliver them again) and are never processed twice.
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    #: The highest event time the task's committed inputs carried (-1: none yet). Kept in
+    #: Kafka with the input offsets of every commit (their metadata), so it survives
+    #: restarts, restores and moves to another worker exactly like the offsets do.
+    stream_time: int = -1
+    committed_batches: int = 0
+    #: Fetched records waiting for this task's next batch, per input partition, in order.
+    inbox: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
+    runner: asyncio.Future[None] | None = None
+    closing: bool = False
+    #: Why this task's last attempt failed (None once a batch committed again).
+    failure: str | None = None
+    #: Its input partitions are paused because it has too much queued (backpressure).
+    paused: bool = False
+    #: Input partitions that reached their stop offset (a bounded run): never resumed.
+    done: set[TopicPartition] = field(default_factory=set)
+    #: Whether a wall-clock punctuation is due, and when each schedule last ran (monotonic).
+    tick: bool = False
+    last_tick: float = 0.0
+    wall_runs: dict[str, float] = field(default_factory=dict)
+    #: Earliest due time per timer / window index ("t:<name>", "w:<name>").
+    clocks: dict[str, TimerClock] = field(default_factory=dict)
+    #: Idle policy: wall clock (monotonic) and stream time at the last real input, and
+    #: when the last stream-time tick was written.
+    idle_since: float = field(default_factory=time.monotonic)
+    idle_base: int = -1
+    last_tick_write: float = 0.0
+
+    def queued(self) -> int:
+        return sum(len(records) for records in self.inbox.values())
