@@ -13,7 +13,6 @@ authorization expiry (stream time).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,13 +89,11 @@ class SagaAgent:
         topics: Topics,
         partitions: int,
         orchestrator: Orchestrator,
-        clock: Callable[[], int] | None = None,
     ) -> None:
         self.codec = codec
         self.topics = topics
         self.partitions = partitions
         self.orch = orchestrator
-        self.clock = clock or (lambda: int(time.time() * 1000))
         self.intake = IntakeStep(codec)
         t = topics
         self.sources: dict[str, Source] = {
@@ -194,7 +191,7 @@ class SagaAgent:
             self._send_status(ctx, current, status)
             return
         payment = initiate(event)
-        effects = self.orch.start(payment, event.saga.value, self.clock())
+        effects = self.orch.start(payment, event.saga.value, ctx.wall_clock_ms())
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, None)
 
     def _answer(self, ctx: ProcessorContext, event: Any, current: Payment, source: Source) -> None:
@@ -202,7 +199,7 @@ class SagaAgent:
         outcome = _outcome(event, source.kind(event))
         try:
             payment, effects = self.orch.on_outcome(current, source.service, outcome,
-                                                    self.clock())  # fmt: skip
+                                                    ctx.wall_clock_ms())  # fmt: skip
         except (Unmatched, InvalidTransition) as exc:
             self._reject(ctx, current, event, str(exc))
             return
@@ -219,7 +216,7 @@ class SagaAgent:
             return
         payment = current.model_copy(deep=True)
         fp = fingerprint(event.model_dump(mode="json"))
-        now = self.clock()
+        now = ctx.wall_clock_ms()
         kind = event.request_type
         if kind is ev.RequestType.CAPTURE:
             eff = self.orch.request_capture(payment, event.idempotency_key, fp, event.amount_minor,
@@ -300,14 +297,14 @@ class SagaAgent:
     # ---- timers -------------------------------------------------------------------------
     def _timeout(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
         """An unanswered command's deadline passed (wall clock): retry it or give up."""
-        now = self.clock()
+        now = ctx.wall_clock_ms()
         self._fire(ctx, key, due, "timeout", lambda p: self.orch.on_timeout(p, now))
 
     def _expiry(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
         """An uncaptured authorization's window ended by the partition's event time."""
         upto = ctx.stream_time
         self._fire(ctx, key, due, "expiry",
-                   lambda p: self.orch.on_auth_expiry(p, upto, self.clock()))  # fmt: skip
+                   lambda p: self.orch.on_auth_expiry(p, upto, ctx.wall_clock_ms()))  # fmt: skip
 
     def _fire(self, ctx: ProcessorContext, key: bytes, due: int, kind: str,
               run: Callable[[Payment], Effects]) -> None:  # fmt: skip

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from paysaga.agents.outputs import COMMAND_SCHEMAS
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine.deadletter import parse_headers
+from paysaga.streams.engine.driver import TopologyTestDriver
 from paysaga.streams.engine.partitioner import partition_for
 from tests.support import wait_for
 
 CODEC = AvroCodec(SchemaRegistry())
-COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
-                   "shipping": "ShippingCommand"}  # fmt: skip
 
 
 def new_id() -> str:
@@ -33,6 +34,9 @@ def new_id() -> str:
 
 class World:
     """Upstream, gateway, inventory and shipping, as one test drives them."""
+
+    #: How long a wait polls for what was sent to be processed.
+    patience = 60.0
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -119,40 +123,76 @@ class World:
         return record
 
     # ---- reading ------------------------------------------------------------------------
+    def _read(self, topic: str) -> list[Any]:
+        """Every committed record of `topic` (key, value, headers, partition, offset)."""
+        return asyncio.run(read_all(self.settings.bootstrap, topic))
+
     def commands(self, payment_id: str | None = None) -> list[dict[str, Any]]:
         """Every committed command (of every service), each with its `service`."""
         out = []
         for service, topic in self.command_topics.items():
-            for r in asyncio.run(read_all(self.settings.bootstrap, topic)):
+            for r in self._read(topic):
                 cmd = CODEC.decode(r.value, COMMAND_SCHEMAS[service])
                 if payment_id is None or cmd["payment_id"] == payment_id:
                     out.append({**cmd, "service": service, "_offset": (r.partition, r.offset)})
         return out
 
     def statuses(self, payment_id: str | None = None) -> list[dict[str, Any]]:
-        records = asyncio.run(read_all(self.settings.bootstrap, self.t.status))
+        records = self._read(self.t.status)
         decoded = [CODEC.decode(r.value, "PaymentStatusChanged") for r in records]
         return [s for s in decoded if payment_id is None or s["payment_id"] == payment_id]
 
     def dead_letters(self) -> list[tuple[bytes | None, dict[str, str]]]:
-        records = asyncio.run(read_all(self.settings.bootstrap, self.t.dlq))
-        return [(r.key, parse_headers(r.headers)) for r in records]
+        records = self._read(self.t.dlq)
+        return [(r.key, parse_headers(list(r.headers))) for r in records]
 
     def wait_command(self, payment_id: str, action: str, n: int = 1,
-                     timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+                     timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
         """The n-th command of type `action` for the payment, once committed."""
 
         def probe() -> dict[str, Any] | None:
             found = [c for c in self.commands(payment_id) if c["command_type"] == action]
             return found[n - 1] if len(found) >= n else None
 
-        return wait_for(probe, timeout, what=f"{action} #{n} for {payment_id}")
+        return wait_for(probe, timeout or self.patience, what=f"{action} #{n} for {payment_id}")
 
-    def wait_status(self, payment_id: str, what: str, pred, timeout: float = 60) -> dict:
+    def wait_status(self, payment_id: str, what: str, pred,
+                    timeout: float | None = None) -> dict:  # fmt: skip
         def probe() -> dict[str, Any] | None:
             return next((s for s in self.statuses(payment_id) if pred(s)), None)
 
-        return wait_for(probe, timeout, what=f"{what} for {payment_id}")
+        return wait_for(probe, timeout or self.patience, what=f"{what} for {payment_id}")
 
-    def terminal(self, payment_id: str, timeout: float = 60) -> dict[str, Any]:
+    def terminal(self, payment_id: str, timeout: float | None = None) -> dict[str, Any]:
         return self.wait_status(payment_id, "terminal status", lambda s: s["terminal"], timeout)
+
+
+@dataclass(frozen=True)
+class _Read:
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    partition: int
+    offset: int
+
+
+class DriverWorld(World):
+    """The same outside world around the topology test driver instead of a worker: what it
+    sends is processed at once, so every wait is answered by the first look."""
+
+    patience = 0.01
+
+    def __init__(self, settings: Settings, driver: TopologyTestDriver) -> None:
+        super().__init__(settings)
+        self.driver = driver
+
+    def send(self, topic: str, schema: str, record: dict[str, Any], partition: int | None = None,
+             headers: list | None = None) -> None:  # fmt: skip
+        key = record["payment_id"].encode()
+        part = partition_for(key, self.settings.partitions) if partition is None else partition
+        self.driver.pipe(topic, CODEC.encode(schema, record), key, partition=part,
+                         timestamp=record["occurred_at"], headers=headers)  # fmt: skip
+
+    def _read(self, topic: str) -> list[Any]:
+        return [_Read(o.key, o.value, o.headers, o.partition, i)
+                for i, o in enumerate(self.driver.outputs(topic))]  # fmt: skip

@@ -26,9 +26,9 @@ def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 def test_topics_create_twice_is_idempotent(settings: Settings) -> None:
     first = paysaga(settings, "topics", "create")
     assert first.returncode == 0, first.stderr
-    assert "26 topics: 26 created, 0 existed" in first.stdout
+    assert "27 topics: 27 created, 0 existed" in first.stdout
     second = paysaga(settings, "topics", "create")
-    assert "0 created, 26 existed" in second.stdout
+    assert "0 created, 27 existed" in second.stdout
 
 
 def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> None:

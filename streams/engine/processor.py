@@ -11,6 +11,7 @@ inside one call lands in its task's Kafka transaction, or nowhere.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -236,6 +237,12 @@ class ProcessorContext:
         #: The task's stream time: the highest event time its inputs carried so far.
         self.stream_time = stream_time
 
+    def wall_clock_ms(self) -> int:
+        """The engine's wall clock (the test driver's controllable one under test): for
+        what is wall-clock by nature, such as a command's deadline. Anything a replay must
+        reproduce uses event time (`timestamp`, `stream_time`) instead."""
+        return self._runtime.wall_clock_ms()
+
     # ---- state --------------------------------------------------------------------------
     def table(self, name: str) -> TableTransaction:
         agent = self._agent
@@ -316,6 +323,8 @@ class ContextRuntime:
         self._owners = owners  # "t:name" / "w:name" -> the declaring agent's name
         #: One `TimerClock` per timer and window index, per task.
         self.clock_names = tuple(owners)
+        #: Set by the runner to its clock (the system's, or the test driver's).
+        self.wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
     def _check(self, agent: Agent | None, ref: str) -> None:
         owner = self._owners.get(ref)

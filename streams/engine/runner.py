@@ -64,6 +64,7 @@ class TaskRunner:
         self.state = state
         self.manager = manager
         self.clock = clock or SystemClock()
+        state.runtime.wall_clock_ms = self.clock.wall_ms
         agents = state.topology.agents
         self.routes = state.routes
         self.runtime = state.runtime
@@ -294,7 +295,7 @@ class TaskRunner:
         try:
             return agent.decode(record)
         except BadRecord as bad:
-            ctx.dead_letter(bad.kind, f"{agent.name}: {bad.reason}")
+            ctx.dead_letter(bad.kind, bad.reason)
             self.state.stats["dead_letters"] += 1
             return _SKIP
 
