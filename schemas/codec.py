@@ -14,10 +14,10 @@ Pure module: no Faust or Kafka imports.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from fastavro import schemaless_reader, schemaless_writer
 
@@ -92,7 +92,7 @@ class AvroCodec:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    def encode(self, name: str, record: dict[str, Any]) -> bytes:
+    def encode(self, name: str, record: Mapping[str, Any]) -> bytes:
         """Single-object encoding with the current schema of ``name``."""
         cached = self._writers.get(name)
         if cached is None:
@@ -100,11 +100,11 @@ class AvroCodec:
             cached = self._writers[name] = (schema.parsed, SINGLE_OBJECT_MAGIC + schema.fingerprint)
         return _write(cached[1], cached[0], record)
 
-    def encode_with(self, schema: Schema, record: dict[str, Any]) -> bytes:
+    def encode_with(self, schema: Schema, record: Mapping[str, Any]) -> bytes:
         """Single-object encoding with a given schema version (e.g. an older writer)."""
         return _write(SINGLE_OBJECT_MAGIC + schema.fingerprint, schema.parsed, record)
 
-    def encode_confluent(self, name: str, record: dict[str, Any], schema_id: int) -> bytes:
+    def encode_confluent(self, name: str, record: Mapping[str, Any], schema_id: int) -> bytes:
         """Confluent framing: 0x00, the 4-byte big-endian registry id, then the Avro body."""
         if not 0 <= schema_id < 2**32:
             raise EncodeError(f"schema id {schema_id} does not fit 4 unsigned bytes")
@@ -153,7 +153,8 @@ class AvroCodec:
         body = BytesIO(data)
         body.seek(start)
         try:
-            record = schemaless_reader(body, plan.writer, plan.reader)
+            # A record schema reads as a dict (fastavro types any Avro value).
+            record = cast("dict[str, Any]", schemaless_reader(body, plan.writer, plan.reader))
         except EOFError:
             raise DecodeError("truncated", f"Avro body of {writer.name} ends early") from None
         except Exception as exc:  # fastavro raises many types on garbage
@@ -168,8 +169,8 @@ class AvroCodec:
                 "trailing-bytes", f"{len(data) - end} bytes after the {writer.name} record"
             )
         for name, factory in plan.fill:
-            record[name] = factory()  # type: ignore[index]
-        return record  # type: ignore[return-value]
+            record[name] = factory()
+        return record
 
     def _plan(self, writer: Schema, reader_name: str) -> _Plan:
         reader = self.registry.reader(reader_name)
@@ -188,7 +189,7 @@ class AvroCodec:
         return plan
 
 
-def _write(header: bytes, parsed: dict[str, Any], record: dict[str, Any]) -> bytes:
+def _write(header: bytes, parsed: dict[str, Any], record: Mapping[str, Any]) -> bytes:
     out = BytesIO()
     out.write(header)
     try:

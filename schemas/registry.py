@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema
 from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
+from fastavro.types import Schema as AvroSchema
 
 __all__ = [
     "NAMESPACE",
@@ -41,7 +42,7 @@ NAMESPACE = "io.paysaga"
 MISSING_ID_TTL_S = 30.0
 
 
-def fingerprint(schema: dict[str, Any]) -> bytes:
+def fingerprint(schema: AvroSchema) -> bytes:
     """The 8-byte little-endian CRC-64-AVRO fingerprint used by single-object encoding.
 
     fastavro's hex string is already in little-endian byte order (the Avro spec's test
@@ -110,7 +111,10 @@ class Schema:
         self.fingerprint = fingerprint(source)
         # Parsed once with fastavro's "already parsed" marker (the default), so
         # schemaless_reader/writer do not re-parse the schema on every call.
-        self.parsed = parse_schema(strip_logical_types(source), named_schemas={})
+        # A record schema parses to a dict (fastavro types any schema: str | list | dict).
+        self.parsed = cast(
+            "dict[str, Any]", parse_schema(strip_logical_types(source), named_schemas={})
+        )
 
     def __repr__(self) -> str:
         version = "current" if self.version is None else f"v{self.version}"

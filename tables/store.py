@@ -93,7 +93,8 @@ class PartitionStore:
         self.path = path
         self._db = db
         self._write_opts = rocksdict.WriteOptions()
-        self._write_opts.disable_wal = True
+        # A property at run time; rocksdict's stub declares it a method (calling it fails).
+        self._write_opts.disable_wal = True  # type: ignore[method-assign, assignment]
 
     def _failed(self, exc: Exception) -> StoreError:
         return StoreError(f"{self.path}: {exc}")
@@ -141,7 +142,12 @@ class PartitionStore:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every user key and value (for tests, dumps and comparisons; not the hot path)."""
-        return [(k, v) for k, v in self._db.items() if not k.startswith(META_PREFIX)]
+        # raw_mode: every key is bytes (the stub types keys of any mode).
+        return [
+            (k, v)
+            for k, v in self._db.items()
+            if isinstance(k, bytes) and not k.startswith(META_PREFIX)
+        ]
 
     def close(self) -> None:
         """Close the database; closing a closed (or failed) one is not an error."""

@@ -1,6 +1,7 @@
 """A pipeline for the exactly-once tests, run by the real worker through `Settings.topology`.
 
-It reads `eos.in`, folds amounts per key into the `totals` table, and writes each input to
+`window_topology` runs event-time windows over the same topics (tests/test_e2e_windows.py).
+The fold reads `eos.in`, folds amounts per key into the `totals` table, and writes each input to
 `eos.out.a` (same key, 3 partitions, never read by the worker) and to `eos.out.b` (keyed by
 sequence number, 5 partitions: another partition count than the input). A value b"POISON"
 makes the agent raise; {"huge": true} makes it emit an output the producer refuses.
@@ -17,6 +18,7 @@ from aiokafka.structs import ConsumerRecord
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic
 from paysaga.streams.engine import ProcessorContext, PunctuationType, Topology
+from paysaga.tables.windows import Window, Windows
 
 TOTALS = "totals"
 
@@ -66,14 +68,55 @@ def flaky_timer_topology(settings: Settings) -> Topology:
     return topology
 
 
+WINDOWS = "wsum"
+WINDOW_MS = 100
+
+
+def window_topology(settings: Settings) -> Topology:
+    """Sums per key in tumbling 100 ms event-time windows (no grace): each closed window to
+    `eos.out.a`, each late input (its window already closed) to `eos.out.b`. Inputs are JSON
+    {"seq", "amount", "ts"}; the event time is "ts"."""
+    source, out_a, out_b = names(settings)
+    topology = Topology()
+
+    def decode(record: ConsumerRecord) -> dict:
+        return dict(json.loads(record.value))
+
+    @topology.agent("windows", sources=[source], tables=[WINDOWS], decode=decode,
+                    event_time=lambda e: e["ts"])  # fmt: skip
+    def add(ctx: ProcessorContext, event: dict) -> None:
+        record = ctx.record
+        assert record is not None and record.key is not None
+
+        def fold(window: Window, current: bytes | None) -> bytes:
+            total, count = json.loads(current) if current else (0, 0)
+            return json.dumps([total + event["amount"], count + 1]).encode()
+
+        for window in ctx.window(WINDOWS).update(record.key, fold):
+            late = {"seq": event["seq"], "key": record.key.decode(), "start": window.start}
+            ctx.send(out_b, record.key, json.dumps(late).encode())
+
+    @add.window(WINDOWS, WINDOWS, Windows.tumbling(WINDOW_MS))
+    def closed(ctx: ProcessorContext, window: Window, value: bytes) -> None:
+        total, count = json.loads(value)
+        result = {"key": window.key.decode(), "start": window.start, "total": total,
+                  "count": count}  # fmt: skip
+        ctx.send(out_a, window.key, json.dumps(result).encode())
+
+    return topology
+
+
 def create_topics(settings: Settings) -> None:
     source, out_a, out_b = names(settings)
+    compact = {"cleanup.policy": "compact"}
     specs = [
         (source, 3, {}),
         (out_a, 3, {}),
         (out_b, 5, {}),
         (Topics(settings.topic_prefix).dlq, 3, {}),
-        (changelog_topic(settings, TOTALS), 3, {"cleanup.policy": "compact"}),
+        (Topics(settings.topic_prefix).stream_time, 3, {}),
+        (changelog_topic(settings, TOTALS), 3, compact),
+        (changelog_topic(settings, WINDOWS), 3, compact),
     ]
 
     async def go() -> None:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiokafka import AIOKafkaProducer
+
 from paysaga.streams.app.settings import Settings
 
 T = TypeVar("T")
@@ -177,6 +179,49 @@ def kill_repeatedly(
             recovering += 1
         worker.start(wait_ready=False)  # the next progress wait says it works
     return recovering
+
+
+class PacedProducer(threading.Thread):
+    """Sends the inputs at about `rate`/s, so kills land while batches are in flight.
+
+    `stop()` ends the load early; `sent` says how many of the inputs went out (all of them
+    acknowledged once the thread has ended).
+    """
+
+    def __init__(self, settings: Settings, topic: str, items: list[tuple[bytes, bytes]],
+                 rate: float) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.settings, self.topic, self.items, self.rate = settings, topic, items, rate
+        self.error: BaseException | None = None
+        self.sent = 0
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._send())
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    async def _send(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all",
+                                    enable_idempotence=True, linger_ms=5)  # fmt: skip
+        await producer.start()
+        try:
+            started = time.monotonic()
+            for i, (key, value) in enumerate(self.items):
+                if self._halt.is_set():
+                    break
+                await producer.send(self.topic, value, key=key)
+                self.sent = i + 1
+                ahead = i / self.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # pacing the load, not synchronising
+            await producer.flush()
+        finally:
+            await producer.stop()
 
 
 def run(coro: Any) -> Any:

@@ -13,8 +13,6 @@ import contextlib
 import functools
 import json
 import random
-import threading
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -31,7 +29,13 @@ from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.engine.deadletter import H_KIND, H_REASON, parse_headers
 from paysaga.tables.store import StoreManager
 from tests import pipelines
-from tests.support import WorkerProcess, isolated_settings, kill_repeatedly, wait_for
+from tests.support import (
+    PacedProducer,
+    WorkerProcess,
+    isolated_settings,
+    kill_repeatedly,
+    wait_for,
+)
 
 KEYS = 40
 
@@ -46,49 +50,6 @@ def _inputs(n: int, seed: int) -> list[tuple[bytes, dict]]:
     rng = random.Random(seed)
     return [(f"k{rng.randrange(KEYS)}".encode(), {"seq": i, "amount": rng.randint(1, 10_000)})
             for i in range(n)]  # fmt: skip
-
-
-class PacedProducer(threading.Thread):
-    """Sends the inputs at about `rate`/s, so kills land while batches are in flight.
-
-    `stop()` ends the load early; `sent` says how many of the inputs went out (all of them
-    acknowledged once the thread has ended).
-    """
-
-    def __init__(self, settings: Settings, items: list[tuple[bytes, bytes]], rate: float):
-        super().__init__(daemon=True)
-        self.settings, self.items, self.rate = settings, items, rate
-        self.error: BaseException | None = None
-        self.sent = 0
-        self._halt = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        try:
-            asyncio.run(self._send())
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
-
-    async def _send(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all",
-                                    enable_idempotence=True, linger_ms=5)  # fmt: skip
-        await producer.start()
-        try:
-            source = pipelines.names(self.settings)[0]
-            started = time.monotonic()
-            for i, (key, value) in enumerate(self.items):
-                if self._halt.is_set():
-                    break
-                await producer.send(source, value, key=key)
-                self.sent = i + 1
-                ahead = i / self.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)  # pacing the load, not synchronising
-            await producer.flush()
-        finally:
-            await producer.stop()
 
 
 def _committed(settings: Settings, topic: str) -> list:
@@ -172,7 +133,12 @@ def test_kill9_during_batches(broker: LocalBroker, tmp_path: Path) -> None:
     # Inputs keep arriving until the last kill (the list only bounds the test): a worker that
     # caught up with a finished load would leave nothing in flight to crash into.
     inputs = _inputs(200_000, seed=3)  # 400 s at 500/s: far more than the kills take
-    producer = PacedProducer(settings, [(k, json.dumps(v).encode()) for k, v in inputs], 500)
+    producer = PacedProducer(
+        settings,
+        pipelines.names(settings)[0],
+        [(k, json.dumps(v).encode()) for k, v in inputs],
+        500,
+    )
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     producer.start()
     out_a = pipelines.names(settings)[1]
@@ -198,7 +164,9 @@ def test_two_workers_one_killed(broker: LocalBroker, tmp_path: Path) -> None:
     base = _settings(broker, tmp_path, "pair", max_batch=50, session_timeout_ms=6000)
     pipelines.create_topics(base)
     inputs = _inputs(8_000, seed=5)
-    producer = PacedProducer(base, [(k, json.dumps(v).encode()) for k, v in inputs], 1000)
+    producer = PacedProducer(
+        base, pipelines.names(base)[0], [(k, json.dumps(v).encode()) for k, v in inputs], 1000
+    )
     a = WorkerProcess(base, tmp_path / "a.log").start()
     b_settings = base.model_copy(update={"web_port": free_port(), "data_dir": tmp_path / "b"})
     b = WorkerProcess(b_settings, tmp_path / "b.log").start()
@@ -229,7 +197,7 @@ def test_failing_record_aborts_batch_and_goes_to_dlq(broker: LocalBroker, tmp_pa
     poison_seq, huge_seq = 150, 400
     raw[poison_seq] = (raw[poison_seq][0], b"POISON")
     raw[huge_seq] = (raw[huge_seq][0], json.dumps({**inputs[huge_seq][1], "huge": True}).encode())
-    producer = PacedProducer(settings, raw, 100_000)
+    producer = PacedProducer(settings, pipelines.names(settings)[0], raw, 100_000)
     producer.run()  # all inputs first, so they share batches
     assert producer.error is None
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 
-def consumer(bootstrap: str, isolation: str = "read_committed", **kw) -> AIOKafkaConsumer:
+def consumer(bootstrap: str, isolation: str = "read_committed", **kw: Any) -> AIOKafkaConsumer:
     """A group-less consumer, read_committed unless asked (assign partitions yourself)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,

@@ -8,6 +8,7 @@ partition counts agree. An existing topic with another count is reported, never 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -177,7 +178,7 @@ def partitions_of(spec: TopicSpec, settings: Settings) -> int:
 
 
 async def create_topics(
-    settings: Settings, specs: list[TopicSpec] | None = None, log=print
+    settings: Settings, specs: list[TopicSpec] | None = None, log: Callable[[str], object] | None = print
 ) -> dict[str, str]:
     """Create missing topics; check existing ones. Returns {topic: "created" | "exists"}.
 
@@ -238,7 +239,7 @@ async def _partition_counts(
     return {d["topic"]: len(d["partitions"]) for d in described if d.get("error_code", 0) == 0}
 
 
-async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str], timeout=30.0) -> None:
+async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str], timeout: float = 30.0) -> None:
     """Wait until every topic has a leader for every partition, so producers can start."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -23,6 +23,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from paysaga.agents.intake import IntakeStep, Rejected
 from paysaga.agents.outputs import compact_json
@@ -56,7 +57,7 @@ async def baseline(bootstrap: str, source: str, output: str, group: str, state: 
     state.mkdir(parents=True, exist_ok=True)
     db = rocksdict.Rdict(str(state / "db"), rocksdict.Options(raw_mode=True))
     no_wal = rocksdict.WriteOptions()
-    no_wal.disable_wal = True
+    no_wal.disable_wal = True  # type: ignore[method-assign, assignment]  # a property; the stub says method
     await consumer.start()
     await producer.start()
     print("READY", flush=True)
@@ -65,7 +66,8 @@ async def baseline(bootstrap: str, source: str, output: str, group: str, state: 
         if not batch:
             continue
         await producer.begin_transaction()
-        futures, writes = [], {}
+        futures: list[Any] = []  # aiokafka's send futures (untyped)
+        writes: dict[bytes, bytes] = {}
         for tp, records in batch.items():
             for r in records:
                 parsed = step.parse(r.value)
@@ -111,7 +113,7 @@ def faust_textbook(
     out_topic = app.topic(output, key_type=bytes, value_type=bytes)
 
     @app.agent(src)
-    async def intake(stream):  # the textbook pattern
+    async def intake(stream: faust.StreamT[bytes]) -> None:  # the textbook pattern
         async for value in stream:
             parsed = step.parse(value)
             if isinstance(parsed, Rejected):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _pom() -> str:
     )
 
 
-def ensure_jars(log=print) -> Path:
+def ensure_jars(log: Callable[[str], object] = print) -> Path:
     """Resolve the broker jars once (under a file lock) and return the lib directory."""
     root = cache_dir()
     lib = root / "lib"
@@ -176,7 +177,7 @@ class LocalBroker:
             return None
         return pid
 
-    def up(self, timeout: float = 60.0, log=print) -> float:
+    def up(self, timeout: float = 60.0, log: Callable[[str], object] = print) -> float:
         """Start the node (formatting storage the first time); return seconds to ready."""
         if self.pid() is not None:
             if wait_ready(self.bootstrap, 10):

@@ -306,7 +306,7 @@ class Service:
     kind: str
     command_record: str
     command_topic: Callable[[Topics], str]
-    config_type: type
+    config_type: type[SimConfig]
     decider: Callable[[Any, Topics], Decider]
 
 

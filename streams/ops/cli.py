@@ -20,7 +20,14 @@ from typing import Any
 from paysaga.streams.app.settings import Settings
 
 
-def _env_opt(p: argparse.ArgumentParser, flag: str, env: str, default: Any, typ=str, **kw) -> None:
+def _env_opt(
+    p: argparse.ArgumentParser,
+    flag: str,
+    env: str,
+    default: Any,
+    typ: Callable[[str], Any] = str,
+    **kw: Any,
+) -> None:
     raw = os.environ.get(env)
     value = typ(raw) if raw not in (None, "") else default
     p.add_argument(flag, type=typ, default=value, help=f"{kw.pop('help', '')} [${env}]", **kw)

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from typing import TextIO
 
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.registry import SchemaRegistry
@@ -52,7 +53,7 @@ async def dlq_show(settings: Settings, ref: str) -> int:
     return 1
 
 
-async def watch(settings: Settings, seconds: float = 0.0, out=sys.stdout) -> int:
+async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdout) -> int:
     """Print live counts of status outcomes and dead letters (read_committed)."""
     codec = AvroCodec(SchemaRegistry())
     counts: Counter[str] = Counter()
