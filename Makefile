@@ -3,7 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test bench lint system-deps venv clean
+.PHONY: run test bench lint typecheck system-deps venv clean
+
+# The type check, one command for `lint`, `test` and `typecheck`: `paysaga.*` resolves through
+# typecheck/paysaga/ (symlinks to the top-level folders); the settings are [tool.mypy].
+TYPECHECK := $(VENV)/bin/mypy -p paysaga -p tests
 
 # Java 17 and Maven run the local Apache Kafka node; install them if the machine lacks them.
 system-deps:
@@ -27,6 +31,7 @@ run: venv
 ## The whole test suite against a real local Kafka broker the suite starts itself.
 test: venv
 	$(VENV)/bin/ruff check streams agents tables schemas domain tests
+	$(TYPECHECK)
 	$(PY) -m pytest -p no:cacheprovider
 
 ## The benchmark harness (figures are reported, never asserted).
@@ -36,6 +41,11 @@ bench: venv
 lint: venv
 	$(VENV)/bin/ruff check streams agents tables schemas domain tests
 	$(VENV)/bin/ruff format --check streams agents tables schemas domain tests
+	$(TYPECHECK)
+
+## mypy over the package and the tests (also part of `lint` and `test`).
+typecheck: venv
+	$(TYPECHECK)
 
 clean:
 	$(VENV)/bin/paysaga broker down || true

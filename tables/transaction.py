@@ -38,13 +38,13 @@ class TableTransaction:
     def range(self, lo: bytes, hi: bytes, limit: int = 1000) -> list[tuple[bytes, bytes]]:
         """Up to `limit` entries with lo <= key < hi as this batch sees them (its own writes
         and deletes over the committed store), in key order. For timer and expiry indexes."""
-        merged: dict[bytes, bytes | None] = dict(self.store.range(lo, hi, limit + len(self.changes)))
+        merged: dict[bytes, bytes | None] = dict(
+            self.store.range(lo, hi, limit + len(self.changes))
+        )
         for key, value in self.changes.items():
             if lo <= key < hi:
                 merged[key] = value
-        live: list[tuple[bytes, bytes]] = sorted(
-            (k, v) for k, v in merged.items() if v is not None
-        )
+        live: list[tuple[bytes, bytes]] = sorted((k, v) for k, v in merged.items() if v is not None)
         return live[:limit]
 
 

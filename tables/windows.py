@@ -19,8 +19,8 @@ Semantics follow Kafka Streams' `TimeWindows`:
 * a window *closes* when stream time reaches ``end + grace_ms``. A record whose window has
   closed (``end + grace_ms <= stream_time``) is *late*: that window is not updated and is
   reported in `Update.late` (the record still updates its other, open windows);
-* closing is driven by stream time (the largest event time the partition has seen, see
-  `tables.timers.advance_stream_time`), never by the wall clock, so a replay of the same
+* closing is driven by stream time (the largest event time the task has seen, kept by the
+  engine with its committed offsets), never by the wall clock, so a replay of the same
   records closes the same windows in the same order. Pass `update` the stream time after
   advancing it with the record, as Kafka Streams does.
 

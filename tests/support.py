@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
@@ -28,7 +28,10 @@ T = TypeVar("T")
 
 
 def wait_for(
-    probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, what: str = "condition"
+    probe: Callable[[], T | Literal[False] | None],
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str = "condition",
 ) -> T:
     """Poll `probe` until it returns a truthy value; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -169,8 +172,11 @@ def kill_repeatedly(
     recovering, done = 0, 0
     for kill in range(1, kills + 1):
         seen = done
-        done = wait_for(lambda s=seen: (n := progress()) > s + step and n, timeout,
-                        what=f"progress before kill {kill}")  # fmt: skip
+
+        def grown(s: int = seen) -> int | Literal[False]:
+            return (n := progress()) > s + step and n
+
+        done = wait_for(grown, timeout, what=f"progress before kill {kill}")
         assert load.is_alive(), f"the load ended before kill {kill}"
         time.sleep(rng.uniform(0.0, 0.5))  # a random moment to crash, not a wait
         worker.kill()

@@ -331,7 +331,7 @@ def test_fetch_in_flight_across_reassignment_is_read_again(
         try:
             assert engine.consumer is not None
             fetch = GatedFetch(engine.consumer)
-            engine.consumer.getmany = fetch  # type: ignore[method-assign]
+            engine.consumer.getmany = fetch
             await _until(lambda: engine.ready and sorted(engine.tasks) == [0, 1, 2], 60,
                          "the engine owns every task")  # fmt: skip
             # The first assignment itself happens inside a fetch; let one fetch begin and
@@ -669,7 +669,7 @@ def test_a_restore_longer_than_the_session_keeps_the_membership(
     async def scenario() -> dict[str, float]:
         engine = create_engine(settings)
         restore = GatedRestore(engine, 1)
-        engine.recovery.restore = restore
+        engine.recovery.restore = restore  # type: ignore[method-assign]
         restore.armed = True
         real_release = engine.release
 
@@ -678,7 +678,7 @@ def test_a_restore_longer_than_the_session_keeps_the_membership(
                 releases.append(set(partitions))
             await real_release(partitions)
 
-        engine.release = release
+        engine.release = release  # type: ignore[method-assign]
         await engine.start()
         try:
             await asyncio.wait_for(restore.entered.wait(), 60)

@@ -117,7 +117,12 @@ def test_windows_close_exactly_once_through_kills_and_a_lost_state(
         assert producer.error is None and not producer.is_alive()
         inputs = inputs[: producer.sent]
         # Nothing arrives any more: only the idle policy's ticks can close the last windows.
-        wait_for(lambda: _accounted(settings) >= len(inputs), 120, what="every window closed")
+        try:
+            wait_for(lambda: _accounted(settings) >= len(inputs), 120,
+                     what="every window closed")  # fmt: skip
+        except AssertionError:
+            _verify(settings, inputs)  # says what is missing, if it can
+            raise
     except AssertionError as exc:
         raise AssertionError(f"{exc}; {worker.diagnosis()}") from None
     finally:

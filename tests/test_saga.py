@@ -369,7 +369,7 @@ def act(run: Run, data: st.DataObject) -> str:
     candidates += [command_id(k, o.attempt + 1) for k, o in p.outstanding.items()]
     cid = data.draw(st.sampled_from(candidates), label="stray id")
     service = data.draw(st.sampled_from(services))
-    if p.outstanding and data.draw(st.booleans()):  # the right command, the wrong service
+    if bool(p.outstanding) and data.draw(st.booleans()):  # the right command, the wrong service
         o = data.draw(
             st.sampled_from(sorted(p.outstanding.values(), key=lambda o: o.idempotency_key))
         )
@@ -425,6 +425,7 @@ def test_successful_services_complete_every_saga(
     orch = Orchestrator(POLICY)
     p, now = payment(kind, mode, amount), T0
     eff = orch.start(p, kind, now)
+    terminal: int
     terminal, sent, capture = eff.terminal, list(eff.commands), None
     for _ in range(100):
         saga = p.saga
@@ -636,6 +637,7 @@ def manual_authorized(kind: str = "PAYMENT") -> tuple[Orchestrator, Payment]:
 def test_manual_partial_capture_releases_the_rest() -> None:
     orch, p = manual_authorized()
     assert p.status is S.AUTHORIZED and not p.outstanding
+    assert p.authorized_at is not None
     assert p.auth_expires_at == p.authorized_at + POLICY.auth_window_ms
     eff = orch.request_capture(p, "cap-1", "fp", 250, T0)
     [c] = eff.commands
@@ -829,6 +831,7 @@ def test_exhausted_refund_timeout_is_reviewed_without_ending_anything() -> None:
         orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
     eff = orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
     assert eff.review == ["no answer to REFUND after 5 attempts; outcome unknown"]
+    assert p.saga is not None
     assert not eff.terminal and not p.outstanding and p.saga.state == "COMPLETED"
     assert p.refunds["r1"].state == "IN_DOUBT" and p.refund_pending_minor == 100
 

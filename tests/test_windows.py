@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paysaga.tables.store import PartitionStore, StoreManager, StoreOptions
-from paysaga.tables.timers import STREAM_TIME_KEY, TimerIndex
+from paysaga.tables.timers import KeyedTimers
 from paysaga.tables.transaction import TableTransaction
 from paysaga.tables.windows import MAX_TIME, Fold, Window, Windows, WindowStore
 
@@ -160,11 +160,10 @@ def test_a_fold_must_return_bytes(store: PartitionStore) -> None:
 def test_close_due_returns_exactly_the_windows_past_end_plus_grace(store: PartitionStore) -> None:
     ws = WindowStore("sums", Windows.tumbling(10, grace_ms=5))
     other = WindowStore("others", Windows.tumbling(10))
-    timers = TimerIndex("t")
+    timers = KeyedTimers("t")
     txn = TableTransaction(store)
     txn.set(b"user-key", b"payload")
-    timers.move(txn, b"id", None, 0)
-    txn.set(STREAM_TIME_KEY, b"20")
+    timers.set(txn, b"id", 0)
     for ts in (0, 9, 10, 19, 20, 35):  # windows 0 (closes 15), 10 (25), 20 (35), 30 (45)
         ws.update(txn, b"k", ts, 0, add(ts))
     other.update(txn, b"k", 3, 0, add(1))  # closes at 10, but is another store's
@@ -180,7 +179,6 @@ def test_close_due_returns_exactly_the_windows_past_end_plus_grace(store: Partit
 
     # other data of the table is untouched, and so is the other window store
     assert store.get(b"user-key") == b"payload"
-    assert store.get(STREAM_TIME_KEY) == b"20"
     txn = TableTransaction(store)
     assert timers.due(txn, 100) == [(0, b"id")]
     assert other.open_windows(txn, b"k") == [(Window(b"k", 0, 10), b"1")]

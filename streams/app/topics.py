@@ -100,7 +100,7 @@ class Topics:
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """The declarative topic table (docs/contract.md#topics)."""
     audit = settings.lifecycle_retention_ms
-    t = Topics(settings.topic_prefix)
+    t = Topics(settings.topic_prefix, settings.input_topic_prefix)
     specs = [
         TopicSpec(t.initiated, "PaymentInitiated", retention_ms=settings.initiated_retention_ms),
         TopicSpec(
@@ -178,7 +178,9 @@ def partitions_of(spec: TopicSpec, settings: Settings) -> int:
 
 
 async def create_topics(
-    settings: Settings, specs: list[TopicSpec] | None = None, log: Callable[[str], object] | None = print
+    settings: Settings,
+    specs: list[TopicSpec] | None = None,
+    log: Callable[[str], object] | None = print,
 ) -> dict[str, str]:
     """Create missing topics; check existing ones. Returns {topic: "created" | "exists"}.
 
@@ -239,7 +241,9 @@ async def _partition_counts(
     return {d["topic"]: len(d["partitions"]) for d in described if d.get("error_code", 0) == 0}
 
 
-async def _wait_for_metadata(admin: AIOKafkaAdminClient, names: set[str], timeout: float = 30.0) -> None:
+async def _wait_for_metadata(
+    admin: AIOKafkaAdminClient, names: set[str], timeout: float = 30.0
+) -> None:
     """Wait until every topic has a leader for every partition, so producers can start."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

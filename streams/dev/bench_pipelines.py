@@ -57,7 +57,8 @@ async def baseline(bootstrap: str, source: str, output: str, group: str, state: 
     state.mkdir(parents=True, exist_ok=True)
     db = rocksdict.Rdict(str(state / "db"), rocksdict.Options(raw_mode=True))
     no_wal = rocksdict.WriteOptions()
-    no_wal.disable_wal = True  # type: ignore[method-assign, assignment]  # a property; the stub says method
+    # A property at run time; rocksdict's stub declares it a method (calling it fails).
+    no_wal.disable_wal = True  # type: ignore[method-assign, assignment]
     await consumer.start()
     await producer.start()
     print("READY", flush=True)

@@ -89,7 +89,7 @@ async def commit(
             fut = await producer.send(topic, value, key=key, partition=part, headers=headers,
                                       timestamp_ms=ts)  # fmt: skip
         except RECORD_ERRORS as exc:  # refused before sending (e.g. over max_request_size)
-            exc.paysaga_records = {index}  # type: ignore[attr-defined]
+            exc.paysaga_records = {index}
             raise
         futures.append(fut)
         owners.append(index)

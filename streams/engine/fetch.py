@@ -30,7 +30,7 @@ from paysaga.tables.store import PartitionStore, StoreManager
 log = logging.getLogger(__name__)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, engine: ExactlyOnceEngine) -> None:
         self.engine = engine
 
@@ -41,7 +41,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.engine.acquire({tp.partition for tp in assigned})
 
 
-class ExactlyOnceEngine(mode.Service):  # type: ignore[misc]
+class ExactlyOnceEngine(mode.Service):
     """Consume, process and produce with exactly-once semantics (docs/exactly-once.md)."""
 
     def __init__(

@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import logging
 import time
+from typing import Protocol
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -47,6 +48,14 @@ CLOSE_PAGE = 1000
 _SKIP = object()
 
 
+class Clock(Protocol):
+    """Where the runner reads time: the system (`SystemClock`) or the test driver's."""
+
+    def wall_ms(self) -> int: ...
+
+    def monotonic(self) -> float: ...
+
+
 class SystemClock:
     """The wall clock and the monotonic clock; the test driver substitutes its own."""
 
@@ -59,11 +68,11 @@ class SystemClock:
 
 class TaskRunner:
     def __init__(
-        self, state: EngineState, manager: TaskManager | None, clock: SystemClock | None = None
+        self, state: EngineState, manager: TaskManager | None, clock: Clock | None = None
     ) -> None:
         self.state = state
         self.manager = manager
-        self.clock = clock or SystemClock()
+        self.clock: Clock = clock or SystemClock()
         state.runtime.wall_clock_ms = self.clock.wall_ms
         agents = state.topology.agents
         self.routes = state.routes
@@ -245,6 +254,7 @@ class TaskRunner:
             for i, record in enumerate(records):
                 ctx.record = record
                 ctx.index = i
+                ctx.timestamp = record.timestamp  # until the agent's extractor says otherwise
                 if poison:
                     mark = poison.get((record.topic, record.partition, record.offset))
                     if mark is not None:
