@@ -1,10 +1,11 @@
-"""A pipeline for the exactly-once tests, run by the real worker through `Settings.topology`.
+"""Pipelines for the exactly-once tests, run by the real worker through `Settings.topology`.
 
-`window_topology` runs event-time windows over the same topics (tests/test_e2e_windows.py).
-The fold reads `eos.in`, folds amounts per key into the `totals` table, and writes each input to
-`eos.out.a` (same key, 3 partitions, never read by the worker) and to `eos.out.b` (keyed by
-sequence number, 5 partitions: another partition count than the input). A value b"POISON"
-makes the agent raise; {"huge": true} makes it emit an output the producer refuses.
+The fold reads `eos.in`, folds amounts per key into the `totals` table, and writes each
+input to `eos.out.a` (same key, 3 partitions, never read by the worker) and to `eos.out.b`
+(keyed by sequence number, 5 partitions: another partition count than the input). A value
+b"POISON" makes the agent raise; {"huge": true} makes it emit an output the producer
+refuses. `window_topology` runs event-time windows over the same topics
+(tests/e2e/streams/engine/test_e2e_windows.py).
 """
 
 from __future__ import annotations

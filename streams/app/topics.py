@@ -19,6 +19,12 @@ from paysaga.streams.app.kafka_io import consumer
 from paysaga.streams.app.settings import Settings
 
 RETRY_LEVELS = ("1s", "5s", "30s", "300s")
+#: paysaga's internal hops (repartition, accepted) are kept by the time they were written,
+#: not by the event time their records carry: a replay of month-old input would otherwise
+#: write records the broker's time-based retention deletes before they are read
+#: (docs/traps.md#event-time-timestamps-and-retention). Readers take event time from the
+#: payload.
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 
 
 @dataclass(frozen=True)
@@ -108,16 +114,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             "PaymentInitiated (repartitioned by idempotency scope)",
             key="merchant_id + idempotency_key",
             retention_ms=settings.initiated_retention_ms,
+            extra=APPEND_TIME,
         ),
         TopicSpec(
             t.accepted,
             "PaymentInitiated accepted by intake (header paysaga.intake)",
             retention_ms=settings.initiated_retention_ms,
+            extra=APPEND_TIME,
         ),
         TopicSpec(
             t.saga_repartition,
             "saga inputs re-keyed (header paysaga.source)",
             retention_ms=settings.initiated_retention_ms,
+            extra=APPEND_TIME,
         ),
         TopicSpec(t.requests, "PaymentRequest", retention_ms=audit),
         *(

@@ -16,7 +16,8 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -30,11 +31,13 @@ from paysaga.streams.engine.processor import (
     ProcessorContext,
     PunctuationType,
     Timer,
+    WindowSpec,
 )
 from paysaga.streams.engine.state import EngineState
 from paysaga.streams.engine.task import Task, TaskBroken
 from paysaga.tables.store import StoreError
 from paysaga.tables.transaction import TaskTransaction
+from paysaga.tables.windows import Window
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,21 @@ CLOSE_PAGE = 1000
 
 #: What `_decode` returns for an input it sent to the dead-letter topic.
 _SKIP = object()
+
+
+def _page(scan: Callable[[], Sequence[tuple[Any, Any]]], handle: Callable[..., None]) -> None:
+    """Handle what an index scan finds, page by page, until a page comes back short."""
+    while True:
+        found = scan()
+        for entry in found:
+            handle(*entry)
+        if len(found) < CLOSE_PAGE:
+            return
+
+
+def _or_never(due: int | None) -> int:
+    """An index's next due time for its `TimerClock` (NEVER: nothing armed)."""
+    return NEVER if due is None else due
 
 
 class Clock(Protocol):
@@ -338,44 +356,50 @@ class TaskRunner:
                     self.state.stats["punctuations"] += 1
             self._fire_timers(task, ctx, self.stream_timers, now)
             for agent, spec in self.windows:
-                clock = task.clocks[f"w:{spec.name}"]
-                if not clock.may_fire(now):
-                    continue
-                ctx._agent = agent
-                _, store = self.runtime.window(agent, spec.name)
-                table = ctx.table(spec.table)
-                while True:
-                    closed = store.close_due(table, now, CLOSE_PAGE)
-                    for window, value in closed:
-                        ctx.timestamp = window.end - 1
-                        spec.on_close(ctx, window, value)
-                    if len(closed) < CLOSE_PAGE:
-                        break
-                nxt = store.next_close(table)
-                clock.earliest = NEVER if nxt is None else nxt
+                self._close_windows(task, ctx, agent, spec, now)
         finally:
             ctx.record, ctx.timestamp = record, timestamp
+
+    def _close_windows(
+        self, task: Task, ctx: ProcessorContext, agent: Agent, spec: WindowSpec, now: int
+    ) -> None:
+        clock = task.clocks[f"w:{spec.name}"]
+        if not clock.may_fire(now):
+            return
+        ctx._agent = agent
+        _, store = self.runtime.window(agent, spec.name)
+        table = ctx.table(spec.table)
+
+        def close(window: Window, value: bytes) -> None:
+            ctx.timestamp = window.end - 1
+            spec.on_close(ctx, window, value)
+
+        _page(lambda: store.close_due(table, now, CLOSE_PAGE), close)
+        clock.earliest = _or_never(store.next_close(table))
 
     def _fire_timers(
         self, task: Task, ctx: ProcessorContext, timers: list[tuple[Agent, Timer]], now: int
     ) -> None:
         for agent, spec in timers:
-            clock = task.clocks[f"t:{spec.name}"]
-            if not clock.may_fire(now):
-                continue
-            ctx._agent = agent
-            _, index = self.runtime.timer(agent, spec.name)
-            table = ctx.table(spec.table)
-            while True:
-                fired = index.due(table, now, CLOSE_PAGE)
-                for due, key in fired:
-                    index.cancel(table, key)
-                    ctx.timestamp = due
-                    spec.on_fire(ctx, key, due)
-                if len(fired) < CLOSE_PAGE:
-                    break
-            nxt = index.next_due(table)
-            clock.earliest = NEVER if nxt is None else nxt
+            self._fire_timer(task, ctx, agent, spec, now)
+
+    def _fire_timer(
+        self, task: Task, ctx: ProcessorContext, agent: Agent, spec: Timer, now: int
+    ) -> None:
+        clock = task.clocks[f"t:{spec.name}"]
+        if not clock.may_fire(now):
+            return
+        ctx._agent = agent
+        _, index = self.runtime.timer(agent, spec.name)
+        table = ctx.table(spec.table)
+
+        def fire(due: int, key: bytes) -> None:
+            index.cancel(table, key)  # fired: gone unless the callback arms it again
+            ctx.timestamp = due
+            spec.on_fire(ctx, key, due)
+
+        _page(lambda: index.due(table, now, CLOSE_PAGE), fire)
+        clock.earliest = _or_never(index.next_due(table))
 
     # ---- the wall clock -----------------------------------------------------------------
     def schedule_ticks(self, now: float | None = None) -> None:

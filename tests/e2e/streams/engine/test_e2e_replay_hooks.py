@@ -15,14 +15,13 @@ import asyncio
 import json
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.assembly import create_engine
-from paysaga.streams.app.kafka_io import read_all
+from paysaga.streams.app.kafka_io import consumer, partitions, read_all
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.engine import StartAt
@@ -34,13 +33,14 @@ CODEC = AvroCodec(SchemaRegistry())
 
 
 async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
+    """Every partition's end offset (committed or not: anything written counts)."""
+    probe = consumer(bootstrap, isolation="read_uncommitted")
+    await probe.start()
     try:
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
-        return dict(await consumer.end_offsets(tps)) if tps else {}
+        tps = [tp for t in topics for tp in await partitions(probe, t)]
+        return dict(await probe.end_offsets(tps)) if tps else {}
     finally:
-        await consumer.stop()
+        await probe.stop()
 
 
 async def _topics(bootstrap: str) -> list[str]:

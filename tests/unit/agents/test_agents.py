@@ -1,6 +1,6 @@
 """Intake and saga agents on the test driver: the real payment topology, real RocksDB and
 the real Avro codec, no broker. The same scenarios also run end to end through a broker
-(tests/test_e2e_intake.py, tests/test_e2e_saga.py); these are the fast ones."""
+(tests/e2e/agents/test_e2e_intake.py and test_e2e_saga.py); these are the fast ones."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from paysaga.schemas.faust_codec import register_faust_codecs
 from paysaga.schemas.registry import Schema, SchemaError, SchemaRegistry, fingerprint
 from tests.samples import initiated
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 REGISTRY = SchemaRegistry()
 NAMES = REGISTRY.names()
 REGISTRY_CODEC = AvroCodec(REGISTRY)

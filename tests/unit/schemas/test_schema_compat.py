@@ -18,7 +18,7 @@ import avro.schema
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 HISTORY = SCHEMAS / "history"
 CURRENT = sorted(p.stem for p in SCHEMAS.glob("*.avsc"))
 _VERSION = re.compile(r"v([1-9][0-9]*)\.avsc")
