@@ -3,7 +3,8 @@
 `create_app(settings)` is the one place the topology is assembled, so the worker, the tests
 and the benchmark all run the same thing. Faust runs in producer-only mode: it provides the
 worker lifecycle, the web views and the service tree, while consumption, state and
-transactions belong to `ExactlyOnceEngine` (why: DESIGN.md section 10, faust-streaming #177).
+transactions belong to `ExactlyOnceEngine` (why:
+docs/traps.md#faust-exactly-once-sends-outputs-outside-the-transaction).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def create_engine(
         redact=redact,
         tick_topic=names.stream_time if topology.uses_stream_time else None,
         idle_ms=settings.idle_ms,
+        write_ticks=settings.input_topic_prefix in (None, settings.topic_prefix),
         start=start or {},
         stop=stop or {},
     )

@@ -29,7 +29,8 @@ def load_topology(settings: Settings) -> Topology:
 
 
 def paysaga_topology(settings: Settings) -> Topology:
-    """The payment topology: idempotent intake, then the saga (docs/architecture.md)."""
+    """The payment topology: idempotent intake, then the saga
+    (docs/architecture.md#the-flow-of-a-payment)."""
     names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     codec = AvroCodec(SchemaRegistry())
     policy = SagaPolicy(

@@ -58,6 +58,9 @@ class EngineConfig:
     #: stream-time timers, and a replay of the recorded input reproduces it. None: no ticks.
     tick_topic: str | None = None
     idle_ms: int = 5_000
+    #: False when the tick topic belongs to another application (a replay reading the
+    #: live inputs): its ticks are read as input, never written.
+    write_ticks: bool = True
     #: Where input partitions with no committed offset start (replays); earliest if absent.
     start: dict[TopicPartition, StartAt] = field(default_factory=dict)
     #: Where input partitions stop: records at or past the offset are never processed, and

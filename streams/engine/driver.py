@@ -102,13 +102,17 @@ class TopologyTestDriver:
         partition: int | None = None,
         timestamp: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        aborts: int = 0,
     ) -> list[OutputRecord]:
-        """Process one input record (and whatever it feeds back); returns what it emitted."""
+        """Process one input record (and whatever it feeds back); returns what it emitted.
+
+        `aborts`: attempts at the input's batch thrown away before the one that commits, as
+        when Kafka refuses a commit and the engine processes the batch again."""
         if partition is None:
             partition = 0 if key is None else partition_for(key, self.partitions)
         ts = self.clock.now_ms if timestamp is None else timestamp
         first = len(self.emitted)
-        self._drain([self._record(topic, partition, key, value, ts, headers or [])])
+        self._drain([self._record(topic, partition, key, value, ts, headers or [])], aborts)
         return self.emitted[first:]
 
     def advance_wall_clock(self, ms: int) -> list[OutputRecord]:
@@ -117,10 +121,12 @@ class TopologyTestDriver:
         first = len(self.emitted)
         for p in range(self.partitions):
             task = self._task(p)
+            task.begin_attempt()
             txn = TaskTransaction(task.stores)
             outputs: list[Output] = []
             if self.runner.run_wall_clock(task, txn, outputs):
                 self._commit(task, txn, [], task.stream_time)
+                task.attempt_committed()
                 self._drain(self._feed_back(self._emit(outputs)))
         return self.emitted[first:]
 
@@ -164,20 +170,29 @@ class TopologyTestDriver:
         return ConsumerRecord(topic, partition, offset, ts, 0, key, value, None,
                               len(key or b""), len(value or b""), tuple(headers))  # fmt: skip
 
-    def _drain(self, records: list[ConsumerRecord]) -> None:
+    def _drain(self, records: list[ConsumerRecord], aborts: int = 0) -> None:
         queue = deque(records)
         while queue:
             record = queue.popleft()
-            queue.extend(self._feed_back(self._run(self._task(record.partition), [record])))
+            emitted = self._run(self._task(record.partition), [record], aborts)
+            queue.extend(self._feed_back(emitted))
+            aborts = 0
 
-    def _run(self, task: Task, records: list[ConsumerRecord]) -> list[OutputRecord]:
+    def _run(
+        self, task: Task, records: list[ConsumerRecord], aborts: int = 0
+    ) -> list[OutputRecord]:
         while True:  # again after a poison record was marked, as the engine does
+            task.begin_attempt()
             txn = TaskTransaction(task.stores)
             outputs: list[Output] = []
             stream_time = self.runner.run_records(task, txn, outputs, records)
+            if stream_time is not None and aborts:
+                aborts -= 1  # this attempt's commit "failed": its transaction is dropped
+                continue
             if stream_time is not None:
                 break
         self._commit(task, txn, records, stream_time)
+        task.attempt_committed()
         return self._emit(outputs)
 
     def _commit(self, task: Task, txn: TaskTransaction, records: list[ConsumerRecord],

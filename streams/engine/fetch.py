@@ -108,18 +108,25 @@ class ExactlyOnceEngine(mode.Service):
     def ready(self) -> bool:
         return self.shared.assigned and not self.recovering and self.failed is None
 
-    @property
-    def finished(self) -> bool:
-        """A bounded run (stop offsets) has processed every owned input up to its stop."""
+    async def finished(self) -> bool:
+        """A bounded run (stop offsets) has processed every owned input up to its stop.
+
+        A partition is through when its next offset reached the stop, or when the consumer
+        is past the stop with nothing of it left queued or running: what lies between the
+        last record and the stop is then only transaction markers (a transactional input
+        such as the tick topic ends with one)."""
         s = self.shared
-        if not s.config.stop or not self.ready or not s.tasks:
+        if not s.config.stop or not self.ready or not s.tasks or s.consumer is None:
             return False
-        return all(
-            task.next_offsets.get(tp, 0) >= stop
-            for task in s.tasks.values()
-            for tp, stop in s.config.stop.items()
-            if tp.partition == task.partition and tp in task.next_offsets
-        )
+        for task in s.tasks.values():
+            idle = not task.queued() and (task.runner is None or task.runner.done())
+            for tp, next_offset in task.next_offsets.items():
+                stop = s.config.stop.get(tp)
+                if stop is None or next_offset >= stop:
+                    continue
+                if not idle or await s.consumer.position(tp) < stop:
+                    return False
+        return True
 
     def stream_time(self, partition: int) -> int | None:
         task = self.shared.tasks.get(partition)

@@ -179,8 +179,10 @@ class TimerClock:
     """The earliest due time a task's timer index (or window close index) may hold.
 
     Lets the engine skip the index scan on the many records that cannot fire anything: it
-    is lowered whenever something is armed and raised after a scan found nothing more. Too
-    low costs one scan; it is never too high (an aborted batch's arms only lower it).
+    is lowered whenever something is armed and set by each scan to what the index holds
+    next. Too low costs one scan. A scan inside an attempt that then aborts may have raised
+    it past a timer the store still holds, so the task forgets every clock after such an
+    attempt (`Task.begin_attempt`).
     """
 
     __slots__ = ("earliest",)

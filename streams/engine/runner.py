@@ -112,9 +112,10 @@ class TaskRunner:
 
     @property
     def writes_ticks(self) -> bool:
-        """Idle ticks are written by unbounded runs only: a bounded run (a replay) reads
-        the live application's ticks as recorded input instead."""
-        return self.tick_topic is not None and not self.state.config.stop
+        """Idle ticks are written by an application that owns its tick topic, in an
+        unbounded run: a replay reads the live application's ticks as recorded input."""
+        config = self.state.config
+        return self.tick_topic is not None and config.write_ticks and not config.stop
 
     # ---- the drain loop -----------------------------------------------------------------
     async def drain(self, task: Task) -> None:
@@ -194,6 +195,7 @@ class TaskRunner:
         attempt = 0
         while True:
             attempt += 1
+            task.begin_attempt()
             txn = TaskTransaction(task.stores)
             outputs: list[Output] = []
             if tick:
@@ -201,6 +203,7 @@ class TaskRunner:
                     return True  # a punctuation bug: logged; the next tick tries again
                 if not outputs and not any(True for _ in txn.changed()):
                     task.failure = None  # the timers ran cleanly (and nothing was due)
+                    task.attempt_committed()
                     return True
                 stream_time = task.stream_time
             else:
@@ -210,6 +213,7 @@ class TaskRunner:
                 stream_time = ran
             try:
                 await commit(s, task, txn, outputs, records, stream_time)
+                task.attempt_committed()
                 task.failure = None
                 return True
             except FENCED_ERRORS:
@@ -268,6 +272,7 @@ class TaskRunner:
         done_upto = task.stream_time  # stream time up to which stream-time work has run
         record: ConsumerRecord | None = None
         agent: Agent | None = None
+        real_input = False
         try:
             for i, record in enumerate(records):
                 ctx.record = record
@@ -284,7 +289,7 @@ class TaskRunner:
                 if agents is None:
                     self._tick_input(ctx, record)
                 else:
-                    task.idle_since = self.clock.monotonic()
+                    real_input = True
                     for agent in agents:
                         ctx._agent = agent
                         value = record if agent.decode is None else self._decode(ctx, agent)
@@ -315,6 +320,8 @@ class TaskRunner:
             poison[(record.topic, record.partition, record.offset)] = ("poison", reason)
             stats["aborts"] += 1
             return None
+        if real_input:
+            task.idle_since = self.clock.monotonic()
         return ctx.stream_time
 
     def _decode(self, ctx: ProcessorContext, agent: Agent) -> object:
@@ -394,6 +401,8 @@ class TaskRunner:
         table = ctx.table(spec.table)
 
         def fire(due: int, key: bytes) -> None:
+            if index.due_of(table, key) != due:
+                return  # moved by a callback of this page (another key's): not due now
             index.cancel(table, key)  # fired: gone unless the callback arms it again
             ctx.timestamp = due
             spec.on_fire(ctx, key, due)
@@ -426,7 +435,7 @@ class TaskRunner:
                 last = task.wall_runs.get(sched.name)
                 if last is not None and (mono - last) * 1000 < sched.interval_ms:
                     continue
-                task.wall_runs[sched.name] = mono
+                task.pending_wall[sched.name] = mono
                 ctx._agent, ctx.timestamp = agent, wall_ms
                 sched.callback(ctx, wall_ms)
                 self.state.stats["punctuations"] += 1
@@ -456,7 +465,7 @@ class TaskRunner:
         if proposed <= task.stream_time:
             return
         assert self.tick_topic is not None
-        task.last_tick_write = mono
+        task.pending_tick_write = mono
         ctx._agent = None
         ctx.send(self.tick_topic, None, str(proposed).encode(), None, proposed, task.partition)
         self.state.stats["ticks"] += 1

@@ -76,6 +76,28 @@ class Task:
     idle_since: float = field(default_factory=time.monotonic)
     idle_base: int = -1
     last_tick_write: float = 0.0
+    #: What the current attempt would change in the bookkeeping above, applied only once
+    #: it commits (`attempt_committed`): an aborted attempt must leave no trace here.
+    pending_wall: dict[str, float] = field(default_factory=dict)
+    pending_tick_write: float | None = None
+    _attempt_open: bool = False
 
     def queued(self) -> int:
         return sum(len(records) for records in self.inbox.values())
+
+    def begin_attempt(self) -> None:
+        """Start an attempt at a batch. After one that did not commit, the timer clocks are
+        forgotten (a scan of the thrown-away transaction may have raised them past a timer
+        that is still armed in the store): the next scan finds the truth again."""
+        if self._attempt_open:
+            for clock in self.clocks.values():
+                clock.earliest = None
+        self._attempt_open = True
+        self.pending_wall.clear()
+        self.pending_tick_write = None
+
+    def attempt_committed(self) -> None:
+        self._attempt_open = False
+        self.wall_runs.update(self.pending_wall)
+        if self.pending_tick_write is not None:
+            self.last_tick_write = self.pending_tick_write

@@ -74,6 +74,10 @@ def test_poison_goes_to_dlq_and_good_events_flow(worker_factory, topics: Setting
     assert sorted(s["payment_id"] for s in statuses) == sorted(e["payment_id"] for e in good)
     assert {s["status"] for s in statuses} == {"INITIATED"}
     assert not any(s["replay"] for s in statuses)
+    # Typed emits carry their input's event time as the Kafka timestamp, not the send time.
+    raw = asyncio.run(read_all(topics.bootstrap, Topics(topics.topic_prefix).status))
+    occurred = {e["payment_id"]: e["occurred_at"] for e in good}
+    assert all(r.timestamp == occurred[r.key.decode()] for r in raw)
     by_key = {r.key: parse_headers(r.headers) for r in letters}
     assert len(letters) == 6
     assert by_key[b"garbage"][H_KIND] == "decode"

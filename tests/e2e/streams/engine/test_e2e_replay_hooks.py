@@ -61,7 +61,7 @@ def _statuses(bootstrap: str, topic: str) -> dict[str, dict]:
 def test_a_replay_reads_live_inputs_between_offsets_and_writes_only_its_own(
     broker: LocalBroker, tmp_path: Path
 ) -> None:
-    live = isolated_settings(broker.bootstrap, tmp_path / "live", "live")
+    live = isolated_settings(broker.bootstrap, tmp_path / "live", "live", idle_ms=200)
     asyncio.run(create_topics(live))
     names = Topics(live.topic_prefix)
     world = World(live)
@@ -71,6 +71,9 @@ def test_a_replay_reads_live_inputs_between_offsets_and_writes_only_its_own(
         for event in events:
             world.initiate(event)
         wait_for(lambda: len(world.statuses()) >= len(events), 60, what="live statuses")
+        # Idle now: the live worker writes stream-time ticks, which the replay reads as input
+        # (a transactional topic: its end offset lies past its last record).
+        wait_for(lambda: worker.get("/ready/")[1]["stats"]["ticks"] >= 3, 30, what="ticks")
     finally:
         worker.stop()
     mine = (live.topic_prefix, live.app_id + "-")
@@ -101,7 +104,7 @@ def test_a_replay_reads_live_inputs_between_offsets_and_writes_only_its_own(
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 90
             while not (
-                engine.finished
+                await engine.finished()
                 and len(await read_all(live.bootstrap, replay_status)) >= len(wanted)
             ):
                 assert loop.time() < deadline, (

@@ -311,3 +311,30 @@ def test_the_idle_policy_closes_windows_on_a_quiet_partition_reproducibly(tmp_pa
         assert replay.outputs("closed") == [o for o in live.emitted if o.topic == "closed"]
     finally:
         replay.close()
+
+
+def test_a_timer_and_a_window_fire_after_an_aborted_attempt(driver_dir: Path) -> None:
+    """An attempt that fired a timer and closed a window, then failed to commit, leaves
+    them due: the attempt that commits fires and closes them (none is lost, none doubled)."""
+    topology = _window_topology()
+    agent = topology.builder("sum")
+
+    @agent.timer("t", "sums", PunctuationType.STREAM_TIME)
+    def fired(ctx: ProcessorContext, key: bytes, due: int) -> None:
+        ctx.send("fired", key, str(due).encode())
+
+    def arm(ctx: ProcessorContext, now: int) -> None:
+        if now < 1_000:
+            ctx.timers("t").set(b"k", 500)
+
+    agent.schedule(100, PunctuationType.STREAM_TIME, name="arm")(arm)
+    driver = TopologyTestDriver(topology, driver_dir)
+    try:
+        driver.pipe("in", _event("a", 100, 3), key=b"a")
+        driver.pipe("in", _event("a", 2_000, 1), key=b"a", aborts=2)
+        assert [(o.key, o.value) for o in driver.outputs("fired")] == [(b"k", b"500")]
+        assert _closed(driver) == [(b"a", [0, 3], 999)]
+        driver.pipe("in", _event("a", 3_500, 1), key=b"a")
+        assert len(driver.outputs("fired")) == 1 and len(_closed(driver)) == 2
+    finally:
+        driver.close()
