@@ -36,7 +36,8 @@ from paysaga.streams.engine.processor import (
 from paysaga.streams.engine.state import EngineState
 from paysaga.streams.engine.task import Task, TaskBroken
 from paysaga.tables.store import StoreError
-from paysaga.tables.transaction import TaskTransaction
+from paysaga.tables.timers import KeyedTimers
+from paysaga.tables.transaction import TableTransaction, TaskTransaction
 from paysaga.tables.windows import Window
 
 log = logging.getLogger(__name__)
@@ -370,45 +371,61 @@ class TaskRunner:
     def _close_windows(
         self, task: Task, ctx: ProcessorContext, agent: Agent, spec: WindowSpec, now: int
     ) -> None:
-        clock = task.clocks[f"w:{spec.name}"]
-        if not clock.may_fire(now):
-            return
-        ctx._agent = agent
         _, store = self.runtime.window(agent, spec.name)
-        table = ctx.table(spec.table)
 
-        def close(window: Window, value: bytes) -> None:
+        def close(table: TableTransaction, window: Window, value: bytes) -> None:
             ctx.timestamp = window.end - 1
             spec.on_close(ctx, window, value)
 
-        _page(lambda: store.close_due(table, now, CLOSE_PAGE), close)
-        clock.earliest = _or_never(store.next_close(table))
+        def scan(table: TableTransaction) -> list[tuple[Window, bytes]]:
+            return store.close_due(table, now, CLOSE_PAGE)
+
+        self._run_due(task, ctx, agent, f"w:{spec.name}", spec.table, now, scan,
+                      store.next_close, close)  # fmt: skip
 
     def _fire_timers(
         self, task: Task, ctx: ProcessorContext, timers: list[tuple[Agent, Timer]], now: int
     ) -> None:
         for agent, spec in timers:
-            self._fire_timer(task, ctx, agent, spec, now)
+            _, index = self.runtime.timer(agent, spec.name)
 
-    def _fire_timer(
-        self, task: Task, ctx: ProcessorContext, agent: Agent, spec: Timer, now: int
+            def fire(table: TableTransaction, due: int, key: bytes, spec: Timer = spec,
+                     index: KeyedTimers = index) -> None:  # fmt: skip
+                if index.due_of(table, key) != due:
+                    return  # moved by a callback of this page (another key's): not due now
+                index.cancel(table, key)  # fired: gone unless the callback arms it again
+                ctx.timestamp = due
+                spec.on_fire(ctx, key, due)
+
+            def scan(
+                table: TableTransaction, index: KeyedTimers = index
+            ) -> list[tuple[int, bytes]]:
+                return index.due(table, now, CLOSE_PAGE)
+
+            self._run_due(task, ctx, agent, f"t:{spec.name}", spec.table, now, scan,
+                          index.next_due, fire)  # fmt: skip
+
+    @staticmethod
+    def _run_due(
+        task: Task,
+        ctx: ProcessorContext,
+        agent: Agent,
+        clock_name: str,
+        table_name: str,
+        now: int,
+        scan: Callable[[TableTransaction], Sequence[tuple[Any, Any]]],
+        next_due: Callable[[TableTransaction], int | None],
+        handle: Callable[..., None],
     ) -> None:
-        clock = task.clocks[f"t:{spec.name}"]
+        """Handle what an index (timers, window closes) holds due at `now`, unless its
+        clock says nothing can be; then set the clock to what the index holds next."""
+        clock = task.clocks[clock_name]
         if not clock.may_fire(now):
             return
         ctx._agent = agent
-        _, index = self.runtime.timer(agent, spec.name)
-        table = ctx.table(spec.table)
-
-        def fire(due: int, key: bytes) -> None:
-            if index.due_of(table, key) != due:
-                return  # moved by a callback of this page (another key's): not due now
-            index.cancel(table, key)  # fired: gone unless the callback arms it again
-            ctx.timestamp = due
-            spec.on_fire(ctx, key, due)
-
-        _page(lambda: index.due(table, now, CLOSE_PAGE), fire)
-        clock.earliest = _or_never(index.next_due(table))
+        table = ctx.table(table_name)
+        _page(lambda: scan(table), lambda *entry: handle(table, *entry))
+        clock.earliest = _or_never(next_due(table))
 
     # ---- the wall clock -----------------------------------------------------------------
     def schedule_ticks(self, now: float | None = None) -> None:
