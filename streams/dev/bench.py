@@ -1,4 +1,5 @@
-"""`paysaga bench`: paysaga's intake against a plain aiokafka loop and textbook Faust.
+"""`paysaga bench`: paysaga's intake against a plain aiokafka loop and textbook Faust, and
+the whole saga with its simulators (`streams/dev/saga_bench.py`).
 
 One invocation, one local broker, one freshly produced data set of realistic Avro
 PaymentInitiated events (with retries and key conflicts). For each pipeline: throughput on
@@ -33,6 +34,7 @@ from paysaga.streams.app.net import free_port
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.dev.saga_bench import SagaOptions, run_saga, saga_summary
 from paysaga.streams.dev.upstream import Progress, UpstreamConfig, produce, upstream_producer
 from paysaga.streams.engine.partitioner import partition_for
 
@@ -51,6 +53,8 @@ class BenchOptions:
     bootstrap: str | None = None
     results_dir: Path = Path("bench/results")
     pipelines: tuple[str, ...] = PIPELINES
+    #: Payments in the whole-saga backlog (0 skips the whole-saga measurement).
+    saga_payments: int = 10_000
 
 
 @dataclass
@@ -339,6 +343,13 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
             await _pipelines(opts, bootstrap, run, work, codec, results)
         if "paysaga" in opts.pipelines and opts.keys > 0:
             results["restore"] = await _restore(opts, bootstrap, run, work)
+        if opts.saga_payments > 0:
+            saga = SagaOptions(payments=opts.saga_payments, rate=opts.rate,
+                               latency_seconds=opts.latency_seconds,
+                               warmup_seconds=opts.latency_warmup_seconds,
+                               partitions=opts.partitions)  # fmt: skip
+            pid = broker.pid() if broker is not None else None
+            results["saga"] = await run_saga(saga, bootstrap, run, work, codec, pid)
         ok = True
     finally:
         if broker is not None:
@@ -377,6 +388,8 @@ def summary(results: dict[str, Any]) -> str:
             f"{kind:<10}{r['events_per_s']:>10,.0f}{(ratio or 0):>12.2f}{r['p50_ms']:>9.1f}"
             f"{r['p99_ms']:>9.1f}{r['peak_rss_mib']:>14.0f}"
         )
+    if "saga" in results:
+        lines.append(saga_summary(results["saga"]))
     if "restore" in results:
         r = results["restore"]
         lines.append(

@@ -205,6 +205,7 @@ def _bench(args: argparse.Namespace) -> int:
         latency_warmup_seconds=args.latency_warmup_seconds,
         partitions=args.partitions, keys=args.keys, bootstrap=args.bench_bootstrap or None,
         results_dir=Path(args.results_dir), pipelines=pipelines,
+        saga_payments=args.saga_payments,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="use this broker instead of starting one")  # fmt: skip
     _env_opt(p, "--pipelines", "PAYSAGA_BENCH_PIPELINES", "", str,
              help="comma list of baseline,faust,paysaga")  # fmt: skip
+    _env_opt(p, "--saga-payments", "PAYSAGA_BENCH_SAGA_PAYMENTS", 10_000, int,
+             help="whole-saga backlog size (0 skips the whole saga)")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 

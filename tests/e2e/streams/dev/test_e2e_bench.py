@@ -25,7 +25,7 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
         [sys.executable, "-m", "paysaga.streams.ops.cli", "bench", "--bootstrap", broker.bootstrap,
          "--events", str(events), "--rate", "200", "--latency-seconds", "2",
          "--latency-warmup-seconds", "1",
-         "--keys", str(keys), "--results-dir", str(results)],
+         "--keys", str(keys), "--saga-payments", "300", "--results-dir", str(results)],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -50,4 +50,13 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
                    and len(line.split()) == 6)  # fmt: skip
         assert f"{r['events_per_s']:,.0f}" in row and f"{r['p99_ms']:.1f}" in row
     assert f"restore: {keys:,} changelog records" in table
+    # The whole saga: every saga of the backlog ended, each process's CPU apart, latency.
+    saga = report["saga"]
+    assert saga["ended"] == saga["payments"] > 250
+    assert saga["payments_per_s"] > 0 and saga["payments_per_s_first_90"] > 0
+    assert set(saga["cpu_seconds"]) == {"worker", "gateway", "inventory", "shipping", "broker"}
+    assert saga["cpu_seconds"]["worker"] > 0 and saga["worker_cpu_ms_per_payment"] > 0
+    lat = saga["latency"]
+    assert lat["samples"] > 0 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
+    assert f"whole saga: {saga['payments']:,} payments" in table
     assert f"results: {path}" in done.stdout
