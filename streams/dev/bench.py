@@ -34,6 +34,7 @@ from paysaga.streams.app.net import free_port
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.dev.broker import LocalBroker
+from paysaga.streams.dev.measure import peak_rss_mib, percentile
 from paysaga.streams.dev.saga_bench import SagaOptions, run_saga, saga_summary
 from paysaga.streams.dev.upstream import Progress, UpstreamConfig, produce, upstream_producer
 from paysaga.streams.engine.partitioner import partition_for
@@ -64,17 +65,6 @@ class PipelineResult:
     p99_ms: float = 0.0
     peak_rss_mib: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _rss_mib(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a live process, in MiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 class Pipeline:
@@ -129,7 +119,7 @@ class Pipeline:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def rss(self) -> float:
-        return _rss_mib(self.proc.pid) if self.proc else 0.0
+        return peak_rss_mib(self.proc.pid) if self.proc else 0.0
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -174,13 +164,6 @@ async def _observe(
         print(f"\nwarning: {topic}: {n} of {expected} outputs within {timeout:.0f}s",
               file=sys.stderr)  # fmt: skip
     return last - first, samples, n
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _throughput(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> PipelineResult:
@@ -233,7 +216,7 @@ async def _latency(p: Pipeline, opts: BenchOptions, codec: AvroCodec) -> tuple[f
         p.stop()
         await producer.stop()
     steady = [latency for occurred, latency in samples if occurred >= measured_from]
-    return _percentile(steady, 0.50), _percentile(steady, 0.99)
+    return percentile(steady, 0.50), percentile(steady, 0.99)
 
 
 async def _restore(opts: BenchOptions, bootstrap: str, run: str, work: Path) -> dict[str, float]:

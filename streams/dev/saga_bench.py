@@ -35,36 +35,10 @@ from paysaga.streams.app.net import free_port
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.demo import _spawn, _stop
+from paysaga.streams.dev.measure import cpu_seconds, peak_rss_mib, percentile
 from paysaga.streams.dev.upstream import Progress, UpstreamConfig, generate, produce
 
 SERVICES = ("gateway", "inventory", "shipping")
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds a live process has used so far (0 if it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 @dataclass
@@ -230,8 +204,8 @@ async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
         await sender
     finally:
         rig.stop()
-    return {"p50_ms": _percentile(samples, 0.50), "p95_ms": _percentile(samples, 0.95),
-            "p99_ms": _percentile(samples, 0.99), "samples": len(samples)}  # fmt: skip
+    return {"p50_ms": percentile(samples, 0.50), "p95_ms": percentile(samples, 0.95),
+            "p99_ms": percentile(samples, 0.99), "samples": len(samples)}  # fmt: skip
 
 
 async def run_saga(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec: AvroCodec,
