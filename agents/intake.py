@@ -58,11 +58,18 @@ class Rejected:
     reason: str
 
 
+#: PaymentInitiated records kept decoded and validated (`IntakeStep.parse`): a few fetched
+#: batches' worth, about 3 KiB each.
+PARSED_MEMO = 8_192
+
+
 class IntakeStep:
     """Decode, validate and apply one PaymentInitiated against the current payment state."""
 
-    def __init__(self, codec: AvroCodec) -> None:
+    def __init__(self, codec: AvroCodec, memo: int = PARSED_MEMO) -> None:
         self.codec = codec
+        self._memo = memo
+        self._parsed: dict[bytes, PaymentInitiated] = {}
 
     def decode(self, record: ConsumerRecord) -> PaymentInitiated:
         """The engine's decoder: a validated event, or `BadRecord` (to the DLQ)."""
@@ -71,7 +78,29 @@ class IntakeStep:
             raise BadRecord(parsed.kind, parsed.reason)
         return parsed
 
-    def parse(self, value: bytes | None) -> PaymentInitiated | Rejected:
+    def parse(self, value: bytes | None, last: bool = False) -> PaymentInitiated | Rejected:
+        """The validated event of `value`, or why it is refused.
+
+        The same bytes are read up to three times per payment in one worker: by intake, by
+        intake again after the repartition hop, and by the saga from the accepted topic
+        (which carries upstream's original bytes, so a dead letter keeps them). Decoding and
+        validation are a pure function of the bytes and the event is immutable, so recent
+        valid results are kept by value (first in, first out) until their `last` reader
+        takes them; a refusal is never kept, since a registry that was unavailable may
+        answer next time."""
+        if value is not None:
+            hit = self._parsed.pop(value, None) if last else self._parsed.get(value)
+            if hit is not None:
+                return hit
+        parsed = self._parse(value)
+        if not last and value is not None and isinstance(parsed, PaymentInitiated) and self._memo:
+            memo = self._parsed
+            memo[value] = parsed
+            if len(memo) > self._memo:
+                del memo[next(iter(memo))]  # dicts keep insertion order: the oldest
+        return parsed
+
+    def _parse(self, value: bytes | None) -> PaymentInitiated | Rejected:
         if value is None:
             return Rejected("decode", "empty record value (tombstone) on payment.initiated")
         try:

@@ -12,7 +12,6 @@ authorization expiry (stream time).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,12 +88,14 @@ class SagaAgent:
         topics: Topics,
         partitions: int,
         orchestrator: Orchestrator,
+        intake: IntakeStep | None = None,
     ) -> None:
         self.codec = codec
         self.topics = topics
         self.partitions = partitions
         self.orch = orchestrator
-        self.intake = IntakeStep(codec)
+        #: Shared with the intake agent, so an accepted record is not decoded again.
+        self.intake = intake or IntakeStep(codec)
         t = topics
         self.sources: dict[str, Source] = {
             t.authorized: Source("PaymentAuthorized", ev.PaymentAuthorized, "payment",
@@ -137,7 +138,7 @@ class SagaAgent:
             source = dict(record.headers or ()).get(H_SOURCE, b"").decode()
         value = record.value
         if source == self.topics.accepted:
-            parsed = self.intake.parse(value)
+            parsed = self.intake.parse(value, last=True)
             if isinstance(parsed, Rejected):
                 raise BadRecord(parsed.kind, parsed.reason)
             return source, parsed
@@ -165,7 +166,7 @@ class SagaAgent:
             return
         payments = ctx.table(PAYMENTS)
         raw = payments.get(key)
-        current = None if raw is None else Payment.from_table(json.loads(raw))
+        current = None if raw is None else Payment.from_json(raw)
         if source == self.topics.accepted:
             replay = dict(record.headers or ()).get(H_INTAKE) == b"replay"
             self._accepted(ctx, event, current, replay)
@@ -197,15 +198,15 @@ class SagaAgent:
     def _answer(self, ctx: ProcessorContext, event: Any, current: Payment, source: Source) -> None:
         assert source.kind is not None
         outcome = _outcome(event, source.kind(event))
-        try:
+        previous = current.status.value
+        try:  # in place: a refused outcome leaves `current` as it was
             payment, effects = self.orch.on_outcome(current, source.service, outcome,
                                                     ctx.wall_clock_ms())  # fmt: skip
         except (Unmatched, InvalidTransition) as exc:
             self._reject(ctx, current, event, str(exc))
             return
         payment.record(event.event_id, type(event).__name__, event.occurred_at)
-        self._commit(ctx, payment, effects, event.event_id, event.occurred_at,
-                     current.status.value)  # fmt: skip
+        self._commit(ctx, payment, effects, event.event_id, event.occurred_at, previous)
 
     def _request(self, ctx: ProcessorContext, event: ev.PaymentRequest, current: Payment) -> None:
         if event.merchant_id != current.merchant_id:
@@ -214,7 +215,8 @@ class SagaAgent:
         if event.currency is not None and event.currency != current.currency:
             self._reject(ctx, current, event, f"currency {event.currency} is not the payment's")
             return
-        payment = current.model_copy(deep=True)
+        # In place: a refusal, a replay or a conflict is decided before anything changes.
+        payment, previous = current, current.status.value
         fp = fingerprint(event.model_dump(mode="json"))
         now = ctx.wall_clock_ms()
         kind = event.request_type
@@ -227,18 +229,18 @@ class SagaAgent:
             eff = self.orch.request_refund(payment, event.idempotency_key, fp, event.amount_minor,
                                            now)  # fmt: skip
         if eff.rejected:
-            self._reject(ctx, current, event, eff.rejected)
+            self._reject(ctx, payment, event, eff.rejected)
             return
         if eff.replay or eff.conflict:
             status = status_event(
-                current, cause_event_id=event.event_id, occurred_at=event.occurred_at,
-                previous=current.status.value, replay=eff.replay, reason=eff.conflict,
+                payment, cause_event_id=event.event_id, occurred_at=event.occurred_at,
+                previous=previous, replay=eff.replay, reason=eff.conflict,
                 status="IDEMPOTENCY_CONFLICT" if eff.conflict else None, step=eff.step,
             )  # fmt: skip
-            self._send_status(ctx, current, status)
+            self._send_status(ctx, payment, status)
             return
         payment.record(event.event_id, f"{kind.value.title()}Requested", event.occurred_at)
-        self._commit(ctx, payment, eff, event.event_id, event.occurred_at, current.status.value)
+        self._commit(ctx, payment, eff, event.event_id, event.occurred_at, previous)
 
     def _reject(self, ctx: ProcessorContext, current: Payment, event: Any, reason: str) -> None:
         """Refused input: a REJECTED status for upstream, the record to the DLQ, no change.
@@ -246,12 +248,12 @@ class SagaAgent:
         The money state is untouched; only the event id is remembered, so a redelivery of
         the same refused event (services are at-least-once) is not reported twice.
         """
-        reason = redact(reason)
-        marked = current.model_copy(deep=True)
+        reason, previous = redact(reason), current.status.value
+        marked = current  # the caller's own copy, read for this input: no other reader
         marked.record(event.event_id, f"Rejected{type(event).__name__}", event.occurred_at)
         self._store(ctx, marked)
         status = status_event(marked, cause_event_id=event.event_id,
-                              occurred_at=event.occurred_at, previous=current.status.value,
+                              occurred_at=event.occurred_at, previous=previous,
                               status="REJECTED", reason=reason, role="rejected")  # fmt: skip
         self._send_status(ctx, marked, status)
         ctx.dead_letter("transition", reason)
@@ -260,9 +262,18 @@ class SagaAgent:
     def _store(self, ctx: ProcessorContext, p: Payment) -> None:
         """Write the payment, moving its timers to its current deadlines. The payment
         remembers what is armed (`timer_wall`, `timer_event`), so an unchanged deadline
-        costs no read of the timer index."""
+        costs no read of the timer index.
+
+        The command deadline only ever moves earlier while commands are outstanding: each
+        step sends a command with a later deadline, and moving the timer costs three
+        changelog records per step of every payment. A timer that fires before the current
+        deadline finds nothing overdue and is armed again at it (`_fire`), an extra firing
+        only for a payment slower than the command timeout (docs/architecture.md#timers).
+        """
         key = p.payment_id.encode()
         wall, event = self.orch.next_deadline(p), self.orch.expiry_due(p)
+        if wall is not None and p.timer_wall is not None and p.timer_wall < wall:
+            wall = p.timer_wall
         for name, armed, due in ((COMMAND_DEADLINE, p.timer_wall, wall),
                                  (AUTH_EXPIRY, p.timer_event, event)):  # fmt: skip
             if armed != due:
@@ -272,7 +283,7 @@ class SagaAgent:
                 else:
                     timers.set(key, due)
         p.timer_wall, p.timer_event = wall, event
-        ctx.table(PAYMENTS).set(key, compact_json(p.to_table()))
+        ctx.table(PAYMENTS).set(key, p.to_json())
 
     def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
                 previous: str | None) -> None:  # fmt: skip
@@ -310,7 +321,7 @@ class SagaAgent:
               run: Callable[[Payment], Effects]) -> None:  # fmt: skip
         """One fired timer: one state change with its own deterministic ids."""
         raw = ctx.table(PAYMENTS).get(key)
-        current = None if raw is None else Payment.from_table(json.loads(raw))
+        current = None if raw is None else Payment.from_json(raw)
         if current is None:
             return
         # The engine removed the fired timer: what the payment says is armed must agree,

@@ -49,9 +49,25 @@ def transition(payment: Payment, outcome: GatewayOutcome) -> Payment:
     return p
 
 
+#: Every field `apply_transition` may set: scalars, so undoing a refused outcome is cheap.
+_MOVED = ("status", "authorized_minor", "authorized_at", "captured_minor", "released_minor",
+          "voided_minor", "refunded_minor", "refund_pending_minor")  # fmt: skip
+
+
 def apply_transition(p: Payment, outcome: GatewayOutcome) -> None:
-    """`transition` in place, for a caller that already works on its own copy. On
-    InvalidTransition `p` may be partly changed: discard it."""
+    """`transition` in place. On InvalidTransition `p` is left as it was: the fields an
+    outcome moves are scalars, saved first and put back, which costs far less than copying
+    the whole payment (history, saga, outstanding commands) for every answer."""
+    saved = [getattr(p, name) for name in _MOVED]
+    try:
+        _apply(p, outcome)
+    except InvalidTransition:
+        for name, value in zip(_MOVED, saved, strict=True):
+            setattr(p, name, value)
+        raise
+
+
+def _apply(p: Payment, outcome: GatewayOutcome) -> None:
     kind, amount, status = outcome.kind, outcome.amount_minor, p.status
     if kind != "FAILED" and amount <= 0:
         raise InvalidTransition(f"{kind} with a non-positive amount {amount}")

@@ -7,6 +7,7 @@ downstream consumers can deduplicate.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from enum import StrEnum
 from typing import Any
@@ -17,9 +18,20 @@ from pydantic import BaseModel, ConfigDict, Field
 PAYSAGA_NS = uuid.UUID("6f1d0c52-8a0e-4d53-9a53-5f0b8d3c7a10")
 
 
+_NS_BYTES = PAYSAGA_NS.bytes
+
+
 def derived_id(*parts: str) -> str:
-    """A deterministic uuid for an output caused by `parts` (e.g. input event id + role)."""
-    return str(uuid.uuid5(PAYSAGA_NS, ":".join(parts)))
+    """A deterministic uuid for an output caused by `parts` (e.g. input event id + role).
+
+    Exactly `str(uuid.uuid5(PAYSAGA_NS, ":".join(parts)))` (RFC 4122 name-based, SHA-1),
+    written out without the `UUID` object, which is most of uuid5's cost; the saga derives
+    a dozen ids per payment."""
+    digest = bytearray(hashlib.sha1(_NS_BYTES + ":".join(parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class PaymentStatus(StrEnum):
@@ -144,12 +156,22 @@ class Payment(BaseModel):
     history: list[HistoryEntry] = Field(default_factory=list)
 
     def to_table(self) -> dict[str, Any]:
-        """The JSON-safe dict stored in the table (ints stay ints; no floats anywhere)."""
+        """The JSON-safe dict of the table value (ints stay ints; no floats anywhere)."""
         return self.model_dump(mode="json")
 
     @classmethod
     def from_table(cls, value: dict[str, Any]) -> Payment:
         return cls.model_validate(value)
+
+    def to_json(self) -> bytes:
+        """The table value: compact JSON written by pydantic-core in one pass, about three
+        times cheaper than `to_table` plus `json` (the saga writes it on every input)."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Payment:
+        """A stored payment, parsed and validated by pydantic-core in one pass."""
+        return cls.model_validate_json(raw)
 
     def seen(self, event_id: str) -> bool:
         """Has this input event already been applied (dedup by event_id)?"""

@@ -16,6 +16,7 @@ can dedup a command seen twice.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from paysaga.domain.lifecycle import (
@@ -128,15 +129,19 @@ def _request_key(p: Payment, o: Outstanding) -> str:
     return o.idempotency_key.removeprefix(f"{p.payment_id}:refund:")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def command_id(idempotency_key: str, attempt: int) -> str:
+    """The id of one attempt of a command. Cached: an answer is matched by recomputing the
+    ids of its payment's outstanding commands (`Orchestrator.find`), which were computed
+    when they were sent, and a uuid5 is a SHA-1."""
     return derived_id(idempotency_key, "attempt", str(attempt))
 
 
 class Orchestrator:
     """Runs `SAGAS` over payment records.
 
-    `on_outcome` returns a changed copy and leaves its input alone (it may refuse the
-    outcome); every other method changes the payment it is given.
+    Every method changes the payment it is given, in place; `on_outcome` refuses an
+    outcome (Unmatched, InvalidTransition) before it changes anything.
     """
 
     def __init__(self, policy: SagaPolicy | None = None) -> None:
@@ -261,9 +266,10 @@ class Orchestrator:
     def on_outcome(
         self, p: Payment, service: str, outcome: GatewayOutcome, now: int
     ) -> tuple[Payment, Effects]:
-        """The payment after a service's answer, and what to send.
+        """The payment after a service's answer (`p`, changed in place), and what to send.
 
-        Raises Unmatched or InvalidTransition; `p` itself is never changed.
+        Raises Unmatched or InvalidTransition, and then `p` is unchanged: every check comes
+        before the first change, and `apply_transition` undoes its own on refusal.
         """
         o = self.find(p, outcome.command_id)
         if o is None or o.service != service:
@@ -279,7 +285,6 @@ class Orchestrator:
             raise InvalidTransition(
                 f"{outcome.kind} of {outcome.amount_minor} answers {o.action} of {o.amount_minor}"
             )
-        p = p.model_copy(deep=True)
         if failed and self._retries_left(o, outcome.retryable):
             self._resend(p, eff, o, now)  # only the outstanding command changes
             eff.notes[-1] += f" after {outcome.reason or outcome.kind}"

@@ -37,7 +37,7 @@ def paysaga_topology(settings: Settings) -> Topology:
         command_timeout_ms=settings.command_timeout_ms, auth_window_ms=settings.auth_window_ms
     )
     topology = Topology(serializer=codec.encode)
-    add_intake(topology, IntakeStep(codec), names, settings.partitions,
-               settings.idempotency_ttl_ms)  # fmt: skip
-    SagaAgent(codec, names, settings.partitions, Orchestrator(policy)).add_to(topology)
+    intake = IntakeStep(codec)  # one step for both agents: its memo of parsed requests
+    add_intake(topology, intake, names, settings.partitions, settings.idempotency_ttl_ms)
+    SagaAgent(codec, names, settings.partitions, Orchestrator(policy), intake).add_to(topology)
     return topology

@@ -182,6 +182,7 @@ async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
         initiated: dict[str, int] = {}
         samples: list[float] = []
         seen: set[str] = set()
+        ended: set[str] = set()  # authorized, or ended without (declined, refused, ...)
         bar = Progress(len(expected), f"    saga latency @{opts.rate:.0f}/s")
         timeout = (opts.warmup_seconds + opts.latency_seconds) * 6 + 60
         try:
@@ -195,12 +196,16 @@ async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
                     seen.add(pid)
                     if initiated[pid] >= measured_from:
                         samples.append(now_ms - initiated[pid])
-                    bar.update(len(seen))
-                if len(seen) >= 0.95 * len(expected):  # the gateway drops 3 % of answers
+                if pid in expected and (status["status"] == "AUTHORIZED" or _ended(status)):
+                    ended.add(pid)
+                    bar.update(len(ended))
+                # Every payment authorized or ended: a declined one never authorizes.
+                if len(ended) >= len(expected):
                     break
         except TimeoutError:
-            print(f"\nwarning: {len(seen)} of {len(expected)} authorized", file=sys.stderr)
-        bar.close(len(seen))
+            print(f"\nwarning: {len(ended)} of {len(expected)} payments authorized "
+                  "or ended", file=sys.stderr)  # fmt: skip
+        bar.close(len(ended))
         await sender
     finally:
         rig.stop()

@@ -120,6 +120,37 @@ def test_an_unanswered_command_is_retried_with_the_same_idempotency_key(
     assert (second["attempt"], second["command_id"] != first["command_id"]) == (2, True)
 
 
+def test_a_step_answered_late_keeps_its_deadline_and_is_never_resent_early(
+    world: DriverWorld,
+) -> None:
+    """The command-deadline timer only moves earlier: CAPTURE, sent 8 s after AUTHORIZE,
+    inherits AUTHORIZE's timer; that timer fires at 10 s, finds nothing overdue and is armed
+    again at CAPTURE's own deadline, 18 s."""
+    p = world.initiate(request())
+    pid, key = p["payment_id"], p["payment_id"].encode()
+    part = partition_for(key, 3)
+
+    def timer_keys() -> set[bytes]:
+        return {k for k in world.driver.table(PAYMENTS, part) if k.startswith(b"\x01")}
+
+    armed = timer_keys()
+    assert armed  # AUTHORIZE's deadline
+    world.driver.advance_wall_clock(8_000)
+    world.answer(world.wait_command(pid, "AUTHORIZE"), "AUTHORIZED")
+    assert timer_keys() == armed  # not moved: no timer writes for this step
+    world.driver.advance_wall_clock(2_500)  # AUTHORIZE's deadline passed, CAPTURE's not
+    assert [c["command_type"] for c in world.commands(pid)] == ["AUTHORIZE", "CAPTURE"]
+    assert timer_keys() != armed  # armed again, at CAPTURE's deadline
+    world.driver.advance_wall_clock(7_000)  # 17.5 s: still not due
+    assert len(world.commands(pid)) == 2
+    world.driver.advance_wall_clock(1_000)
+    again = world.wait_command(pid, "CAPTURE", n=2)
+    assert again["attempt"] == 2
+    world.answer(again, "CAPTURED")
+    world.answer(world.wait_command(pid, "SETTLE"), "SETTLED")
+    assert timer_keys() == set()  # nothing outstanding: no timer left behind
+
+
 def test_an_uncaptured_authorization_expires_by_stream_time(world: DriverWorld) -> None:
     p = world.initiate(request(capture_mode="MANUAL"))
     pid = p["payment_id"]

@@ -495,11 +495,12 @@ def test_inventory_refused_order_saga_ends_canceled(mode: str) -> None:
     p = payment("ORDER", mode)
     orch.start(p, "ORDER", T0)
     assert only(p).action == "RESERVE"
+    previous = p.status  # on_outcome changes `p` in place
     q, eff = answer(orch, p, only(p), success=False)  # RESERVATION_FAILED
     assert eff.terminal and eff.commands == [] and not q.outstanding
     assert q.saga is not None and q.saga.state == "FAILED"
     assert q.status is S.CANCELED and (q.authorized_minor, q.captured_minor) == (0, 0)
-    status = published(q, eff, p.status)
+    status = published(q, eff, previous)
     assert (status["status"], status["previous_status"]) == ("CANCELED", "INITIATED")
     assert (status["terminal"], status["saga_state"]) == (True, "FAILED")
     assert q.history[-1].status is S.CANCELED
