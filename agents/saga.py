@@ -32,7 +32,7 @@ from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
-from paysaga.tables.payments import PAYMENTS
+from paysaga.tables.payments import PAYMENTS, PaymentCache
 
 #: Header on paysaga.saga.repartition: the topic the record was first read from.
 H_SOURCE = "paysaga.source"
@@ -66,16 +66,19 @@ def _constant(kind: str) -> Callable[[Any], str]:
 
 
 def _outcome(e: Any, kind: str) -> GatewayOutcome:
-    """A validated lifecycle / service event as the orchestrator's outcome."""
+    """A validated lifecycle / service event as the orchestrator's outcome. Fields one
+    event type lacks are read from the model's own dict: a missing attribute on a pydantic
+    model costs a raised and caught AttributeError."""
+    f = e.__dict__
     return GatewayOutcome(
         kind=kind,
         event_id=e.event_id,
         occurred_at=e.occurred_at,
         command_id=e.command_id,
-        amount_minor=getattr(e, "amount_minor", 0),
-        step=getattr(e, "step", None),
-        reason=getattr(e, "reason", None) or getattr(e, "reason_code", None),
-        retryable=getattr(e, "retryable", False),
+        amount_minor=f.get("amount_minor", 0),
+        step=f.get("step"),
+        reason=f.get("reason") or f.get("reason_code"),
+        retryable=f.get("retryable", False),
     )
 
 
@@ -96,6 +99,7 @@ class SagaAgent:
         self.orch = orchestrator
         #: Shared with the intake agent, so an accepted record is not decoded again.
         self.intake = intake or IntakeStep(codec)
+        self.payments = PaymentCache()
         t = topics
         self.sources: dict[str, Source] = {
             t.authorized: Source("PaymentAuthorized", ev.PaymentAuthorized, "payment",
@@ -164,9 +168,7 @@ class SagaAgent:
             hdrs.append((H_SOURCE, source.encode()))
             ctx.send(self.topics.saga_repartition, key, record.value, hdrs)
             return
-        payments = ctx.table(PAYMENTS)
-        raw = payments.get(key)
-        current = None if raw is None else Payment.from_json(raw)
+        current = self.payments.load(ctx.table(PAYMENTS), key)
         if source == self.topics.accepted:
             replay = dict(record.headers or ()).get(H_INTAKE) == b"replay"
             self._accepted(ctx, event, current, replay)
@@ -283,7 +285,7 @@ class SagaAgent:
                 else:
                     timers.set(key, due)
         p.timer_wall, p.timer_event = wall, event
-        ctx.table(PAYMENTS).set(key, p.to_json())
+        self.payments.store(ctx.table(PAYMENTS), key, p)
 
     def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
                 previous: str | None) -> None:  # fmt: skip
@@ -320,8 +322,7 @@ class SagaAgent:
     def _fire(self, ctx: ProcessorContext, key: bytes, due: int, kind: str,
               run: Callable[[Payment], Effects]) -> None:  # fmt: skip
         """One fired timer: one state change with its own deterministic ids."""
-        raw = ctx.table(PAYMENTS).get(key)
-        current = None if raw is None else Payment.from_json(raw)
+        current = self.payments.load(ctx.table(PAYMENTS), key)
         if current is None:
             return
         # The engine removed the fired timer: what the payment says is armed must agree,

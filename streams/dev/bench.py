@@ -56,6 +56,13 @@ class BenchOptions:
     pipelines: tuple[str, ...] = PIPELINES
     #: Payments in the whole-saga backlog (0 skips the whole-saga measurement).
     saga_payments: int = 10_000
+    #: Whole saga: worker processes, and partitions (None: `partitions`).
+    saga_workers: int = 1
+    saga_partitions: int | None = None
+    #: How upstream keys the whole saga's requests (`UpstreamConfig.key`).
+    saga_upstream_key: str = "payment"
+    #: py-spy samples of the whole-saga worker go here (None: not profiled).
+    profile: Path | None = None
 
 
 @dataclass
@@ -330,7 +337,9 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
             saga = SagaOptions(payments=opts.saga_payments, rate=opts.rate,
                                latency_seconds=opts.latency_seconds,
                                warmup_seconds=opts.latency_warmup_seconds,
-                               partitions=opts.partitions)  # fmt: skip
+                               partitions=opts.saga_partitions or opts.partitions,
+                               workers=opts.saga_workers, profile=opts.profile,
+                               upstream_key=opts.saga_upstream_key)  # fmt: skip
             pid = broker.pid() if broker is not None else None
             results["saga"] = await run_saga(saga, bootstrap, run, work, codec, pid)
         ok = True

@@ -20,6 +20,7 @@ Figures are reported, never asserted (docs/exactly-once.md#how-it-is-measured).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.demo import _spawn, _stop
 from paysaga.streams.dev.measure import cpu_seconds, peak_rss_mib, percentile
+from paysaga.streams.dev.profile import attach, detach, report, stage_table
 from paysaga.streams.dev.upstream import Progress, UpstreamConfig, generate, produce
 
 SERVICES = ("gateway", "inventory", "shipping")
@@ -48,12 +50,20 @@ class SagaOptions:
     latency_seconds: float = 10.0
     warmup_seconds: float = 3.0
     partitions: int = 3
+    #: Worker processes (the scaling check runs 2 on 6 partitions).
+    workers: int = 1
+    #: How upstream keys its requests (`UpstreamConfig.key`; "scope": no repartition hop).
+    upstream_key: str = "payment"
+    #: Where py-spy's samples of the worker over the backlog go (None: not profiled).
+    profile: Path | None = None
 
 
 class SagaRig:
-    """A worker running the payment topology and the three simulators, as processes."""
+    """Workers running the payment topology (one by default) and the three simulators, as
+    processes. Several workers share the application id, so the group splits the tasks."""
 
-    def __init__(self, bootstrap: str, prefix: str, work: Path, partitions: int) -> None:
+    def __init__(self, bootstrap: str, prefix: str, work: Path, partitions: int,
+                 workers: int = 1) -> None:  # fmt: skip
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.settings = Settings(
@@ -65,38 +75,64 @@ class SagaRig:
         for name, value in self.settings.model_dump(mode="json").items():
             if value is not None:
                 self.env["PAYSAGA_" + name.upper()] = str(value)
-        self.worker: subprocess.Popen[bytes] | None = None
+        #: Web port of each worker (the first is the settings' own).
+        self.ports = [self.settings.web_port, *(free_port() for _ in range(workers - 1))]
+        self.workers: list[subprocess.Popen[bytes]] = []
         self.simulators: dict[str, subprocess.Popen[bytes]] = {}
 
     async def prepare(self) -> None:
         await create_topics(self.settings, log=None)
 
     def start(self) -> None:
-        self.worker = _spawn(["worker"], self.env, self.work / "worker.log")
+        for i, port in enumerate(self.ports):
+            env = {**self.env, "PAYSAGA_WEB_PORT": str(port),
+                   "PAYSAGA_DATA_DIR": str(self.work / f"state-{i}")}  # fmt: skip
+            self.workers.append(_spawn(["worker"], env, self.work / f"worker-{i}.log"))
         for service in SERVICES:
             self.simulators[service] = _spawn(["simulate", service], self.env,
                                               self.work / f"sim-{service}.log")  # fmt: skip
 
     async def ready(self, timeout: float = 120) -> None:
-        url = f"http://127.0.0.1:{self.settings.web_port}/ready/"
+        """Until every worker answers ready (owns its tasks, restored)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for port in self.ports:
+            url = f"http://127.0.0.1:{port}/ready/"
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"saga worker not ready; see {self.work}") from None
+                    await asyncio.sleep(0.1)  # polling readiness, with a deadline
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters of all workers, from their readiness views."""
+        total: dict[str, Any] = {}
+        for port in self.ports:
             try:
-                with urllib.request.urlopen(url, timeout=1):
-                    return
+                url = f"http://127.0.0.1:{port}/ready/"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    stats = json.load(resp).get("stats", {})
             except OSError:
-                await asyncio.sleep(0.1)  # polling readiness, with a deadline
-        raise TimeoutError(f"saga worker not ready; see {self.work / 'worker.log'}")
+                continue
+            for k, v in stats.items():
+                if isinstance(v, int | float):
+                    total[k] = total.get(k, 0) + v
+        return total
 
     def cpu(self, broker_pid: int | None) -> dict[str, float]:
-        assert self.worker is not None
-        out = {"worker": cpu_seconds(self.worker.pid)}
+        out = {"worker": sum(cpu_seconds(w.pid) for w in self.workers)}
         out.update({s: cpu_seconds(p.pid) for s, p in self.simulators.items()})
         out["broker"] = cpu_seconds(broker_pid)
         return out
 
+    def peak_rss_mib(self) -> float:
+        """The largest worker's peak RSS."""
+        return max((peak_rss_mib(w.pid) for w in self.workers), default=0.0)
+
     def stop(self) -> None:
-        for proc in [*self.simulators.values(), *([self.worker] if self.worker else [])]:
+        for proc in [*self.simulators.values(), *self.workers]:
             _stop(proc)
 
 
@@ -113,10 +149,11 @@ def _ended(status: dict[str, Any]) -> bool:
 
 async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec: AvroCodec,
                   broker_pid: int | None) -> dict[str, Any]:  # fmt: skip
-    rig = SagaRig(bootstrap, f"{run}-saga.", work / "saga", opts.partitions)
+    rig = SagaRig(bootstrap, f"{run}-saga.", work / "saga", opts.partitions, opts.workers)
     await rig.prepare()
     names = Topics(rig.settings.topic_prefix)
-    cfg = UpstreamConfig(count=opts.payments, seed=2027, manual_capture_rate=0.0)
+    cfg = UpstreamConfig(count=opts.payments, seed=2027, manual_capture_rate=0.0,
+                         key=opts.upstream_key)  # fmt: skip
     expected = _payments(cfg)
     await produce(bootstrap, codec, cfg, topic=names.initiated)
     bar = Progress(len(expected), "    saga backlog")
@@ -124,13 +161,16 @@ async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec
     at90 = t90 = 0.0
     cpu90: dict[str, float] = {}
     rig.start()
-    assert rig.worker is not None
     started = 0.0
     before: dict[str, float] = {}
+    stats90: dict[str, Any] = {}
+    profiler = None
     try:
         async for r in iter_records(bootstrap, names.status, follow=True, timeout=300):
             if not started:  # from the first output: the worker's start-up is not the saga
                 started, before = time.monotonic(), rig.cpu(broker_pid)
+                if opts.profile is not None:
+                    profiler = attach(rig.workers[0].pid, opts.profile / "worker.raw")
             status = codec.decode(r.value, "PaymentStatusChanged")
             if _ended(status) and status["payment_id"] in expected:
                 terminal.add(status["payment_id"])
@@ -141,6 +181,9 @@ async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec
                         len(terminal),
                         rig.cpu(broker_pid),
                     )
+                    if profiler is not None:
+                        detach(profiler)
+                    stats90 = await asyncio.to_thread(rig.stats)
                 if len(terminal) >= len(expected):
                     break
     except TimeoutError:
@@ -149,32 +192,47 @@ async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec
         elapsed = time.monotonic() - started if started else 0.0
         after = rig.cpu(broker_pid)
         before = before or after
-        rss = peak_rss_mib(rig.worker.pid)
+        rss = rig.peak_rss_mib()
+        if profiler is not None:
+            detach(profiler)
         rig.stop()
     bar.close(len(terminal))
     cpu = {k: after[k] - before[k] for k in after}
     cpu_first90 = {k: cpu90.get(k, after[k]) - before[k] for k in after}
-    return {
+    inputs = stats90.get("records", 0)
+    batches = stats90.get("batches", 0)
+    result: dict[str, Any] = {
         "payments": len(expected), "ended": len(terminal), "seconds": elapsed,
         "payments_per_s": len(terminal) / elapsed if elapsed else 0.0,
         "seconds_first_90": t90, "payments_per_s_first_90": at90 / t90 if t90 else 0.0,
         "cpu_seconds": cpu, "cpu_seconds_first_90": cpu_first90,
+        "workers": opts.workers, "partitions": opts.partitions,
+        "upstream_key": opts.upstream_key,
         "worker_cpu_ms_per_payment": 1000 * cpu_first90["worker"] / at90 if at90 else 0.0,
         "worker_peak_rss_mib": rss,
+        # Engine counters up to the 90 % point (inputs include the start-up's, if any).
+        "inputs_per_payment": inputs / at90 if at90 else 0.0,
+        "inputs_per_batch": inputs / batches if batches else 0.0,
     }  # fmt: skip
+    if opts.profile is not None and (opts.profile / "worker.raw").exists():
+        raw = opts.profile / "worker.raw"
+        result["profile"] = {**report(raw), "raw": str(raw)}
+    return result
 
 
 async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
                   codec: AvroCodec) -> dict[str, float]:  # fmt: skip
     """p50/p95/p99 ms from a PaymentInitiated's event time to its AUTHORIZED status."""
-    rig = SagaRig(bootstrap, f"{run}-saga-lat.", work / "saga-lat", opts.partitions)
+    rig = SagaRig(bootstrap, f"{run}-saga-lat.", work / "saga-lat", opts.partitions,
+                  opts.workers)  # fmt: skip
     await rig.prepare()
     names = Topics(rig.settings.topic_prefix)
     rig.start()
     try:
         await rig.ready()
         count = int(opts.rate * (opts.warmup_seconds + opts.latency_seconds))
-        cfg = UpstreamConfig(count=count, seed=2028, manual_capture_rate=0.0)
+        cfg = UpstreamConfig(count=count, seed=2028, manual_capture_rate=0.0,
+                             key=opts.upstream_key)  # fmt: skip
         expected = _payments(cfg)
         measured_from = (time.time() + opts.warmup_seconds) * 1000
         sender = asyncio.create_task(produce(bootstrap, codec, cfg, rate=opts.rate,
@@ -224,9 +282,12 @@ async def run_saga(opts: SagaOptions, bootstrap: str, run: str, work: Path, code
 def saga_summary(r: dict[str, Any]) -> str:
     cpu = r["cpu_seconds"]
     lat = r["latency"]
-    return "\n".join([
+    workers = r.get("workers", 1)
+    who = "one worker" if workers == 1 else f"{workers} workers"
+    lines = [
         f"whole saga: {r['payments']:,} payments (30 % order sagas, 5 % client retries, 1 % "
-        "key conflicts), one worker and the three simulators",
+        f"key conflicts; upstream keys by {r.get('upstream_key', 'payment')}), {who} on "
+        f"{r.get('partitions', 3)} partitions and the three simulators",
         f"{'backlog':<12}{'payments/s':>12}{'first 90 %':>12}{'worker CPU/payment':>20}"
         f"{'worker RSS MiB':>16}",
         f"{'':<12}{r['payments_per_s']:>12,.0f}{r['payments_per_s_first_90']:>12,.0f}"
@@ -234,4 +295,11 @@ def saga_summary(r: dict[str, Any]) -> str:
         "CPU seconds over the backlog: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()),
         f"request to AUTHORIZED at {r['rate']:.0f} payments/s offered: p50 {lat['p50_ms']:.1f} "
         f"ms, p95 {lat['p95_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms ({lat['samples']} samples)",
-    ])  # fmt: skip
+        f"inputs per payment {r.get('inputs_per_payment', 0):.2f}, per transaction "
+        f"{r.get('inputs_per_batch', 0):.1f}",
+    ]  # fmt: skip
+    if "profile" in r:
+        lines.append(stage_table(r["profile"], r["worker_cpu_ms_per_payment"],
+                                 r.get("inputs_per_payment", 0)))  # fmt: skip
+        lines.append(f"py-spy samples of worker 1: {r['profile']['raw']}")
+    return "\n".join(lines)

@@ -107,6 +107,7 @@ def _produce(args: argparse.Namespace) -> int:
         seed=args.seed,
         duplicate_rate=args.duplicate_rate,
         conflict_rate=args.conflict_rate,
+        key=args.key,
     )
     codec = AvroCodec(SchemaRegistry())
     settings = _settings(args)
@@ -205,7 +206,10 @@ def _bench(args: argparse.Namespace) -> int:
         latency_warmup_seconds=args.latency_warmup_seconds,
         partitions=args.partitions, keys=args.keys, bootstrap=args.bench_bootstrap or None,
         results_dir=Path(args.results_dir), pipelines=pipelines,
-        saga_payments=args.saga_payments,
+        saga_payments=args.saga_payments, saga_workers=args.saga_workers,
+        saga_upstream_key=args.saga_upstream_key,
+        saga_partitions=args.saga_partitions or None,
+        profile=Path(args.profile) if args.profile else None,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -260,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--seed", "PAYSAGA_SEED", 42, int, help="random seed")
     _env_opt(p, "--duplicate-rate", "PAYSAGA_DUPLICATE_RATE", 0.05, float, help="retries")
     _env_opt(p, "--conflict-rate", "PAYSAGA_CONFLICT_RATE", 0.01, float, help="key reuse")
+    _env_opt(p, "--key", "PAYSAGA_UPSTREAM_KEY", "payment", str, choices=("payment", "scope"),
+             help="record key: payment_id, or idempotency scope (no repartition hop)")  # fmt: skip
 
     p = cmd("simulate", _simulate, "an outside service: card gateway, inventory or shipping")
     p.add_argument("kind", choices=("gateway", "inventory", "shipping"))
@@ -308,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
              help="comma list of baseline,faust,paysaga")  # fmt: skip
     _env_opt(p, "--saga-payments", "PAYSAGA_BENCH_SAGA_PAYMENTS", 10_000, int,
              help="whole-saga backlog size (0 skips the whole saga)")  # fmt: skip
+    _env_opt(p, "--saga-workers", "PAYSAGA_BENCH_SAGA_WORKERS", 1, int,
+             help="whole saga: worker processes")  # fmt: skip
+    _env_opt(p, "--saga-partitions", "PAYSAGA_BENCH_SAGA_PARTITIONS", 0, int,
+             help="whole saga: partitions (0: --partitions)")  # fmt: skip
+    _env_opt(p, "--saga-upstream-key", "PAYSAGA_BENCH_SAGA_UPSTREAM_KEY", "payment", str,
+             choices=("payment", "scope"),
+             help="whole saga: how upstream keys requests (scope: no repartition hop)")  # fmt: skip
+    _env_opt(p, "--profile", "PAYSAGA_BENCH_PROFILE", "", str,
+             help="where py-spy samples of the whole-saga worker go (backlog)")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 

@@ -33,6 +33,12 @@ def world(tmp_path: Path) -> Iterator[DriverWorld]:
     driver = TopologyTestDriver(topology, tmp_path / "state", partitions=3,
                                 dlq_topic=names + "payment.dlq", wall_ms=T0)  # fmt: skip
     yield DriverWorld(settings, driver)
+    # Every payment the saga keeps parsed still matches the bytes it stored with it: no
+    # agent code changed a payment after storing it (tables/payments.py, PaymentCache).
+    process = next(a for a in topology.agents if a.name == "paysaga.saga").process
+    saga = process.__self__  # type: ignore[attr-defined]  # a bound SagaAgent.process
+    for raw, payment in saga.payments._held.values():
+        assert payment.to_json() == raw
     driver.close()
 
 
