@@ -387,6 +387,8 @@ class TaskRunner:
         self, task: Task, ctx: ProcessorContext, timers: list[tuple[Agent, Timer]], now: int
     ) -> None:
         for agent, spec in timers:
+            if not task.clocks[f"t:{spec.name}"].may_fire(now):
+                continue  # the common case, per input: nothing armed is due yet
             _, index = self.runtime.timer(agent, spec.name)
 
             def fire(table: TableTransaction, due: int, key: bytes, spec: Timer = spec,
