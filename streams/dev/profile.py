@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from paysaga.streams.dev.demo import _stop
+
 #: (stage, match): `match` is a substring of py-spy's "function (file:line)" frame text.
 #: Order matters only among frames of one sample: the innermost matching frame decides.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -61,13 +63,7 @@ def attach(pid: int, out: Path, rate: int = 100) -> subprocess.Popen[bytes]:
 
 def detach(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """Stop sampling; py-spy writes its output when interrupted."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    _stop(proc, timeout, signal.SIGINT)
 
 
 def _samples(raw: Path) -> Iterator[tuple[list[str], int]]:

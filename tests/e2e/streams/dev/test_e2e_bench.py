@@ -25,7 +25,8 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
         [sys.executable, "-m", "paysaga.streams.ops.cli", "bench", "--bootstrap", broker.bootstrap,
          "--events", str(events), "--rate", "200", "--latency-seconds", "2",
          "--latency-warmup-seconds", "1",
-         "--keys", str(keys), "--saga-payments", "300", "--results-dir", str(results)],
+         "--keys", str(keys), "--saga-payments", "300", "--results-dir", str(results),
+         "--profile", str(tmp_path / "profile")],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -59,4 +60,11 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
     lat = saga["latency"]
     assert lat["samples"] > 0 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
     assert f"whole saga: {saga['payments']:,} payments" in table
+    # Inputs per payment: intake, maybe its repartition hop, the saga's answers.
+    assert 4 < saga["inputs_per_payment"] < 12 and saga["inputs_per_batch"] >= 1
+    # The profile: py-spy's samples of the worker, by stage, and the table of them.
+    prof = saga["profile"]
+    assert prof["samples"] > 0 and Path(prof["raw"]).stat().st_size > 0
+    assert abs(sum(prof["stages"].values()) - 1) < 1e-9
+    assert "worker CPU by stage" in table
     assert f"results: {path}" in done.stdout
