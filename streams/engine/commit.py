@@ -24,7 +24,9 @@ from aiokafka.errors import (
     ProducerFenced,
     RecordTooLargeError,
 )
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, RecordMetadata, TopicPartition
 
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.engine.processor import Output
@@ -37,6 +39,9 @@ from paysaga.tables.transaction import TableTransaction, TaskTransaction
 #: timestamp further in the future than `message.timestamp.after.max.ms` (1 hour by default
 #: since Kafka 3.6): retrying would refuse it forever (docs/traps.md#future-event-times).
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, InvalidTimestampError)
+#: The producer's `max_request_size` (aiokafka's default, set explicitly in recovery): a
+#: record larger than this can never be sent.
+MAX_REQUEST_BYTES = 1_048_576
 #: The task now belongs to another producer instance: drop it, never commit again.
 FENCED_ERRORS = (ProducerFenced, InvalidProducerEpoch)
 
@@ -77,37 +82,21 @@ async def commit(
     if offsets:  # a punctuation has no input offsets
         await producer.send_offsets_to_transaction(offsets, state.config.group)
     t1 = time.monotonic()
-    futures: list[asyncio.Future[object]] = []
-    owners: list[int] = []
+    batches = _Batches(producer)
     for topic, key, value, headers, index, ts, pinned in outputs:
         if pinned is not None:
             part = pinned
         else:
             n = await partitions_of(state, producer, topic)
             part = partition_for(key, n) if key is not None else index % n
-        try:
-            fut = await producer.send(topic, value, key=key, partition=part, headers=headers,
-                                      timestamp_ms=ts)  # fmt: skip
-        except RECORD_ERRORS as exc:  # refused before sending (e.g. over max_request_size)
-            exc.paysaga_records = {index}
-            raise
-        futures.append(fut)
-        owners.append(index)
-    changelog: list[tuple[str, TableTransaction, int]] = []
+        batches.add(topic, part, key, value, headers, ts, index)
+    changelog: list[tuple[str, TableTransaction, TopicPartition]] = []
     for name, table_txn in txn.changed():
-        topic = state.config.changelog(name)
-        first = len(futures)
+        tp = TopicPartition(state.config.changelog(name), task.partition)
         for key, value in table_txn.changes.items():
-            futures.append(await producer.send(topic, value, key=key, partition=task.partition))
-        changelog.append((name, table_txn, first))
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
-    if errors:
-        first_error = errors[0][1]
-        if all(isinstance(e, RECORD_ERRORS) and i < len(owners) for i, e in errors):
-            # All inputs whose outputs shared a refused producer batch are suspects.
-            first_error.paysaga_records = {owners[i] for i, _ in errors}  # type: ignore[attr-defined]
-        raise first_error
+            batches.add(tp.topic, tp.partition, key, value, None, None, None)
+        changelog.append((name, table_txn, tp))
+    last_offsets = await batches.send()
     t2 = time.monotonic()
     await producer.commit_transaction()
     t3 = time.monotonic()
@@ -116,10 +105,70 @@ async def commit(
     st["send_seconds"] += t2 - t1
     st["commit_seconds"] += t3 - t2
     # Committed: now (and only now) the local state may reflect the batch.
-    for name, table_txn, first in changelog:
-        ack = results[first + len(table_txn.changes) - 1]
-        task.stores[name].apply(table_txn.changes, ack.offset)  # type: ignore[attr-defined]
+    for name, table_txn, tp in changelog:
+        task.stores[name].apply(table_txn.changes, last_offsets[tp])
     settle(state, task, records, stream_time)
+
+
+class _Batches:
+    """A transaction's records, one producer batch per topic-partition (Kafka Streams'
+    RecordCollector): aiokafka's `send()` costs about 20 µs a record in Python (metadata
+    lookups that build a set of partitions, twice, a future per record), a batch append a
+    few. Each batch remembers which inputs caused its records, so a batch the broker
+    refuses makes exactly those inputs suspects (`TaskRunner._process_task`)."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        #: Per topic-partition, in order: (builder, owning input indexes) of each batch.
+        self.open: dict[TopicPartition, list[tuple[BatchBuilder, list[int]]]] = {}
+
+    def add(self, topic: str, part: int, key: bytes | None, value: bytes | None,
+            headers: list[tuple[str, bytes]] | None, ts: int | None,
+            owner: int | None) -> None:  # fmt: skip
+        headers = headers or []
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        if size > MAX_REQUEST_BYTES:  # as `send()` refuses it: before anything is sent
+            exc = MessageSizeTooLargeError(f"a {size}-byte record exceeds {MAX_REQUEST_BYTES}")
+            if owner is not None:  # a changelog record has no one input to blame
+                exc.paysaga_records = {owner}
+            raise exc
+        tp = TopicPartition(topic, part)
+        chain = self.open.get(tp)
+        if chain is None:
+            chain = self.open[tp] = [(self.producer.create_batch(), [])]
+        builder, owners = chain[-1]
+        if builder.append(key=key, value=value, timestamp=ts, headers=headers) is None:
+            builder, owners = self.producer.create_batch(), []
+            chain.append((builder, owners))  # full: the next batch of this partition
+            if builder.append(key=key, value=value, timestamp=ts, headers=headers) is None:
+                raise TaskBroken(f"a {size}-byte record does not fit an empty batch")
+        if owner is not None:
+            owners.append(owner)
+
+    async def send(self) -> dict[TopicPartition, int]:
+        """Send every batch and wait for the broker; the offset of each topic-partition's
+        last record. A refused batch raises, with its inputs as `paysaga_records` when
+        every refusal concerns records only."""
+        sent: list[tuple[TopicPartition, int, list[int], asyncio.Future[RecordMetadata]]] = []
+        for tp, chain in self.open.items():
+            for builder, owners in chain:
+                count = builder.record_count()
+                fut = await self.producer.send_batch(builder, tp.topic, partition=tp.partition)
+                sent.append((tp, count, owners, fut))
+        results = await asyncio.gather(*(f for *_, f in sent), return_exceptions=True)
+        errors = [(owners, r) for (_, _, owners, _), r in zip(sent, results, strict=True)
+                  if isinstance(r, BaseException)]  # fmt: skip
+        if errors:
+            first_error = errors[0][1]
+            if all(isinstance(e, RECORD_ERRORS) and owners for owners, e in errors):
+                # Every input with a record in a refused batch is a suspect.
+                first_error.paysaga_records = {i for owners, _ in errors for i in owners}  # type: ignore[attr-defined]
+            raise first_error
+        last: dict[TopicPartition, int] = {}
+        for (tp, count, _, _), meta in zip(sent, results, strict=True):
+            assert isinstance(meta, RecordMetadata)
+            last[tp] = meta.offset + count - 1  # a batch's offsets are consecutive
+        return last
 
 
 def settle(state: EngineState, task: Task, records: list[ConsumerRecord], stream_time: int) -> None:

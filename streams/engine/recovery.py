@@ -13,6 +13,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
+from paysaga.streams.engine.commit import MAX_REQUEST_BYTES
 from paysaga.streams.engine.processor import TimerClock
 from paysaga.streams.engine.state import EngineState
 from paysaga.streams.engine.task import Task
@@ -67,6 +68,7 @@ class Recovery:
             acks="all",
             linger_ms=config.linger_ms,
             max_batch_size=256 * 1024,
+            max_request_size=MAX_REQUEST_BYTES,
             # A transaction's first request often meets CONCURRENT_TRANSACTIONS while the
             # last one's markers are written (see `commit`); aiokafka's default 100 ms
             # backoff would then show up directly in end-to-end latency.
