@@ -59,7 +59,7 @@ class Rejected:
 
 
 #: PaymentInitiated records kept decoded and validated (`IntakeStep.parse`): a few fetched
-#: batches' worth, about 3 KiB each.
+#: batches' worth, about 5 KiB each (measured with tracemalloc).
 PARSED_MEMO = 8_192
 
 

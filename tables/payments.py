@@ -14,7 +14,7 @@ from paysaga.tables.transaction import TableTransaction
 
 PAYMENTS = "payments"
 
-#: Parsed payments kept between their inputs (`PaymentCache`), about 10 KiB each.
+#: Parsed payments kept between their inputs (`PaymentCache`), 6 KiB and up each (history grows).
 CACHE_SIZE = 4_096
 
 
