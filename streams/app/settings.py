@@ -68,6 +68,12 @@ class Settings(BaseModel):
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+    gc_gen0_threshold: int = Field(
+        50_000,
+        ge=0,
+        description="allocations between the garbage collector's young collections (Python's "
+        "default is 700; 0 keeps it): docs/architecture.md#gc",
+    )
     log_level: str = Field("WARNING")
 
     @classmethod
