@@ -10,13 +10,22 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from paysaga.domain.money import validate_amount
-from paysaga.schemas.models import AmountMinor, CurrencyCode, Envelope, Id
+from paysaga.schemas.models import AmountMinor, CurrencyCode, Envelope, EpochMillis, EventId, Id
 
 Text = Annotated[str, Field(max_length=500)]
 Key = Annotated[str, Field(min_length=1, max_length=255)]
+IsoDate = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 
 
 class _Answer(Envelope):
@@ -63,7 +72,41 @@ class PaymentReversed(_Money):
 class PaymentSettled(_Money):
     merchant_id: Id
     settlement_id: Id
-    settlement_date: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    settlement_date: IsoDate
+
+
+class BankDirection(StrEnum):
+    CREDIT = "CREDIT"
+    DEBIT = "DEBIT"
+
+
+class BankStatementLine(BaseModel):
+    """One bank statement line (`bank.statements`, keyed by merchant_id). Not a paysaga
+    event, so no envelope beyond its id and time; a line without a merchant, in an unknown
+    currency or with an amount that is not positive is refused (the DLQ), and the direction
+    gives the sign (docs/reconciliation.md#what-is-matched)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: EventId
+    occurred_at: EpochMillis
+    statement_id: Id
+    line_id: Id
+    merchant_id: Id
+    payment_reference: Id | None = None
+    currency: CurrencyCode
+    amount_minor: AmountMinor
+    value_date: IsoDate
+    booking_date: IsoDate
+    direction: BankDirection = BankDirection.CREDIT
+
+    @property
+    def line_key(self) -> str:
+        return f"{self.statement_id}/{self.line_id}"
+
+    @property
+    def signed_minor(self) -> int:
+        return -self.amount_minor if self.direction is BankDirection.DEBIT else self.amount_minor
 
 
 class InventoryOutcome(StrEnum):
