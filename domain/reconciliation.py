@@ -40,6 +40,23 @@ HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
 
 
+@dataclass(frozen=True)
+class ReconPolicy:
+    """Window length, how late the bank may be (grace), and tier 2's value-date tolerance."""
+
+    window_ms: int = HOUR_MS
+    grace_ms: int = 2 * HOUR_MS
+    tolerance_days: int = 1
+
+    def __post_init__(self) -> None:
+        if self.window_ms <= 0 or self.grace_ms < 0 or self.tolerance_days < 0:
+            raise ValueError(f"invalid reconciliation policy {self}")
+
+    def closes_at(self, start: int) -> int:
+        """Stream time at which the window starting at `start` closes."""
+        return start + self.window_ms + self.grace_ms
+
+
 class Category(StrEnum):
     """What reconciliation found for a movement or a bank line."""
 
@@ -273,6 +290,7 @@ def revise(previous_ids: Iterable[str], current: Iterable[Discrepancy]) -> Revis
 
 __all__ = [
     "DAY_MS", "DISCREPANCIES", "HOUR_MS", "AmountMatches", "Candidate", "Category",
-    "Discrepancy", "Line", "Movement", "RefMatch", "Revision", "discrepancy", "match_by_amount",
-    "match_by_reference", "names", "report_id", "revise", "utc_date", "window_start",
+    "Discrepancy", "Line", "Movement", "ReconPolicy", "RefMatch", "Revision", "discrepancy",
+    "match_by_amount", "match_by_reference", "names", "report_id", "revise", "utc_date",
+    "window_start",
 ]  # fmt: skip

@@ -84,6 +84,8 @@ class Topics:
         self.accepted = prefix + "paysaga.payment.accepted"
         #: Saga inputs found on a partition other than their payment_id's (internal).
         self.saga_repartition = prefix + "paysaga.saga.repartition"
+        #: Reconciliation inputs found on a partition other than their merchant's (internal).
+        self.recon_repartition = prefix + "paysaga.recon.repartition"
         self.commands = prefix + "payment.commands"
         self.status = prefix + "payment.status"
         self.dlq = prefix + "payment.dlq"

@@ -1,0 +1,183 @@
+"""The `recon` table: reconciliation entries by merchant, one RocksDB entry each.
+
+Partition p holds the merchants whose id hashes to p (docs/reconciliation.md#state). Keys
+start with a one-letter kind, then NUL-separated parts (ids never hold NUL: `check_part`),
+so the entries of one window are one contiguous range and a close reads only them::
+
+    M <merchant> <movement_id>                  -> MovementEntry   (a capture or refund)
+    L <merchant> <line_key>                     -> LineEntry       (a bank line)
+    R <merchant> <reference>                    -> [movement_id]   (gateway ref, payment id)
+    W <merchant> <currency> <start>             -> WindowSummary
+    O <merchant> <currency> <start> m|l <id>    -> b""             (unmatched, for the close)
+    D <merchant> <currency> <start> <disc. id>  -> Discrepancy     (open problems)
+
+Every write goes through the batch's `TableTransaction`, so it reaches the changelog in the
+same Kafka transaction as the input offsets and the outputs it caused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from paysaga.domain.reconciliation import Category, Discrepancy, Line, Movement
+from paysaga.tables.transaction import TableTransaction
+
+RECON = "recon"
+_SEP = b"\x00"
+_WIDTH = 15  # epoch millis, zero-padded: byte order is time order
+_PAGE = 1_000
+
+
+class ReconKeyError(ValueError):
+    """An id that cannot be part of a reconciliation key (it holds a NUL byte)."""
+
+
+def check_part(part: str) -> bytes:
+    raw = part.encode()
+    if _SEP in raw:
+        raise ReconKeyError(f"id {part!r} holds a NUL byte")
+    return raw
+
+
+def _key(kind: bytes, *parts: str) -> bytes:
+    return kind + _SEP + _SEP.join(check_part(p) for p in parts)
+
+
+def window_id(merchant: str, currency: str, start: int) -> bytes:
+    """merchant, currency and zero-padded start: a window's key suffix and its timer key."""
+    padded = str(start).zfill(_WIDTH).encode()
+    return _SEP.join((check_part(merchant), check_part(currency), padded))
+
+
+def parse_window_id(raw: bytes) -> tuple[str, str, int]:
+    merchant, currency, start = raw.split(_SEP)
+    return merchant.decode(), currency.decode(), int(start)
+
+
+class MovementEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    movement: Movement
+    merchant_id: str
+    window_start: int
+    #: None: unmatched; else MATCHED or the tier-1 discrepancy category that accounts for it.
+    state: Category | None = None
+    line_key: str | None = None
+
+
+class LineEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    line: Line
+    merchant_id: str
+    #: The window (currency, start) the line is accounted in.
+    currency: str
+    window_start: int
+    state: Category | None = None
+    movement_id: str | None = None
+
+
+class WindowSummary(BaseModel):
+    """Counters of one window, kept as entries arrive, and where its reporting stands."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    internal_count: int = 0
+    internal_minor: int = 0
+    bank_count: int = 0
+    bank_minor: int = 0
+    matched_count: int = 0
+    matched_minor: int = 0
+    #: 0 while open; the last report revision emitted once closed.
+    revision: int = 0
+    #: Categories of discrepancies resolved by the revision being built (reset per report).
+    resolved: list[str] = Field(default_factory=list)
+
+    @property
+    def closed(self) -> bool:
+        return self.revision > 0
+
+
+class ReconBook:
+    """Typed reads and writes of the `recon` table within one batch."""
+
+    def __init__(self, table: TableTransaction) -> None:
+        self.t = table
+
+    # ---- movements and lines ------------------------------------------------------------
+    def movement(self, merchant: str, movement_id: str) -> MovementEntry | None:
+        raw = self.t.get(_key(b"M", merchant, movement_id))
+        return None if raw is None else MovementEntry.model_validate_json(raw)
+
+    def put_movement(self, e: MovementEntry) -> None:
+        self.t.set(_key(b"M", e.merchant_id, e.movement.movement_id), e.model_dump_json().encode())
+
+    def line(self, merchant: str, line_key: str) -> LineEntry | None:
+        raw = self.t.get(_key(b"L", merchant, line_key))
+        return None if raw is None else LineEntry.model_validate_json(raw)
+
+    def put_line(self, e: LineEntry) -> None:
+        self.t.set(_key(b"L", e.merchant_id, e.line.line_key), e.model_dump_json().encode())
+
+    # ---- the reference index ------------------------------------------------------------
+    def named(self, merchant: str, reference: str) -> list[str]:
+        raw = self.t.get(_key(b"R", merchant, reference))
+        return [] if raw is None else raw.decode().split("\n")
+
+    def index(self, merchant: str, reference: str, movement_id: str) -> None:
+        ids = self.named(merchant, reference)
+        if movement_id not in ids:
+            ids.append(movement_id)
+            self.t.set(_key(b"R", merchant, reference), "\n".join(sorted(ids)).encode())
+
+    # ---- windows ------------------------------------------------------------------------
+    def summary(self, wid: bytes) -> WindowSummary:
+        raw = self.t.get(b"W" + _SEP + wid)
+        return WindowSummary() if raw is None else WindowSummary.model_validate_json(raw)
+
+    def put_summary(self, wid: bytes, s: WindowSummary) -> None:
+        self.t.set(b"W" + _SEP + wid, s.model_dump_json().encode())
+
+    def mark_open(self, wid: bytes, side: bytes, entry_id: str, is_open: bool) -> None:
+        key = b"O" + _SEP + wid + _SEP + side + _SEP + check_part(entry_id)
+        if is_open:
+            self.t.set(key, b"")
+        else:
+            self.t.delete(key)
+
+    def open_ids(self, wid: bytes, side: bytes) -> Iterator[str]:
+        """Ids of the window's unmatched movements (side b"m") or lines (b"l"), in order."""
+        prefix = b"O" + _SEP + wid + _SEP + side + _SEP
+        for key, _ in self._scan(prefix):
+            yield key[len(prefix) :].decode()
+
+    def add_discrepancy(self, wid: bytes, d: Discrepancy) -> None:
+        self.t.set(self._disc_key(wid, d.discrepancy_id), d.model_dump_json().encode())
+
+    def drop_discrepancy(self, wid: bytes, discrepancy_id: str) -> Discrepancy | None:
+        key = self._disc_key(wid, discrepancy_id)
+        raw = self.t.get(key)
+        if raw is None:
+            return None
+        self.t.delete(key)
+        return Discrepancy.model_validate_json(raw)
+
+    def discrepancies(self, wid: bytes) -> Iterator[Discrepancy]:
+        for _, raw in self._scan(b"D" + _SEP + wid + _SEP):
+            yield Discrepancy.model_validate_json(raw)
+
+    @staticmethod
+    def _disc_key(wid: bytes, discrepancy_id: str) -> bytes:
+        return b"D" + _SEP + wid + _SEP + check_part(discrepancy_id)
+
+    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Every entry under `prefix`, a page at a time (a window may hold millions)."""
+        lo, hi = prefix, prefix + b"\xff"
+        while True:
+            page = self.t.range(lo, hi, _PAGE)
+            yield from page
+            if len(page) < _PAGE:
+                return
+            lo = page[-1][0] + b"\x00"
