@@ -143,17 +143,33 @@ class ReconAgent:
         s.internal_count += 1
         s.internal_minor += m.amount_minor
         entry = MovementEntry(movement=m, merchant_id=merchant, window_start=start)
-        for ref in sorted({m.reference, m.payment_id}):
+        refs = sorted({m.reference, m.payment_id})
+        for ref in refs:
             book.index(merchant, ref, m.movement_id)
-        found: list[Discrepancy] = []
-        if s.closed:  # late: an adjustment of the closed window
-            found.append(discrepancy(Category.MISSING_IN_BANK, merchant, m.currency, start, m))
-            book.add_discrepancy(wid, found[0])
-        else:
+        late = s.closed  # an adjustment of a window already reported
+        if not late:
             book.mark_open(wid, _MOVEMENT, m.movement_id, True)
             ctx.timers(CLOSE).set(wid, self.policy.closes_at(start))
         book.put_movement(entry)
-        self._save(ctx, book, wid, s, found, [], m.occurred_at)
+        book.put_summary(wid, s)
+        # Lines that named this movement before it arrived (a capture takes the repartition
+        # hop, a bank line may not): matched now, by the same rule, in line order.
+        waiting = [le for ref in refs for k in book.waiting(merchant, ref)
+                   if (le := book.line(merchant, k)) is not None and le.state is None]  # fmt: skip
+        for le in sorted(waiting, key=lambda e: (e.line.occurred_at, e.line.line_key)):
+            got = match_by_reference(le.line, [Candidate(entry.movement, entry.state is not None)])
+            if got is not None:
+                self._unwait(ctx, book, merchant, le, m.occurred_at)
+                self._matched(ctx, book, merchant, le.line, entry, got.category, m.occurred_at)
+        if late:
+            s = book.summary(wid)
+            found: list[Discrepancy] = []
+            if entry.state is None:
+                found.append(discrepancy(Category.MISSING_IN_BANK, merchant, m.currency, start, m))
+                book.add_discrepancy(wid, found[0])
+            s.revision += 1
+            self._report(ctx, book, wid, s, found, [], m.occurred_at)
+            book.put_summary(wid, s)
 
     def _line(self, ctx: ProcessorContext, book: ReconBook, merchant: str, line: Line) -> None:
         if book.line(merchant, line.line_key) is not None:
@@ -169,8 +185,13 @@ class ReconAgent:
         )
         if got is None:
             self._unmatched_line(ctx, book, merchant, line)
-            return
-        target = entries[got.movement.movement_id]
+        else:
+            target = entries[got.movement.movement_id]
+            self._matched(ctx, book, merchant, line, target, got.category, line.occurred_at)
+
+    def _matched(self, ctx: ProcessorContext, book: ReconBook, merchant: str, line: Line,
+                 target: MovementEntry, category: Category, at: int) -> None:  # fmt: skip
+        """Account `line` in `target`'s window as tier 1 decided (`category`)."""
         m = target.movement
         wid = window_id(merchant, m.currency, target.window_start)
         s = book.summary(wid)
@@ -178,11 +199,8 @@ class ReconAgent:
         s.bank_minor += line.amount_minor
         found: list[Discrepancy] = []
         resolved: list[Discrepancy] = []
-        entry = LineEntry(line=line, merchant_id=merchant, currency=m.currency,
-                          window_start=target.window_start, state=got.category,
-                          movement_id=m.movement_id)  # fmt: skip
-        if got.category is not Category.DUPLICATE_IN_BANK:
-            target.state, target.line_key = got.category, line.line_key
+        if category is not Category.DUPLICATE_IN_BANK:
+            target.state, target.line_key = category, line.line_key
             book.put_movement(target)
             book.mark_open(wid, _MOVEMENT, m.movement_id, False)
             if s.closed:  # a late line for a movement the close reported missing
@@ -191,17 +209,19 @@ class ReconAgent:
                 gone = book.drop_discrepancy(wid, missing.discrepancy_id)
                 if gone is not None:
                     resolved.append(gone)
-        if got.category is Category.MATCHED:
+        if category is Category.MATCHED:
             s.matched_count += 1
             s.matched_minor += m.amount_minor
         else:
-            d = discrepancy(got.category, merchant, m.currency, target.window_start, m, line)
+            d = discrepancy(category, merchant, m.currency, target.window_start, m, line)
             book.add_discrepancy(wid, d)
             found.append(d)
-        book.put_line(entry)
+        book.put_line(LineEntry(line=line, merchant_id=merchant, currency=m.currency,
+                                window_start=target.window_start, state=category,
+                                movement_id=m.movement_id))  # fmt: skip
         if not s.closed:
             found = []  # reported with the rest at the close
-        self._save(ctx, book, wid, s, found, resolved, line.occurred_at)
+        self._save(ctx, book, wid, s, found, resolved, at)
 
     def _unmatched_line(self, ctx: ProcessorContext, book: ReconBook, merchant: str,
                         line: Line) -> None:  # fmt: skip
@@ -211,6 +231,8 @@ class ReconAgent:
         s.bank_minor += line.amount_minor
         book.put_line(LineEntry(line=line, merchant_id=merchant, currency=line.currency,
                                 window_start=start))  # fmt: skip
+        if line.reference is not None:
+            book.wait(merchant, line.reference, line.line_key)
         found: list[Discrepancy] = []
         if s.closed:
             d = discrepancy(Category.MISSING_INTERNAL, merchant, line.currency, start, line=line)
@@ -220,6 +242,27 @@ class ReconAgent:
             book.mark_open(wid, _LINE, line.line_key, True)
             ctx.timers(CLOSE).set(wid, self.policy.closes_at(start))
         self._save(ctx, book, wid, s, found, [], line.occurred_at)
+
+    def _unwait(self, ctx: ProcessorContext, book: ReconBook, merchant: str, le: LineEntry,
+                at: int) -> None:  # fmt: skip
+        """Take a waiting line out of the window it waited in (it moves to its movement's)."""
+        line = le.line
+        if line.reference is not None:
+            book.unwait(merchant, line.reference, line.line_key)
+        wid = window_id(merchant, le.currency, le.window_start)
+        s = book.summary(wid)
+        s.bank_count -= 1
+        s.bank_minor -= line.amount_minor
+        resolved: list[Discrepancy] = []
+        if s.closed:  # it was reported MISSING_INTERNAL there: that is resolved now
+            d = discrepancy(Category.MISSING_INTERNAL, merchant, le.currency, le.window_start,
+                            line=line)  # fmt: skip
+            gone = book.drop_discrepancy(wid, d.discrepancy_id)
+            if gone is not None:
+                resolved.append(gone)
+        else:
+            book.mark_open(wid, _LINE, line.line_key, False)
+        self._save(ctx, book, wid, s, [], resolved, at)
 
     def _save(self, ctx: ProcessorContext, book: ReconBook, wid: bytes, s: WindowSummary,
               found: list[Discrepancy], resolved: list[Discrepancy], at: int) -> None:  # fmt: skip
@@ -236,6 +279,9 @@ class ReconAgent:
         merchant, currency, start = parse_window_id(wid)
         s = book.summary(wid)
         if s.closed:
+            return
+        if s.internal_count == 0 and s.bank_count == 0:
+            book.drop_summary(wid)  # everything in it moved to another window
             return
         movements = [e for i in list(book.open_ids(wid, _MOVEMENT))
                      if (e := book.movement(merchant, i)) is not None]  # fmt: skip

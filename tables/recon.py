@@ -7,6 +7,7 @@ so the entries of one window are one contiguous range and a close reads only the
     M <merchant> <movement_id>                  -> MovementEntry   (a capture or refund)
     L <merchant> <line_key>                     -> LineEntry       (a bank line)
     R <merchant> <reference>                    -> [movement_id]   (gateway ref, payment id)
+    P <merchant> <reference>                    -> [line_key]      (lines waiting for it)
     W <merchant> <currency> <start>             -> WindowSummary
     O <merchant> <currency> <start> m|l <id>    -> b""             (unmatched, for the close)
     D <merchant> <currency> <start> <disc. id>  -> Discrepancy     (open problems)
@@ -132,6 +133,24 @@ class ReconBook:
             ids.append(movement_id)
             self.t.set(_key(b"R", merchant, reference), "\n".join(sorted(ids)).encode())
 
+    # ---- lines waiting for the movement their reference names --------------------------
+    def waiting(self, merchant: str, reference: str) -> list[str]:
+        raw = self.t.get(_key(b"P", merchant, reference))
+        return [] if raw is None else raw.decode().split("\n")
+
+    def wait(self, merchant: str, reference: str, line_key: str) -> None:
+        keys = self.waiting(merchant, reference)
+        if line_key not in keys:
+            keys.append(line_key)
+            self.t.set(_key(b"P", merchant, reference), "\n".join(sorted(keys)).encode())
+
+    def unwait(self, merchant: str, reference: str, line_key: str) -> None:
+        keys = [k for k in self.waiting(merchant, reference) if k != line_key]
+        if keys:
+            self.t.set(_key(b"P", merchant, reference), "\n".join(keys).encode())
+        else:
+            self.t.delete(_key(b"P", merchant, reference))
+
     # ---- windows ------------------------------------------------------------------------
     def summary(self, wid: bytes) -> WindowSummary:
         raw = self.t.get(b"W" + _SEP + wid)
@@ -139,6 +158,9 @@ class ReconBook:
 
     def put_summary(self, wid: bytes, s: WindowSummary) -> None:
         self.t.set(b"W" + _SEP + wid, s.model_dump_json().encode())
+
+    def drop_summary(self, wid: bytes) -> None:
+        self.t.delete(b"W" + _SEP + wid)
 
     def mark_open(self, wid: bytes, side: bytes, entry_id: str, is_open: bool) -> None:
         key = b"O" + _SEP + wid + _SEP + side + _SEP + check_part(entry_id)

@@ -68,6 +68,15 @@ class Settings(BaseModel):
     rocksdb_block_cache_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_memtable_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     rocksdb_write_buffer_bytes: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
+    recon_window_ms: int = Field(
+        3_600_000, ge=1, description="reconciliation windows per merchant and currency (event time)"
+    )
+    recon_grace_ms: int = Field(
+        2 * 3_600_000, ge=0, description="how late the bank may be before a window closes"
+    )
+    recon_tolerance_days: int = Field(
+        1, ge=0, description="value-date tolerance of matching by amount (tier 2)"
+    )
     gc_gen0_threshold: int = Field(
         50_000,
         ge=0,

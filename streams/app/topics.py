@@ -130,6 +130,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             retention_ms=settings.initiated_retention_ms,
             extra=APPEND_TIME,
         ),
+        TopicSpec(
+            t.recon_repartition,
+            "reconciliation inputs re-keyed by merchant (header paysaga.source)",
+            key="merchant_id",
+            retention_ms=settings.initiated_retention_ms,
+            extra=APPEND_TIME,
+        ),
         TopicSpec(t.requests, "PaymentRequest", retention_ms=audit),
         *(
             TopicSpec(name, value, retention_ms=audit)

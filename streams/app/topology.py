@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 
 from paysaga.agents.intake import IntakeStep, add_intake
+from paysaga.agents.reconciliation import ReconAgent
 from paysaga.agents.saga import SagaAgent
+from paysaga.domain.reconciliation import ReconPolicy
 from paysaga.domain.saga import Orchestrator, SagaPolicy
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
@@ -30,7 +32,8 @@ def load_topology(settings: Settings) -> Topology:
 
 def paysaga_topology(settings: Settings) -> Topology:
     """The payment topology: idempotent intake, then the saga
-    (docs/architecture.md#the-flow-of-a-payment)."""
+    (docs/architecture.md#the-flow-of-a-payment), and reconciliation of what was captured
+    against the bank (docs/reconciliation.md)."""
     names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     codec = AvroCodec(SchemaRegistry())
     policy = SagaPolicy(
@@ -40,4 +43,7 @@ def paysaga_topology(settings: Settings) -> Topology:
     intake = IntakeStep(codec)  # one step for both agents: its memo of parsed requests
     add_intake(topology, intake, names, settings.partitions, settings.idempotency_ttl_ms)
     SagaAgent(codec, names, settings.partitions, Orchestrator(policy), intake).add_to(topology)
+    recon = ReconPolicy(window_ms=settings.recon_window_ms, grace_ms=settings.recon_grace_ms,
+                        tolerance_days=settings.recon_tolerance_days)  # fmt: skip
+    ReconAgent(codec, names, settings.partitions, recon).add_to(topology)
     return topology

@@ -186,3 +186,41 @@ def test_a_close_reads_a_window_larger_than_one_page(driver: TopologyTestDriver)
     (report,) = reports(driver)
     assert report["unmatched_internal_count"] == many
     assert len({p["payment_id"] for p in problems(driver)}) == many
+
+
+def test_a_line_that_arrives_before_its_capture_is_matched_when_it_comes(
+    driver: TopologyTestDriver,
+) -> None:
+    bank(driver, 1, "gw-1", amount=1500, at=T0 + 10)  # the capture is still on its hop
+    bank(driver, 2, "gw-2", amount=1500, at=T0 + 20)
+    capture(driver, 1, amount=1500, at=T0 + 30)
+    capture(driver, 2, amount=1600, at=T0 + 40)  # its line says 1500: a mismatch
+    close_first_window(driver)
+    (report,) = reports(driver)
+    assert report["matched_count"] == 1 and report["bank_count"] == 2
+    assert [(p["kind"], p["line_key"]) for p in problems(driver)] == [("AMOUNT_MISMATCH", "st-1/2")]
+
+
+def test_a_waiting_line_whose_window_closed_is_resolved_there_when_its_capture_comes(
+    driver: TopologyTestDriver,
+) -> None:
+    bank(driver, 1, "gw-1", amount=900, at=T0 + 10)
+    close_first_window(driver)
+    (missing,) = problems(driver)
+    assert missing["kind"] == "MISSING_INTERNAL"
+    capture(driver, 1, amount=900, at=T0 + 2 * HOUR_MS + 5)  # a later window, still open
+    last = problems(driver)[-1]
+    assert (last["discrepancy_id"], last["status"]) == (missing["discrepancy_id"], "RESOLVED")
+    bank(driver, 998, None, amount=1, at=T0 + 6 * HOUR_MS)  # close the capture's window
+    later = [r for r in reports(driver) if r["window_start"] == T0 + 2 * HOUR_MS]
+    assert later[-1]["matched_count"] == 1
+
+
+def test_a_window_everything_left_closes_without_a_report(driver: TopologyTestDriver) -> None:
+    bank(driver, 1, "gw-1", amount=700, at=T0 + 10)  # waits in window 1 ...
+    capture(driver, 1, amount=700, at=T0 + HOUR_MS + 5)  # ... and moves to its capture's
+    close_first_window(driver)
+    assert [r["window_start"] for r in reports(driver)] == []
+    bank(driver, 997, None, amount=1, at=T0 + 5 * HOUR_MS)
+    assert [(r["window_start"], r["matched_count"]) for r in reports(driver)][:1] == [
+        (T0 + HOUR_MS, 1)]  # fmt: skip
