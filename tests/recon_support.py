@@ -49,7 +49,7 @@ class ReconWorld:
              "correlation_id": f"ord-{n}", "causation_id": None, "amount_minor": amount,
              "currency": currency, "merchant_id": merchant, "gateway_reference": f"gw-{n}",
              "capture_id": capture_id or f"cap-{n}", "command_id": None}  # fmt: skip
-        self.pending.append((self.t.captured, e["payment_id"].encode(),
+        self.pending.append((self.t.captured, f"pay-{n}".encode(),
                              CODEC.encode("PaymentCaptured", e)))  # fmt: skip
         return e
 
