@@ -30,6 +30,7 @@ from paysaga.agents.outputs import STATUS, compact_json, conflict_status
 from paysaga.domain.idempotency import Decision, KeyRecord, decide, fingerprint, scope_key
 from paysaga.domain.payment import Payment, initiate, status_event
 from paysaga.schemas.codec import AvroCodec, DecodeError
+from paysaga.schemas.decoding import MEMO_SIZE, ParsedMemo
 from paysaga.schemas.models import PaymentInitiated, validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
@@ -58,18 +59,14 @@ class Rejected:
     reason: str
 
 
-#: PaymentInitiated records kept decoded and validated (`IntakeStep.parse`): a few fetched
-#: batches' worth, about 5 KiB each (measured with tracemalloc).
-PARSED_MEMO = 8_192
 
 
 class IntakeStep:
     """Decode, validate and apply one PaymentInitiated against the current payment state."""
 
-    def __init__(self, codec: AvroCodec, memo: int = PARSED_MEMO) -> None:
+    def __init__(self, codec: AvroCodec, memo: int = MEMO_SIZE) -> None:
         self.codec = codec
-        self._memo = memo
-        self._parsed: dict[bytes, PaymentInitiated] = {}
+        self._parsed: ParsedMemo[PaymentInitiated] = ParsedMemo(memo)
 
     def decode(self, record: ConsumerRecord) -> PaymentInitiated:
         """The engine's decoder: a validated event, or `BadRecord` (to the DLQ)."""
@@ -89,15 +86,12 @@ class IntakeStep:
         takes them; a refusal is never kept, since a registry that was unavailable may
         answer next time."""
         if value is not None:
-            hit = self._parsed.pop(value, None) if last else self._parsed.get(value)
+            hit = self._parsed.take(value) if last else self._parsed.get(value)
             if hit is not None:
                 return hit
         parsed = self._parse(value)
-        if not last and value is not None and isinstance(parsed, PaymentInitiated) and self._memo:
-            memo = self._parsed
-            memo[value] = parsed
-            if len(memo) > self._memo:
-                del memo[next(iter(memo))]  # dicts keep insertion order: the oldest
+        if not last and value is not None and isinstance(parsed, PaymentInitiated):
+            self._parsed.put(value, parsed)
         return parsed
 
     def _parse(self, value: bytes | None) -> PaymentInitiated | Rejected:

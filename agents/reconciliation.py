@@ -33,6 +33,7 @@ from paysaga.domain.reconciliation import (
 )
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
+from paysaga.schemas.decoding import EdgeDecoder
 from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
@@ -72,8 +73,11 @@ class ReconAgent:
     """Reconciliation over the captured topic and the bank statements."""
 
     def __init__(self, codec: AvroCodec, topics: Topics, partitions: int,
-                 policy: ReconPolicy | None = None) -> None:  # fmt: skip
+                 policy: ReconPolicy | None = None,
+                 edge: EdgeDecoder | None = None) -> None:  # fmt: skip
         self.codec = codec
+        #: Shared with the saga: a capture both read is decoded and validated once.
+        self.edge = edge or EdgeDecoder(codec)
         self.topics = topics
         self.partitions = partitions
         self.policy = policy or ReconPolicy()
@@ -104,7 +108,7 @@ class ReconAgent:
         if record.value is None:
             raise BadRecord("decode", f"empty record value (tombstone) on {source}")
         try:
-            event = spec[1].model_validate(self.codec.decode(record.value, spec[0]))
+            event = self.edge.decode(record.value, spec[0], spec[1])
         except DecodeError as exc:
             raise BadRecord("decode", f"{exc.reason}: {exc}") from exc
         except ValidationError as exc:

@@ -28,6 +28,7 @@ from paysaga.domain.payment import Payment, derived_id, initiate, status_event
 from paysaga.domain.saga import Effects, Orchestrator, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
+from paysaga.schemas.decoding import EdgeDecoder
 from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
@@ -92,6 +93,7 @@ class SagaAgent:
         partitions: int,
         orchestrator: Orchestrator,
         intake: IntakeStep | None = None,
+        edge: EdgeDecoder | None = None,
     ) -> None:
         self.codec = codec
         self.topics = topics
@@ -99,6 +101,8 @@ class SagaAgent:
         self.orch = orchestrator
         #: Shared with the intake agent, so an accepted record is not decoded again.
         self.intake = intake or IntakeStep(codec)
+        #: Shared with reconciliation, which reads payment.captured too.
+        self.edge = edge or EdgeDecoder(codec)
         self.payments = PaymentCache()
         t = topics
         self.sources: dict[str, Source] = {
@@ -152,7 +156,7 @@ class SagaAgent:
         if value is None:
             raise BadRecord("decode", f"empty record value (tombstone) on {source}")
         try:
-            return source, spec.model.model_validate(self.codec.decode(value, spec.schema))
+            return source, self.edge.decode(value, spec.schema, spec.model)
         except DecodeError as exc:
             raise BadRecord("decode", f"{exc.reason}: {exc}") from exc
         except ValidationError as exc:
