@@ -118,23 +118,45 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 # ---- simulate -------------------------------------------------------------------------------
+_SIM_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("approval-rate", float, "gateway: share of AUTHORIZE approved"),
+    ("capture-failure-rate", float, "gateway: share of CAPTURE failed"),
+    ("transient-error-rate", float, "gateway: attempts answered gateway_unavailable"),
+    ("timeout-rate", float, "gateway: attempts processed but never answered"),
+    ("failure-rate", float, "inventory/shipping: share of RESERVE/CREATE failed"),
+    ("lag-ms", int, "bank: how long after its capture a statement line comes"),
+    ("missing-rate", float, "bank: captures never on the statement"),
+    ("amount-rate", float, "bank: lines with a wrong amount"),
+    ("currency-rate", float, "bank: lines in another currency"),
+    ("duplicate-rate", float, "bank: lines written twice"),
+    ("late-rate", float, "bank: lines coming after their window closed (--late-ms)"),
+    ("late-ms", int, "bank: how long after its capture a late line comes"),
+    ("unreferenced-rate", float, "bank: lines without a payment reference"),
+    ("extra-rate", float, "bank: extra lines for no capture"),
+    ("latency-ms", int, "simulated latency per fetched batch"),
+    ("seed", int, "seed of every decision"),
+)
+_SIM_OPTIONS = tuple(flag.replace("-", "_") for flag, _, _ in _SIM_FLAGS)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
-    from paysaga.streams.dev.simulators import config_for, run_until_signalled
+    from paysaga.streams.dev.bank import BankConfig, bank_config, run_bank_until_signalled
+    from paysaga.streams.dev.simulators import SimConfig, config_for, run_until_signalled
 
+    options = {name: getattr(args, name) for name in _SIM_OPTIONS}
+    config: SimConfig | BankConfig
     try:
-        config = config_for(
-            args.kind, approval_rate=args.approval_rate,
-            capture_failure_rate=args.capture_failure_rate,
-            transient_error_rate=args.transient_error_rate, timeout_rate=args.timeout_rate,
-            latency_ms=args.latency_ms, failure_rate=args.failure_rate, seed=args.seed,
-        )  # fmt: skip
+        config = bank_config(**options) if args.kind == "bank" else config_for(args.kind, **options)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_until_signalled(args.kind, _settings(args), config)
+        if isinstance(config, BankConfig):
+            run_bank_until_signalled(_settings(args), config)
+        else:
+            run_until_signalled(args.kind, _settings(args), config)
     except KafkaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -267,19 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--key", "PAYSAGA_UPSTREAM_KEY", "payment", str, choices=("payment", "scope"),
              help="record key: payment_id, or idempotency scope (no repartition hop)")  # fmt: skip
 
-    p = cmd("simulate", _simulate, "an outside service: card gateway, inventory or shipping")
-    p.add_argument("kind", choices=("gateway", "inventory", "shipping"))
-    _settings_opts(p, "bootstrap", "topic_prefix")
+    what = "an outside service: card gateway, inventory, shipping or the bank's statement feed"
+    p = cmd("simulate", _simulate, what)
+    p.add_argument("kind", choices=("gateway", "inventory", "shipping", "bank"))
+    _settings_opts(p, "bootstrap", "topic_prefix", "partitions")
     # Unset options (None) take the service config's default; each applies to its services.
-    for flag, typ, what in (
-        ("approval-rate", float, "gateway: share of AUTHORIZE approved"),
-        ("capture-failure-rate", float, "gateway: share of CAPTURE failed"),
-        ("transient-error-rate", float, "gateway: attempts answered gateway_unavailable"),
-        ("timeout-rate", float, "gateway: attempts processed but never answered"),
-        ("failure-rate", float, "inventory/shipping: share of RESERVE/CREATE failed"),
-        ("latency-ms", int, "simulated latency per fetched batch"),
-        ("seed", int, "seed of every decision"),
-    ):
+    for flag, typ, what in _SIM_FLAGS:
         env = "PAYSAGA_SIM_" + flag.replace("-", "_").upper()
         _env_opt(p, "--" + flag, env, None, typ, help=f"{what} (default: the service's)")
 

@@ -6,13 +6,18 @@ once the inputs stop, so windows close by stream time while the test only waits.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import create_topics
+from paysaga.streams.dev.bank import BankConfig, line_fate, run_bank, statement_lines
 from tests.recon_support import ReconWorld
 from tests.support import WorkerProcess, isolated_settings, wait_for
 
@@ -29,6 +34,16 @@ def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReconWor
     worker = WorkerProcess(settings, tmp / "worker.log").start()
     yield ReconWorld(settings)
     worker.kill()
+
+
+def _faithful(config: BankConfig, merchant_id: str) -> str:
+    """A capture suffix whose capture the feed writes one faithful line for."""
+    for i in range(1000):
+        cap = {"capture_id": f"cap-warm-{i}", "merchant_id": merchant_id, "occurred_at": 0,
+               "gateway_reference": "g", "amount_minor": 1, "currency": "EUR"}  # fmt: skip
+        if statement_lines(config, cap)[1] == ["ok"]:
+            return f"warm-{i}"
+    raise AssertionError("no faithful capture id in 1,000")
 
 
 def merchant() -> str:
@@ -100,3 +115,90 @@ def test_a_late_line_revises_the_report_and_resolves_the_missing(world: ReconWor
     resolved = world.discrepancies(m)[-1]
     assert resolved["discrepancy_id"] == missing["discrepancy_id"]
     assert resolved["status"] == "RESOLVED"
+
+
+def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(
+    world: ReconWorld,
+) -> None:
+    config = BankConfig(lag_ms=300, missing_rate=0.05, amount_rate=0.05, currency_rate=0.03,
+                        duplicate_rate=0.03, late_rate=0.03, unreferenced_rate=0.05,
+                        extra_rate=0.03, late_ms=WINDOW_MS + GRACE_MS + 2_000,
+                        seed=7)  # fmt: skip
+    stop = threading.Event()
+    stats: Counter[str] = Counter()
+
+    def feed() -> None:
+        async def go() -> None:
+            halt = asyncio.Event()
+            task = asyncio.create_task(run_bank(world.settings, config, halt, stats_out=None))
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+            halt.set()
+            stats.update(await task)
+
+        asyncio.run(go())
+
+    bank = threading.Thread(target=feed, daemon=True)
+    bank.start()
+    # The feed is live once it wrote the line of a warm-up capture (one fated "ok").
+    warm = merchant()
+    wid = _faithful(config, warm)
+    world.capture(warm, wid, 1, at=int(time.time() * 1000))
+    world.flush()
+    wait_for(lambda: any(r.key == warm.encode() for r in
+                         asyncio.run(read_all(world.settings.bootstrap, world.t.bank_statements))),
+             timeout=60, what="the bank feed's first line")  # fmt: skip
+    # Event time now (not ahead: an idle partition's stream time follows the wall clock from
+    # where it stood), all 300 captures in one window that closes 2 s or more from now.
+    now = int(time.time() * 1000)
+    w = now - now % WINDOW_MS
+    t0 = now if now - w < WINDOW_MS - 400 else w + WINDOW_MS
+    m = merchant()
+    caps = [world.capture(m, f"{m}-{i}", 10_000 + i, at=t0 + i) for i in range(300)]
+    world.flush()
+    fates = {c["capture_id"]: line_fate(config, c["capture_id"]) for c in caps}
+    extra = sum(
+        1 for c in caps if statement_lines(config, c)[1][-1] == "extra"
+    )  # independent of the fate
+    expected = Counter({"MISSING_IN_BANK": 0, "AMOUNT_MISMATCH": 0, "CURRENCY_MISMATCH": 0,
+                        "DUPLICATE_IN_BANK": 0, "MISSING_INTERNAL": extra})  # fmt: skip
+    for fate in fates.values():
+        kind = {
+            "missing": "MISSING_IN_BANK",
+            "amount": "AMOUNT_MISMATCH",
+            "currency": "CURRENCY_MISMATCH",
+            "duplicate": "DUPLICATE_IN_BANK",
+        }.get(fate)
+        if kind:
+            expected[kind] += 1
+    late = sum(f == "late" for f in fates.values())
+    assert late and all(expected.values()), f"the seed injects too little: {expected}, {late}"
+
+    def open_now() -> Counter[str]:
+        live: dict[str, str] = {}
+        for d in world.discrepancies(m):
+            if d["status"] == "OPEN":
+                live[d["discrepancy_id"]] = d["kind"]
+            else:
+                live.pop(d["discrepancy_id"], None)
+        return Counter(live.values())
+
+    try:
+        wait_for(lambda: open_now() == +expected and len(world.reports(m)) > late / 2,
+                 timeout=120, what=f"the injected discrepancies open: {expected}")  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; open: {open_now()}; reports: {world.reports(m)}; feed: {stats}"
+        ) from None
+    finally:
+        stop.set()
+        bank.join(30)
+    reports = world.reports(m)
+    first = [r for r in reports if r["revision"] == 1]
+    assert len(first) == 1 and first[0]["internal_count"] == 300
+    last = max(reports, key=lambda r: r["revision"])
+    matched = sum(f in ("ok", "unreferenced", "late", "duplicate") for f in fates.values())
+    assert last["matched_count"] == matched  # late ones too, by their revisions
+    resolved = [d for d in world.discrepancies(m) if d["status"] == "RESOLVED"]
+    assert len(resolved) == late  # each late line resolved its MISSING_IN_BANK
+    assert stats["captures"] >= 301  # and the captures of the module's other tests
