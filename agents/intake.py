@@ -59,8 +59,6 @@ class Rejected:
     reason: str
 
 
-
-
 class IntakeStep:
     """Decode, validate and apply one PaymentInitiated against the current payment state."""
 

@@ -65,4 +65,3 @@ class EdgeDecoder:
         parsed = model.model_validate(self.codec.decode(value, schema))
         self.memo.put(value, parsed)
         return parsed
-

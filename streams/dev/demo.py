@@ -73,6 +73,10 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         "PAYSAGA_DATA_DIR": str(settings.data_dir),
         "PAYSAGA_WEB_PORT": str(web_port),
         "PAYSAGA_PARTITIONS": str(settings.partitions),
+        # Reconciliation windows short enough to watch them close (1 min, 30 s of grace);
+        # the bank feed's late lines (3 min) then arrive after their window closed.
+        "PAYSAGA_RECON_WINDOW_MS": os.environ.get("PAYSAGA_RECON_WINDOW_MS", "60000"),
+        "PAYSAGA_RECON_GRACE_MS": os.environ.get("PAYSAGA_RECON_GRACE_MS", "30000"),
     }
     procs: list[subprocess.Popen] = []
 
@@ -91,9 +95,9 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
             f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
             f"(worker log {logs / 'worker.log'})"
         )
-        for service in ("gateway", "inventory", "shipping"):
+        for service in ("gateway", "inventory", "shipping", "bank"):
             procs.append(_spawn(["simulate", service], env, logs / f"sim-{service}.log"))
-        print("simulators up: card gateway, inventory, shipping "
+        print("simulators up: card gateway, inventory, shipping, the bank's statement feed "
               f"(logs {logs}/sim-*.log)")  # fmt: skip
         producer = _spawn(
             ["produce", "--count", str(count), "--rate", str(rate)], env, logs / "producer.log"

@@ -53,9 +53,23 @@ async def dlq_show(settings: Settings, ref: str) -> int:
     return 1
 
 
+def _recon_label(codec: AvroCodec, report: bool, value: bytes | None) -> str:
+    """The watch line's counter for one reconciliation record."""
+    try:
+        if report:
+            rec = codec.decode(value or b"", "ReconciliationReport")
+            return "recon windows" if rec["revision"] == 1 else "recon revisions"
+        rec = codec.decode(value or b"", "ReconciliationDiscrepancy")
+    except DecodeError:
+        return "undecodable recon"
+    return "recon resolved" if rec["status"] == "RESOLVED" else f"recon {rec['kind']}"
+
+
 async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdout) -> int:
-    """Print live counts of status outcomes and dead letters (read_committed)."""
+    """Print live counts of status outcomes, dead letters and reconciliation reports and
+    discrepancies (read_committed)."""
     codec = AvroCodec(SchemaRegistry())
+    topics = Topics(settings.topic_prefix)
     counts: Counter[str] = Counter()
     started = last = time.monotonic()
     tty = out.isatty()
@@ -64,11 +78,15 @@ async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdo
         nonlocal last
         async for r in iter_records(
             settings.bootstrap,
-            Topics(settings.topic_prefix).status,
-            Topics(settings.topic_prefix).dlq,
+            topics.status,
+            topics.dlq,
+            topics.recon_reports,
+            topics.recon_discrepancies,
         ):
-            if r.topic == Topics(settings.topic_prefix).dlq:
+            if r.topic == topics.dlq:
                 counts["DLQ"] += 1
+            elif r.topic in (topics.recon_reports, topics.recon_discrepancies):
+                counts[_recon_label(codec, r.topic == topics.recon_reports, r.value)] += 1
             else:
                 try:
                     status = codec.decode(r.value, "PaymentStatusChanged")
