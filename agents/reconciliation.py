@@ -17,6 +17,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
+from paysaga.agents.rekey import forward, source_of
 from paysaga.domain.reconciliation import (
     Candidate,
     Category,
@@ -49,7 +50,6 @@ from paysaga.tables.recon import (
     window_id,
 )
 
-H_SOURCE = "paysaga.source"
 CLOSE = "recon-close"
 REPORT = "ReconciliationReport"
 DISCREPANCY = "ReconciliationDiscrepancy"
@@ -99,9 +99,7 @@ class ReconAgent:
 
     # ---- per record ---------------------------------------------------------------------
     def decode(self, record: ConsumerRecord) -> tuple[str, Any]:
-        source = record.topic
-        if source == self.topics.recon_repartition:
-            source = dict(record.headers or ()).get(H_SOURCE, b"").decode()
+        source = source_of(record, self.topics.recon_repartition)
         spec = self.models.get(source)
         if spec is None:
             raise BadRecord("decode", f"unknown reconciliation source topic {source!r}")
@@ -117,13 +115,9 @@ class ReconAgent:
 
     def process(self, ctx: ProcessorContext, value: tuple[str, Any]) -> None:
         source, event = value
-        record = ctx.record
-        assert record is not None
         key = event.merchant_id.encode()
         if partition_for(key, self.partitions) != ctx.partition:
-            hdrs = [h for h in record.headers or () if h[0] != H_SOURCE]
-            hdrs.append((H_SOURCE, source.encode()))
-            ctx.send(self.topics.recon_repartition, key, record.value, hdrs)
+            forward(ctx, self.topics.recon_repartition, key, source)
             return
         book = ReconBook(ctx.table(RECON))
         try:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
 from paysaga.agents.outputs import COMMAND_SCHEMAS, STATUS, command_record, compact_json
+from paysaga.agents.rekey import forward, source_of
 from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
@@ -35,8 +36,6 @@ from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType,
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.payments import PAYMENTS, PaymentCache
 
-#: Header on paysaga.saga.repartition: the topic the record was first read from.
-H_SOURCE = "paysaga.source"
 #: Durable per-payment timers: unanswered commands (wall clock), uncaptured authorizations
 #: (event time, so a replay voids exactly the same ones).
 COMMAND_DEADLINE = "command-deadline"
@@ -141,9 +140,7 @@ class SagaAgent:
     def decode(self, record: ConsumerRecord) -> tuple[str, Any]:
         """(source topic, validated event); the source of a repartitioned record is the
         topic it was first read from. Bad input raises `BadRecord` (to the DLQ)."""
-        source = record.topic
-        if source == self.topics.saga_repartition:
-            source = dict(record.headers or ()).get(H_SOURCE, b"").decode()
+        source = source_of(record, self.topics.saga_repartition)
         value = record.value
         if source == self.topics.accepted:
             parsed = self.intake.parse(value, last=True)
@@ -168,9 +165,7 @@ class SagaAgent:
         assert record is not None
         key = event.payment_id.encode()
         if partition_for(key, self.partitions) != ctx.partition:
-            hdrs = [h for h in record.headers or () if h[0] != H_SOURCE]
-            hdrs.append((H_SOURCE, source.encode()))
-            ctx.send(self.topics.saga_repartition, key, record.value, hdrs)
+            forward(ctx, self.topics.saga_repartition, key, source)
             return
         current = self.payments.load(ctx.table(PAYMENTS), key)
         if source == self.topics.accepted:
