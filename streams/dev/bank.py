@@ -142,6 +142,8 @@ async def run_bank(settings: Settings, config: BankConfig | None = None,
     consumed: dict[TopicPartition, int] = {}
     seq = 0
     line = _StatsLine(0, "sim bank", stats_out) if stats_out is not None else None
+    if line is not None:
+        line.unit = "captures"
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, client_id="paysaga-sim-bank",
                                 acks="all", enable_idempotence=True, linger_ms=2)  # fmt: skip
     partitions = settings.partitions

@@ -342,13 +342,16 @@ class _Sent:
 class _StatsLine(Progress):
     """Progress's throttled one-liner (TTY-aware) for a service with no total: counters."""
 
+    #: What the service counts as its inputs.
+    unit = "commands"
+
     def update(self, done: int, extra: str = "", force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < (0.2 if self.tty else 5.0):
             return
         self.last = now
         rate = done / max(now - self.started, 1e-9)
-        line = f"{self.label}: {done} commands {rate:,.0f}/s {extra}"
+        line = f"{self.label}: {done} {self.unit} {rate:,.0f}/s {extra}"
         end = "" if self.tty else "\n"
         print(("\r" + line) if self.tty else line, end=end, file=self.out, flush=True)
 
