@@ -74,7 +74,7 @@ def _loads() -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], list
     return captures, lines, of
 
 
-def _state(world: ReconWorld) -> tuple[dict[tuple[Any, ...], dict[str, Any]], set[Any]]:
+def _state(world: ReconWorld) -> tuple[dict[tuple[Any, ...], dict[str, Any]], list[Any]]:
     """The last revision of every window, and the discrepancies open now."""
     reports = world.reports()
     ids = [r["report_id"] for r in reports]
@@ -94,7 +94,7 @@ def _state(world: ReconWorld) -> tuple[dict[tuple[Any, ...], dict[str, Any]], se
             open_now[d["discrepancy_id"]] = (d["kind"], d["payment_id"])
         else:
             open_now.pop(d["discrepancy_id"], None)
-    return last, set(open_now.values())
+    return last, list(open_now.values())  # a list: every stray line is (MISSING_INTERNAL, None)
 
 
 def _accounted(world: ReconWorld) -> int:
@@ -139,16 +139,29 @@ def test_reconciliation_through_kills_and_a_lost_state(broker: LocalBroker, tmp_
         strays = sum(1 for i in lined if i not in sent)  # lines whose capture was not sent
         good = [i for i in sent if i in lined and not _wrong(i)]
 
+        seen: list[Any] = []
+
         def settled() -> bool:
             last, open_now = _state(world)
             bank = sum(r["bank_count"] for r in last.values())
             internal = sum(r["internal_count"] for r in last.values())
             strays_open = sum(1 for p in open_now if p[0] == "MISSING_INTERNAL")
+            named = [p for p in open_now if p[0] != "MISSING_INTERNAL"]
+            others = set(named)
+            assert len(named) == len(others), "one problem is open under two ids"
+            seen[:] = [(internal, len(sent)), (bank, line_load.sent), (strays_open, strays),
+                       sorted(others - expected)[:5], sorted(expected - others)[:5]]  # fmt: skip
             return (internal, bank, strays_open) == (len(sent), line_load.sent, strays) and (
-                {p for p in open_now if p[0] != "MISSING_INTERNAL"} == expected
+                others == expected
             )
 
-        wait_for(settled, 120, what="every capture and line accounted, the injected open")
+        try:
+            wait_for(settled, 120, what="every capture and line accounted, the injected open")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}: (got, want) captures, lines, strays open; open "
+                f"and not injected; injected and not open: {seen}"
+            ) from None
     except AssertionError as exc:
         raise AssertionError(f"{exc}; {worker.diagnosis()}") from None
     finally:
