@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,19 @@ def kill_repeatedly(
             recovering += 1
         worker.start(wait_ready=False)  # the next progress wait says it works
     return recovering
+
+
+def kill_losing_state(worker: WorkerProcess, progress: Callable[[], int], step: int) -> None:
+    """SIGKILL `worker` once `progress()` grew by `step`, delete its local state, restart it,
+    and wait until it progresses again: restored from the changelog alone."""
+    done = progress()
+    wait_for(lambda: progress() > done + step, 60, what="progress before the wipe")
+    worker.kill()
+    settings = worker.settings
+    shutil.rmtree(settings.data_dir / settings.app_id / "state")
+    worker.start(wait_ready=False)
+    done = progress()
+    wait_for(lambda: progress() > done + step, 90, what="progress after the wipe")
 
 
 class PacedProducer(threading.Thread):

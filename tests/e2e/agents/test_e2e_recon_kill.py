@@ -17,7 +17,6 @@ reading committed output only:
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.support import (
     PacedProducer,
     WorkerProcess,
     isolated_settings,
+    kill_losing_state,
     kill_repeatedly,
     run,
     wait_for,
@@ -119,13 +119,7 @@ def test_reconciliation_through_kills_and_a_lost_state(broker: LocalBroker, tmp_
     rng = random.Random(19)
     try:
         recovering = kill_repeatedly(worker, 3, lambda: _accounted(world), 150, cap_load, rng)
-        done = _accounted(world)
-        wait_for(lambda: _accounted(world) > done + 150, 60, what="progress before the wipe")
-        worker.kill()
-        shutil.rmtree(settings.data_dir / settings.app_id / "state")
-        worker.start(wait_ready=False)
-        done = _accounted(world)
-        wait_for(lambda: _accounted(world) > done + 150, 90, what="progress after the wipe")
+        kill_losing_state(worker, lambda: _accounted(world), 150)
         for load in (cap_load, line_load):
             load.stop()
             load.join(30)

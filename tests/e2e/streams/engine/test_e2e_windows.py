@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -26,7 +25,14 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.tables.store import StoreManager
 from tests import pipelines
-from tests.support import PacedProducer, WorkerProcess, isolated_settings, kill_repeatedly, wait_for
+from tests.support import (
+    PacedProducer,
+    WorkerProcess,
+    isolated_settings,
+    kill_losing_state,
+    kill_repeatedly,
+    wait_for,
+)
 
 #: Event time starts an hour ago: a broker refuses timestamps an hour ahead, and its 7-day
 #: retention (by record timestamp, which is event time here) would delete older results.
@@ -106,13 +112,7 @@ def test_windows_close_exactly_once_through_kills_and_a_lost_state(
     try:
         recovering = kill_repeatedly(worker, 4, lambda: _accounted(settings), 150, producer, rng)
         # Once more, and the local state is lost with it: restored from the changelog.
-        done = _accounted(settings)
-        wait_for(lambda: _accounted(settings) > done + 150, 60, what="progress before the wipe")
-        worker.kill()
-        shutil.rmtree(settings.data_dir / settings.app_id / "state")
-        worker.start(wait_ready=False)
-        done = _accounted(settings)
-        wait_for(lambda: _accounted(settings) > done + 150, 90, what="progress after the wipe")
+        kill_losing_state(worker, lambda: _accounted(settings), 150)
         producer.stop()
         producer.join(30)
         assert producer.error is None and not producer.is_alive()
