@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
-from paysaga.streams.app.topics import Topics
+from paysaga.streams.app.topics import Topics, topic_specs
 from tests.samples import initiated
 from tests.support import WorkerProcess, settings_env, wait_for
 
@@ -24,11 +24,14 @@ def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_topics_create_twice_is_idempotent(settings: Settings) -> None:
+    n = len(topic_specs(settings))  # 29: payment topics, internal topics, changelogs
     first = paysaga(settings, "topics", "create")
     assert first.returncode == 0, first.stderr
-    assert "27 topics: 27 created, 0 existed" in first.stdout
+    assert f"{n} topics: {n} created, 0 existed" in first.stdout
+    for topic in ("paysaga.recon.repartition", "reconciliation.reports", "recon-changelog"):
+        assert topic in first.stdout
     second = paysaga(settings, "topics", "create")
-    assert "0 created, 27 existed" in second.stdout
+    assert f"0 created, {n} existed" in second.stdout
 
 
 def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> None:
