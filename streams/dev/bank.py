@@ -44,7 +44,7 @@ from paysaga.streams.engine.partitioner import partition_for
 log = logging.getLogger(__name__)
 
 #: The fates a capture's statement line can have (besides "ok"), in the order rolled.
-FATES = ("missing", "amount", "currency", "duplicate", "late", "unreferenced")
+FATES = ("missing", "misstated", "currency", "duplicate", "late", "unreferenced")
 OTHER_CURRENCY = {"EUR": "USD", "USD": "EUR"}
 
 
@@ -54,7 +54,8 @@ class BankConfig:
 
     lag_ms: int = 2_000
     missing_rate: float = 0.01
-    amount_rate: float = 0.005
+    #: A line whose amount is misstated (wrong), a share of captures like every rate here.
+    misstated_rate: float = 0.005
     currency_rate: float = 0.002
     duplicate_rate: float = 0.003
     late_rate: float = 0.002
@@ -110,7 +111,7 @@ def statement_lines(
         return rec | changes
 
     out: list[dict[str, Any]] = []
-    if fate == "amount":
+    if fate == "misstated":
         out.append(line("", amount_minor=cap["amount_minor"] + rng.randint(1, 99)))
     elif fate == "currency":
         out.append(line("", currency=OTHER_CURRENCY.get(cap["currency"], "EUR")))

@@ -126,7 +126,7 @@ _SIM_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("failure-rate", float, "inventory/shipping: share of RESERVE/CREATE failed"),
     ("lag-ms", int, "bank: how long after its capture a statement line comes"),
     ("missing-rate", float, "bank: captures never on the statement"),
-    ("amount-rate", float, "bank: lines with a wrong amount"),
+    ("misstated-rate", float, "bank: lines with a wrong amount"),
     ("currency-rate", float, "bank: lines in another currency"),
     ("duplicate-rate", float, "bank: lines written twice"),
     ("late-rate", float, "bank: lines coming after their window closed (--late-ms)"),

@@ -121,7 +121,7 @@ def test_a_late_line_revises_the_report_and_resolves_the_missing(world: ReconWor
 def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(
     world: ReconWorld,
 ) -> None:
-    config = BankConfig(lag_ms=300, missing_rate=0.05, amount_rate=0.05, currency_rate=0.03,
+    config = BankConfig(lag_ms=300, missing_rate=0.05, misstated_rate=0.05, currency_rate=0.03,
                         duplicate_rate=0.03, late_rate=0.03, unreferenced_rate=0.05,
                         extra_rate=0.03, late_ms=WINDOW_MS + GRACE_MS + 2_000,
                         seed=7)  # fmt: skip
@@ -166,7 +166,7 @@ def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(
     for fate in fates.values():
         kind = {
             "missing": "MISSING_IN_BANK",
-            "amount": "AMOUNT_MISMATCH",
+            "misstated": "AMOUNT_MISMATCH",
             "currency": "CURRENCY_MISMATCH",
             "duplicate": "DUPLICATE_IN_BANK",
         }.get(fate)

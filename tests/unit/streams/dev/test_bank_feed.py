@@ -22,7 +22,7 @@ def test_the_same_capture_gives_the_same_lines() -> None:
 
 
 def test_fates_follow_their_rates() -> None:
-    config = BankConfig(missing_rate=0.1, amount_rate=0.1, currency_rate=0.1, duplicate_rate=0.1,
+    config = BankConfig(missing_rate=0.1, misstated_rate=0.1, currency_rate=0.1, duplicate_rate=0.1,
                         late_rate=0.1, unreferenced_rate=0.1, extra_rate=0.1)  # fmt: skip
     fates = Counter(line_fate(config, f"cap_{n}") for n in range(10_000))
     for fate in FATES:
@@ -43,7 +43,7 @@ def test_each_fate_shapes_its_lines() -> None:
         due, first = lines[0]
         assert due == first["occurred_at"] == c["occurred_at"] + (9_000 if fate == "late" else 100)
         assert first["value_date"] == "2026-09-21" and first["merchant_id"] == "m1"
-        assert (first["amount_minor"] != c["amount_minor"]) == (fate == "amount")
+        assert (first["amount_minor"] != c["amount_minor"]) == (fate == "misstated")
         assert (first["currency"] != "EUR") == (fate == "currency")
         assert (first["payment_reference"] is None) == (fate == "unreferenced")
         assert len(lines) == (2 if fate == "duplicate" else 1)
@@ -62,6 +62,6 @@ def test_invalid_configs_are_refused() -> None:
     with pytest.raises(ValueError):
         BankConfig(missing_rate=1.5)
     with pytest.raises(ValueError):
-        BankConfig(missing_rate=0.6, amount_rate=0.6)
+        BankConfig(missing_rate=0.6, misstated_rate=0.6)
     with pytest.raises(ValueError):
         BankConfig(lag_ms=10, late_ms=5)
