@@ -1,7 +1,7 @@
 """The reconciliation agent: captures against bank lines, per merchant and currency window.
 
 Thin glue between the engine and `paysaga.domain.reconciliation` (docs/reconciliation.md):
-a capture or a bank line is decoded and validated (bad input: the DLQ), re-keyed by merchant
+a capture, a refund or a bank line is decoded and validated (bad input: the DLQ), re-keyed by merchant
 when it arrived elsewhere (one hop, `paysaga.recon.repartition`), recorded in the `recon`
 table, matched by reference at once, and accounted in its window. A stream-time timer per
 window closes it: tier 2 over what is left, one report and one record per problem, in the
@@ -39,15 +39,13 @@ from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.keyspace import KeyPartError, parse_scope_id, scope_id
 from paysaga.tables.recon import (
     RECON,
     LineEntry,
     MovementEntry,
     ReconBook,
-    ReconKeyError,
     WindowSummary,
-    parse_window_id,
-    window_id,
 )
 
 CLOSE = "recon-close"
@@ -61,6 +59,14 @@ def movement_of(e: ev.PaymentCaptured) -> Movement:
                     reference=e.gateway_reference, amount_minor=e.amount_minor,
                     currency=e.currency, value_date=utc_date(e.occurred_at),
                     occurred_at=e.occurred_at)  # fmt: skip
+
+
+def refund_of(e: ev.PaymentReversed, reference: str) -> Movement:
+    """A refund: a negative movement, named by its capture's gateway reference (`reference`,
+    or the payment id when its capture is not known here)."""
+    return Movement(movement_id=e.reversal_id, payment_id=e.payment_id, reference=reference,
+                    amount_minor=-e.amount_minor, currency=e.currency,
+                    value_date=utc_date(e.occurred_at), occurred_at=e.occurred_at)  # fmt: skip
 
 
 def line_of(e: ev.BankStatementLine) -> Line:
@@ -83,6 +89,7 @@ class ReconAgent:
         self.policy = policy or ReconPolicy()
         self.models: dict[str, tuple[str, type[BaseModel]]] = {
             topics.captured: ("PaymentCaptured", ev.PaymentCaptured),
+            topics.reversed: ("PaymentReversed", ev.PaymentReversed),
             topics.bank_statements: ("BankStatementLine", ev.BankStatementLine),
         }
 
@@ -115,6 +122,13 @@ class ReconAgent:
 
     def process(self, ctx: ProcessorContext, value: tuple[str, Any]) -> None:
         source, event = value
+        if source == self.topics.reversed:
+            if event.kind is not ev.ReversalKind.REFUND:
+                return  # a void moves no money: nothing to reconcile
+            if event.merchant_id is None:
+                ctx.dead_letter("validation", "a refund without merchant_id cannot be "
+                                "reconciled: its merchant's window is unknown")  # fmt: skip
+                return
         key = event.merchant_id.encode()
         if partition_for(key, self.partitions) != ctx.partition:
             forward(ctx, self.topics.recon_repartition, key, source)
@@ -123,14 +137,27 @@ class ReconAgent:
         try:
             if source == self.topics.captured:
                 self._movement(ctx, book, event.merchant_id, movement_of(event))
+            elif source == self.topics.reversed:
+                ref = self._capture_reference(book, event.merchant_id, event.payment_id)
+                self._movement(ctx, book, event.merchant_id, refund_of(event, ref))
             else:
                 self._line(ctx, book, event.merchant_id, line_of(event))
-        except ReconKeyError as exc:
+        except KeyPartError as exc:
             ctx.dead_letter("validation", str(exc))
+
+    @staticmethod
+    def _capture_reference(book: ReconBook, merchant: str, payment_id: str) -> str:
+        """The gateway reference of the payment's capture, so a bank line naming it finds
+        the refund too; the payment id when no capture of it is known here."""
+        for mid in book.named(merchant, payment_id):
+            e = book.movement(merchant, mid)
+            if e is not None and e.movement.amount_minor > 0:
+                return e.movement.reference
+        return payment_id
 
     def _window(self, merchant: str, currency: str, ts: int) -> tuple[bytes, int]:
         start = window_start(ts, self.policy.window_ms)
-        return window_id(merchant, currency, start), start
+        return scope_id(merchant, currency, start), start
 
     def _movement(self, ctx: ProcessorContext, book: ReconBook, merchant: str,
                   m: Movement) -> None:  # fmt: skip
@@ -191,7 +218,7 @@ class ReconAgent:
                  target: MovementEntry, category: Category, at: int) -> None:  # fmt: skip
         """Account `line` in `target`'s window as tier 1 decided (`category`)."""
         m = target.movement
-        wid = window_id(merchant, m.currency, target.window_start)
+        wid = scope_id(merchant, m.currency, target.window_start)
         s = book.summary(wid)
         s.bank_count += 1
         s.bank_minor += line.amount_minor
@@ -247,7 +274,7 @@ class ReconAgent:
         line = le.line
         if line.reference is not None:
             book.unwait(merchant, line.reference, line.line_key)
-        wid = window_id(merchant, le.currency, le.window_start)
+        wid = scope_id(merchant, le.currency, le.window_start)
         s = book.summary(wid)
         s.bank_count -= 1
         s.bank_minor -= line.amount_minor
@@ -274,7 +301,7 @@ class ReconAgent:
     def _close(self, ctx: ProcessorContext, wid: bytes, due: int) -> None:
         """Stream time passed the window's end plus grace: tier 2, then the first report."""
         book = ReconBook(ctx.table(RECON))
-        merchant, currency, start = parse_window_id(wid)
+        merchant, currency, start = parse_scope_id(wid)
         s = book.summary(wid)
         if s.closed:
             return
@@ -321,7 +348,7 @@ class ReconAgent:
                 found: list[Discrepancy], resolved: list[Discrepancy],
                 at: int) -> None:  # fmt: skip
         """One report revision of the window, and a record per problem found or resolved."""
-        merchant, currency, start = parse_window_id(wid)
+        merchant, currency, start = parse_scope_id(wid)
         end = start + self.policy.window_ms
         rid = report_id(merchant, currency, start, s.revision)
         counts: Counter[str] = Counter()

@@ -295,6 +295,10 @@ class SagaAgent:
             topic = self.command_topics[command.service]
             fields = command_record(p, command, cause, occurred_at)
             ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key)
+        if eff.settlement is not None:  # to the merchant's batch (docs/settlement.md)
+            fields = command_record(p, eff.settlement, cause, occurred_at)
+            ctx.emit(self.topics.settlement_requests, COMMAND_SCHEMAS["payment"], fields,
+                     key=p.merchant_id.encode())  # fmt: skip
         reason = "; ".join(eff.notes) or None
         status = status_event(p, cause_event_id=cause, occurred_at=occurred_at,
                               previous=previous, reason=reason and reason[:1000],

@@ -29,10 +29,12 @@ from paysaga.domain.payment import (
     TERMINAL_SAGA_STATES,
     Outstanding,
     Payment,
+    PaymentStatus,
     RefundRequest,
     SagaState,
     derived_id,
 )
+from paysaga.domain.settlement import SettlementPolicy
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -84,6 +86,8 @@ class SagaPolicy:
     compensation_attempts: int = 6
     #: An authorization not captured within this window (event time) is voided.
     auth_window_ms: int = 7 * DAY_MS
+    #: When a completed payment's SETTLE goes out: with its merchant's batch.
+    settlement: SettlementPolicy = field(default_factory=SettlementPolicy)
 
 
 @dataclass(frozen=True)
@@ -114,14 +118,21 @@ class Effects:
     rejected: str | None = None
     replay: bool = False
     conflict: str | None = None
+    #: A SETTLE that goes out with the merchant's settlement batch, not to the gateway now.
+    settlement: Command | None = None
 
     @property
     def changed(self) -> bool:
-        return bool(self.commands or self.notes or self.terminal or self.review)
+        return bool(self.commands or self.notes or self.terminal or self.review or self.settlement)
 
 
 class Unmatched(ValueError):
     """An outcome that answers no command this payment is waiting for."""
+
+
+def _settle_key(p: Payment) -> str:
+    """The idempotency key of a payment's SETTLE (one settlement per payment)."""
+    return f"{p.payment_id}:settle:post"
 
 
 def _request_key(p: Payment, o: Outstanding) -> str:
@@ -168,9 +179,7 @@ class Orchestrator:
             eff.notes.append(f"{saga.kind} saga completed")
             self._finish(p, eff, "COMPLETED")  # captured: never cancels
             if p.captured_minor > 0:
-                key = f"{p.payment_id}:settle:post"
-                self._send(p, eff, "payment", "SETTLE", "settle", "post", p.captured_minor, key,
-                           now)  # fmt: skip
+                self._settle_in_batch(p, eff, now)
             return
         step = steps[saga.step]
         eff.step = step.name
@@ -193,6 +202,17 @@ class Orchestrator:
         eff.commands.append(
             Command(service, action, step, role, attempt, command_id(key, attempt), key, amount)
         )
+
+    def _settle_in_batch(self, p: Payment, eff: Effects, now: int) -> None:
+        """The SETTLE is outstanding from now, but it goes out with the merchant's batch
+        (`eff.settlement`, docs/settlement.md), so its answer is awaited from the batch's
+        expected submission on. An unanswered one is retried like any command, with the
+        same idempotency key: the gateway answers a retried SETTLE once."""
+        key = _settle_key(p)
+        submitted = max(now, self.policy.settlement.expected_due(now))
+        self._send(p, eff, "payment", "SETTLE", "settle", "post", p.captured_minor, key,
+                   submitted)  # fmt: skip
+        eff.settlement = eff.commands.pop()
 
     def _resend(self, p: Payment, eff: Effects, o: Outstanding, now: int) -> None:
         self._send(p, eff, o.service, o.action, o.step, o.role, o.amount_minor,
@@ -272,6 +292,12 @@ class Orchestrator:
         before the first change, and `apply_transition` undoes its own on refusal.
         """
         o = self.find(p, outcome.command_id)
+        if o is None and self._settled_late(p, service, outcome):
+            apply_transition(p, outcome)  # may raise InvalidTransition
+            return p, Effects(
+                step="settle",
+                notes=["settled: the gateway's answer came after the saga stopped waiting for it"],
+            )
         if o is None or o.service != service:
             raise Unmatched(f"{outcome.kind} answers no outstanding command of this payment")
         eff = Effects(step=o.step)
@@ -317,6 +343,23 @@ class Orchestrator:
         else:
             eff.notes.append("settled")
         return p, eff
+
+    def _settled_late(self, p: Payment, service: str, outcome: GatewayOutcome) -> bool:
+        """A SETTLED answering one of this payment's SETTLE attempts after the saga gave up
+        on it (its batch went out after the saga's own retries ran out): the money settled,
+        and the payment says so. Settlement is a fact the gateway reports, not a step."""
+        if service != "payment" or outcome.kind != "SETTLED" or outcome.command_id is None:
+            return False
+        saga = p.saga
+        if saga is None or saga.state != "COMPLETED" or p.status is not PaymentStatus.CAPTURED:
+            return False
+        if outcome.amount_minor != p.captured_minor:
+            return False
+        if any(o.action == "SETTLE" for o in p.outstanding.values()):
+            return False
+        key = _settle_key(p)
+        limit = max(self.policy.timeout_attempts, self.policy.retry_attempts)
+        return any(command_id(key, a) == outcome.command_id for a in range(1, limit + 1))
 
     def _expected(self, p: Payment, o: Outstanding) -> tuple[str, str]:
         """(success, failure) outcome kinds that answer command `o`."""

@@ -67,6 +67,8 @@ class ReversalKind(StrEnum):
 class PaymentReversed(_Money):
     kind: ReversalKind
     reversal_id: Id
+    #: Null from writers before reconciliation needed it (docs/reconciliation.md).
+    merchant_id: Id | None = None
 
 
 class PaymentSettled(_Money):

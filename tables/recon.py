@@ -23,38 +23,10 @@ from collections.abc import Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from paysaga.domain.reconciliation import Category, Discrepancy, Line, Movement
+from paysaga.tables.keyspace import SEP, check_part, key, scan
 from paysaga.tables.transaction import TableTransaction
 
 RECON = "recon"
-_SEP = b"\x00"
-_WIDTH = 15  # epoch millis, zero-padded: byte order is time order
-_PAGE = 1_000
-
-
-class ReconKeyError(ValueError):
-    """An id that cannot be part of a reconciliation key (it holds a NUL byte)."""
-
-
-def check_part(part: str) -> bytes:
-    raw = part.encode()
-    if _SEP in raw:
-        raise ReconKeyError(f"id {part!r} holds a NUL byte")
-    return raw
-
-
-def _key(kind: bytes, *parts: str) -> bytes:
-    return kind + _SEP + _SEP.join(check_part(p) for p in parts)
-
-
-def window_id(merchant: str, currency: str, start: int) -> bytes:
-    """merchant, currency and zero-padded start: a window's key suffix and its timer key."""
-    padded = str(start).zfill(_WIDTH).encode()
-    return _SEP.join((check_part(merchant), check_part(currency), padded))
-
-
-def parse_window_id(raw: bytes) -> tuple[str, str, int]:
-    merchant, currency, start = raw.split(_SEP)
-    return merchant.decode(), currency.decode(), int(start)
 
 
 class MovementEntry(BaseModel):
@@ -109,61 +81,61 @@ class ReconBook:
 
     # ---- movements and lines ------------------------------------------------------------
     def movement(self, merchant: str, movement_id: str) -> MovementEntry | None:
-        raw = self.t.get(_key(b"M", merchant, movement_id))
+        raw = self.t.get(key(b"M", merchant, movement_id))
         return None if raw is None else MovementEntry.model_validate_json(raw)
 
     def put_movement(self, e: MovementEntry) -> None:
-        self.t.set(_key(b"M", e.merchant_id, e.movement.movement_id), e.model_dump_json().encode())
+        self.t.set(key(b"M", e.merchant_id, e.movement.movement_id), e.model_dump_json().encode())
 
     def line(self, merchant: str, line_key: str) -> LineEntry | None:
-        raw = self.t.get(_key(b"L", merchant, line_key))
+        raw = self.t.get(key(b"L", merchant, line_key))
         return None if raw is None else LineEntry.model_validate_json(raw)
 
     def put_line(self, e: LineEntry) -> None:
-        self.t.set(_key(b"L", e.merchant_id, e.line.line_key), e.model_dump_json().encode())
+        self.t.set(key(b"L", e.merchant_id, e.line.line_key), e.model_dump_json().encode())
 
     # ---- the reference index ------------------------------------------------------------
     def named(self, merchant: str, reference: str) -> list[str]:
-        raw = self.t.get(_key(b"R", merchant, reference))
+        raw = self.t.get(key(b"R", merchant, reference))
         return [] if raw is None else raw.decode().split("\n")
 
     def index(self, merchant: str, reference: str, movement_id: str) -> None:
         ids = self.named(merchant, reference)
         if movement_id not in ids:
             ids.append(movement_id)
-            self.t.set(_key(b"R", merchant, reference), "\n".join(sorted(ids)).encode())
+            self.t.set(key(b"R", merchant, reference), "\n".join(sorted(ids)).encode())
 
     # ---- lines waiting for the movement their reference names --------------------------
     def waiting(self, merchant: str, reference: str) -> list[str]:
-        raw = self.t.get(_key(b"P", merchant, reference))
+        raw = self.t.get(key(b"P", merchant, reference))
         return [] if raw is None else raw.decode().split("\n")
 
     def wait(self, merchant: str, reference: str, line_key: str) -> None:
         keys = self.waiting(merchant, reference)
         if line_key not in keys:
             keys.append(line_key)
-            self.t.set(_key(b"P", merchant, reference), "\n".join(sorted(keys)).encode())
+            self.t.set(key(b"P", merchant, reference), "\n".join(sorted(keys)).encode())
 
     def unwait(self, merchant: str, reference: str, line_key: str) -> None:
         keys = [k for k in self.waiting(merchant, reference) if k != line_key]
         if keys:
-            self.t.set(_key(b"P", merchant, reference), "\n".join(keys).encode())
+            self.t.set(key(b"P", merchant, reference), "\n".join(keys).encode())
         else:
-            self.t.delete(_key(b"P", merchant, reference))
+            self.t.delete(key(b"P", merchant, reference))
 
     # ---- windows ------------------------------------------------------------------------
     def summary(self, wid: bytes) -> WindowSummary:
-        raw = self.t.get(b"W" + _SEP + wid)
+        raw = self.t.get(b"W" + SEP + wid)
         return WindowSummary() if raw is None else WindowSummary.model_validate_json(raw)
 
     def put_summary(self, wid: bytes, s: WindowSummary) -> None:
-        self.t.set(b"W" + _SEP + wid, s.model_dump_json().encode())
+        self.t.set(b"W" + SEP + wid, s.model_dump_json().encode())
 
     def drop_summary(self, wid: bytes) -> None:
-        self.t.delete(b"W" + _SEP + wid)
+        self.t.delete(b"W" + SEP + wid)
 
     def mark_open(self, wid: bytes, side: bytes, entry_id: str, is_open: bool) -> None:
-        key = b"O" + _SEP + wid + _SEP + side + _SEP + check_part(entry_id)
+        key = b"O" + SEP + wid + SEP + side + SEP + check_part(entry_id)
         if is_open:
             self.t.set(key, b"")
         else:
@@ -171,9 +143,9 @@ class ReconBook:
 
     def open_ids(self, wid: bytes, side: bytes) -> Iterator[str]:
         """Ids of the window's unmatched movements (side b"m") or lines (b"l"), in order."""
-        prefix = b"O" + _SEP + wid + _SEP + side + _SEP
-        for key, _ in self._scan(prefix):
-            yield key[len(prefix) :].decode()
+        prefix = b"O" + SEP + wid + SEP + side + SEP
+        for k, _ in self._scan(prefix):
+            yield k[len(prefix) :].decode()
 
     def add_discrepancy(self, wid: bytes, d: Discrepancy) -> None:
         self.t.set(self._disc_key(wid, d.discrepancy_id), d.model_dump_json().encode())
@@ -187,19 +159,12 @@ class ReconBook:
         return Discrepancy.model_validate_json(raw)
 
     def discrepancies(self, wid: bytes) -> Iterator[Discrepancy]:
-        for _, raw in self._scan(b"D" + _SEP + wid + _SEP):
+        for _, raw in self._scan(b"D" + SEP + wid + SEP):
             yield Discrepancy.model_validate_json(raw)
 
     @staticmethod
     def _disc_key(wid: bytes, discrepancy_id: str) -> bytes:
-        return b"D" + _SEP + wid + _SEP + check_part(discrepancy_id)
+        return b"D" + SEP + wid + SEP + check_part(discrepancy_id)
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Every entry under `prefix`, a page at a time (a window may hold millions)."""
-        lo, hi = prefix, prefix + b"\xff"
-        while True:
-            page = self.t.range(lo, hi, _PAGE)
-            yield from page
-            if len(page) < _PAGE:
-                return
-            lo = page[-1][0] + b"\x00"
+        return scan(self.t, prefix)

@@ -52,6 +52,9 @@ def isolated_settings(bootstrap: str, state: Path, name: str, **overrides: Any) 
     values: dict[str, Any] = {
         "bootstrap": bootstrap, "app_id": f"paysaga-{name}", "topic_prefix": f"{name}.",
         "partitions": 3, "data_dir": state, "web_port": free_port(), "log_level": "INFO",
+        # Settlement batches of 2 s, submitted 0.5 s after their end: a payment settles
+        # within a few seconds of its capture, by the worker's idle stream time.
+        "settlement_batch_ms": 2_000, "settlement_cutoff_ms": 500,
     }  # fmt: skip
     values.update(overrides)
     return Settings(**values)

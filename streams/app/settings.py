@@ -77,6 +77,17 @@ class Settings(BaseModel):
     recon_tolerance_days: int = Field(
         1, ge=0, description="value-date tolerance of matching by amount (tier 2)"
     )
+    settlement_batch_ms: int = Field(
+        24 * 3_600_000, ge=1,
+        description="settlement batches per merchant and currency (event time): docs/settlement.md",
+    )  # fmt: skip
+    settlement_cutoff_ms: int = Field(
+        3_600_000, ge=0, description="how long after its end a batch is submitted"
+    )
+    settlement_retention_ms: int = Field(
+        7 * 24 * 3_600_000, ge=0,
+        description="how long a submitted batch's entries stay in the settlement table",
+    )  # fmt: skip
     gc_gen0_threshold: int = Field(
         50_000,
         ge=0,

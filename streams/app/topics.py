@@ -86,6 +86,8 @@ class Topics:
         self.saga_repartition = prefix + "paysaga.saga.repartition"
         #: Reconciliation inputs found on a partition other than their merchant's (internal).
         self.recon_repartition = prefix + "paysaga.recon.repartition"
+        #: SETTLE commands the saga hands to its merchant's batch, keyed by merchant (internal).
+        self.settlement_requests = prefix + "paysaga.settlement.requests"
         self.commands = prefix + "payment.commands"
         self.status = prefix + "payment.status"
         self.dlq = prefix + "payment.dlq"
@@ -93,6 +95,7 @@ class Topics:
         self.shipping_commands = prefix + "shipping.commands"
         self.recon_reports = prefix + "reconciliation.reports"
         self.recon_discrepancies = prefix + "reconciliation.discrepancies"
+        self.settlement_batches = prefix + "settlement.batches"
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -137,6 +140,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             retention_ms=settings.initiated_retention_ms,
             extra=APPEND_TIME,
         ),
+        TopicSpec(
+            t.settlement_requests,
+            "PaymentCommand SETTLE for the merchant's settlement batch",
+            key="merchant_id",
+            retention_ms=settings.initiated_retention_ms,
+            extra=APPEND_TIME,
+        ),
         TopicSpec(t.requests, "PaymentRequest", retention_ms=audit),
         *(
             TopicSpec(name, value, retention_ms=audit)
@@ -173,6 +183,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             key="merchant_id",
             retention_ms=audit,
         ),
+        TopicSpec(t.settlement_batches, "SettlementBatch", key="merchant_id", retention_ms=audit),
     ]
     return specs + internal_specs(settings)
 

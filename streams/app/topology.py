@@ -12,8 +12,10 @@ import importlib
 from paysaga.agents.intake import IntakeStep, add_intake
 from paysaga.agents.reconciliation import ReconAgent
 from paysaga.agents.saga import SagaAgent
+from paysaga.agents.settlement import SettlementAgent
 from paysaga.domain.reconciliation import ReconPolicy
 from paysaga.domain.saga import Orchestrator, SagaPolicy
+from paysaga.domain.settlement import SettlementPolicy
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
@@ -30,20 +32,27 @@ def load_topology(settings: Settings) -> Topology:
     return topology
 
 
+def recon_policy(settings: Settings) -> ReconPolicy:
+    return ReconPolicy(window_ms=settings.recon_window_ms, grace_ms=settings.recon_grace_ms,
+                       tolerance_days=settings.recon_tolerance_days)  # fmt: skip
+
+
 def paysaga_topology(settings: Settings) -> Topology:
     """The payment topology: idempotent intake, then the saga
-    (docs/architecture.md#the-flow-of-a-payment), and reconciliation of what was captured
-    against the bank (docs/reconciliation.md)."""
+    (docs/architecture.md#the-flow-of-a-payment), reconciliation of what was captured
+    against the bank (docs/reconciliation.md) and settlement batches (docs/settlement.md)."""
     names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     codec = AvroCodec(SchemaRegistry())
-    policy = SagaPolicy(
-        command_timeout_ms=settings.command_timeout_ms, auth_window_ms=settings.auth_window_ms
-    )
+    settlement = SettlementPolicy(batch_ms=settings.settlement_batch_ms,
+                                  cutoff_ms=settings.settlement_cutoff_ms,
+                                  retention_ms=settings.settlement_retention_ms)  # fmt: skip
+    policy = SagaPolicy(command_timeout_ms=settings.command_timeout_ms,
+                        auth_window_ms=settings.auth_window_ms,
+                        settlement=settlement)  # fmt: skip
     topology = Topology(serializer=codec.encode)
     intake = IntakeStep(codec)  # one step for both agents: its memo of parsed requests
     add_intake(topology, intake, names, settings.partitions, settings.idempotency_ttl_ms)
     SagaAgent(codec, names, settings.partitions, Orchestrator(policy), intake).add_to(topology)
-    recon = ReconPolicy(window_ms=settings.recon_window_ms, grace_ms=settings.recon_grace_ms,
-                        tolerance_days=settings.recon_tolerance_days)  # fmt: skip
-    ReconAgent(codec, names, settings.partitions, recon).add_to(topology)
+    ReconAgent(codec, names, settings.partitions, recon_policy(settings)).add_to(topology)
+    SettlementAgent(codec, names, settlement).add_to(topology)
     return topology

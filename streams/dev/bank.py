@@ -1,15 +1,17 @@
 """A bank statement feed for reconciliation (`paysaga simulate bank`).
 
-It reads what the gateway captured (`payment.captured`, read_committed, its own consumer
-group `<prefix>paysaga-sim-bank`) and writes a `BankStatementLine` per capture to
-`bank.statements`, keyed by merchant, `lag_ms` after the capture (wall clock and event
-time: a line is held until it is due, as a bank reports later). Discrepancies are injected
-at configured rates, one fate per capture (`line_fate`): a missing line, a wrong amount, a
-wrong currency, a duplicate line, a late line (`late_ms` after the capture: past its
-window's close, an adjustment), a line without a reference (matched by amount); and,
-independently, an extra line for no capture. Everything is decided by the seed and the
-capture id alone (never Python's salted `hash()`), so a capture seen twice (a re-answered
-command) gives byte-identical lines, which reconciliation counts once.
+It reads what the gateway captured and refunded (`payment.captured`, `payment.reversed`,
+read_committed, its own consumer group `<prefix>paysaga-sim-bank`) and writes a
+`BankStatementLine` per capture (a CREDIT naming its gateway reference) and per refund (a
+DEBIT naming its payment) to `bank.statements`, keyed by merchant, `lag_ms` after it (wall
+clock and event time: a line is held until it is due, as a bank reports later).
+Discrepancies are injected at configured rates, one fate per movement (`line_fate`): a
+missing line, a wrong amount, a wrong currency, a duplicate line, a late line (`late_ms`
+after the movement: past its window's close, an adjustment), a line without a reference
+(matched by amount); and, independently, an extra line for no movement. Everything is
+decided by the seed and the capture or reversal id alone (never Python's salted `hash()`),
+so a movement seen twice (a re-answered command) gives byte-identical lines, which
+reconciliation counts once.
 
 Offsets are committed only up to the first capture whose lines are not all sent yet
 (at-least-once, held lines included); a restart sends a held line again, the same bytes.
@@ -107,7 +109,7 @@ def statement_lines(
                "merchant_id": merchant, "payment_reference": cap["gateway_reference"],
                "amount_minor": cap["amount_minor"], "currency": cap["currency"],
                "value_date": utc_date(cap["occurred_at"]), "booking_date": utc_date(at),
-               "direction": "CREDIT"}  # fmt: skip
+               "direction": cap.get("direction", "CREDIT")}  # fmt: skip
         return rec | changes
 
     out: list[dict[str, Any]] = []
@@ -152,6 +154,31 @@ async def run_bank(settings: Settings, config: BankConfig | None = None,
     def summary() -> str:
         return " ".join(f"{k}={v}" for k, v in sorted(stats.items()) if k != "captures")
 
+    def movement(r: Any) -> dict[str, Any] | None:
+        """The money movement a record is, as `statement_lines` takes it; None for a void
+        (no money moves) or a record that cannot be read (counted and logged)."""
+        refund = r.topic == topics.reversed
+        try:
+            rec = codec.decode(r.value or b"", "PaymentReversed" if refund else "PaymentCaptured")
+        except DecodeError as exc:
+            stats["undecodable"] += 1
+            log.warning("sim bank: skipped an undecodable record at %s[%d]@%d: %s", r.topic,
+                        r.partition, r.offset, exc.reason)  # fmt: skip
+            return None
+        if not refund:
+            stats["captures"] += 1
+            return rec
+        if rec["kind"] != "REFUND":
+            return None
+        if rec.get("merchant_id") is None:
+            stats["refunds without merchant"] += 1
+            return None
+        stats["refunds"] += 1
+        return {"capture_id": rec["reversal_id"], "merchant_id": rec["merchant_id"],
+                "occurred_at": rec["occurred_at"], "gateway_reference": rec["payment_id"],
+                "amount_minor": rec["amount_minor"], "currency": rec["currency"],
+                "direction": "DEBIT"}  # fmt: skip
+
     async def send_due() -> None:
         now = int(time.time() * 1000)
         pending = []
@@ -178,23 +205,14 @@ async def run_bank(settings: Settings, config: BankConfig | None = None,
         cons = make_consumer(settings.bootstrap, group_id=group, client_id="paysaga-sim-bank")
         try:
             await cons.start()
-            cons.subscribe([topics.captured])
+            cons.subscribe([topics.captured, topics.reversed])
             while not stop.is_set():
                 batch = await cons.getmany(timeout_ms=200, max_records=BATCH_MAX)
                 for tp, records in batch.items():
                     for r in records:
-                        stats["captures"] += 1
-                        try:
-                            cap = codec.decode(r.value or b"", "PaymentCaptured")
-                        except DecodeError as exc:
-                            stats["undecodable"] += 1
-                            log.warning(
-                                "sim bank: skipped an undecodable capture at %s[%d]@%d: %s",
-                                r.topic,
-                                r.partition,
-                                r.offset,
-                                exc.reason,
-                            )
+                        cap = movement(r)
+                        if cap is None:
+                            consumed[tp] = r.offset + 1
                             continue
                         lines, labels = statement_lines(config, cap)
                         stats.update(labels)

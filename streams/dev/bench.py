@@ -35,6 +35,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.dev.measure import peak_rss_mib, percentile
+from paysaga.streams.dev.recon_bench import recon_summary, run_recon_open
 from paysaga.streams.dev.saga_bench import SagaOptions, run_saga, saga_summary
 from paysaga.streams.dev.upstream import Progress, UpstreamConfig, produce, upstream_producer
 from paysaga.streams.engine.partitioner import partition_for
@@ -63,6 +64,8 @@ class BenchOptions:
     saga_upstream_key: str = "payment"
     #: py-spy samples of the whole-saga worker go here (None: not profiled).
     profile: Path | None = None
+    #: Captures held open in reconciliation's state, for its memory (0 skips it).
+    recon_open: int = 0
 
 
 @dataclass
@@ -342,6 +345,9 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                upstream_key=opts.saga_upstream_key)  # fmt: skip
             pid = broker.pid() if broker is not None else None
             results["saga"] = await run_saga(saga, bootstrap, run, work, codec, pid)
+        if opts.recon_open > 0:
+            results["recon"] = await run_recon_open(opts.recon_open, bootstrap, run, work,
+                                                    opts.partitions, codec)  # fmt: skip
         ok = True
     finally:
         if broker is not None:
@@ -382,6 +388,8 @@ def summary(results: dict[str, Any]) -> str:
         )
     if "saga" in results:
         lines.append(saga_summary(results["saga"]))
+    if "recon" in results:
+        lines.append(recon_summary(results["recon"]))
     if "restore" in results:
         r = results["restore"]
         lines.append(

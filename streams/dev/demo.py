@@ -77,6 +77,9 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         # the bank feed's late lines (3 min) then arrive after their window closed.
         "PAYSAGA_RECON_WINDOW_MS": os.environ.get("PAYSAGA_RECON_WINDOW_MS", "60000"),
         "PAYSAGA_RECON_GRACE_MS": os.environ.get("PAYSAGA_RECON_GRACE_MS", "30000"),
+        # Settlement batches of a minute, submitted 10 s after they end (docs/settlement.md).
+        "PAYSAGA_SETTLEMENT_BATCH_MS": os.environ.get("PAYSAGA_SETTLEMENT_BATCH_MS", "60000"),
+        "PAYSAGA_SETTLEMENT_CUTOFF_MS": os.environ.get("PAYSAGA_SETTLEMENT_CUTOFF_MS", "10000"),
     }
     procs: list[subprocess.Popen] = []
 

@@ -70,6 +70,8 @@ class SagaRig:
             bootstrap=bootstrap, app_id=prefix.rstrip(".").replace(".", "-"),
             topic_prefix=prefix, partitions=partitions, data_dir=work / "state",
             web_port=free_port(),
+            # Batches that submit within the run: each payment's SETTLE goes out, as live.
+            settlement_batch_ms=2_000, settlement_cutoff_ms=500,
         )  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
         for name, value in self.settings.model_dump(mode="json").items():

@@ -232,7 +232,8 @@ def gateway_decider(config: GatewayConfig, topics: Topics) -> Decider:
                        "capture_id": _token(rng, "cap_")}  # fmt: skip
                 output, label = (topics.captured, "PaymentCaptured", rec), "captured"
         elif action in ("VOID", "REFUND"):
-            rec = {**env, **money, "kind": action, "reversal_id": _token(rng, "rev_")}
+            rec = {**env, **money, "kind": action, "reversal_id": _token(rng, "rev_"),
+                   "merchant_id": cmd["merchant_id"]}  # fmt: skip
             output, label = (topics.reversed, "PaymentReversed", rec), action.lower() + "ed"
         elif action == "SETTLE":
             day = datetime.fromtimestamp(at / 1000, UTC).date().isoformat()

@@ -201,6 +201,28 @@ def _dlq(args: argparse.Namespace) -> int:
     return asyncio.run(dlq_show(settings, args.ref))
 
 
+def _recon(args: argparse.Namespace) -> int:
+    from paysaga.streams.ops.recon_view import load, parse_window_start, render_list, render_show
+
+    if args.action == "show":
+        if len(args.window) != 3:
+            print("error: recon show needs MERCHANT CURRENCY WINDOW_START", file=sys.stderr)
+            return 2
+        try:
+            start = parse_window_start(args.window[2])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif args.window:
+        print("error: recon list takes no positional arguments", file=sys.stderr)
+        return 2
+    views = asyncio.run(load(_settings(args)))
+    if args.action == "list":
+        return render_list(views, sys.stdout, merchant=args.merchant, only_open=args.open,
+                           limit=args.limit)  # fmt: skip
+    return render_show(views, sys.stdout, args.window[0], args.window[1], start)
+
+
 def _watch(args: argparse.Namespace) -> int:
     from paysaga.streams.ops.inspection import watch
 
@@ -231,7 +253,7 @@ def _bench(args: argparse.Namespace) -> int:
         saga_payments=args.saga_payments, saga_workers=args.saga_workers,
         saga_upstream_key=args.saga_upstream_key,
         saga_partitions=args.saga_partitions or None,
-        profile=Path(args.profile) if args.profile else None,
+        profile=Path(args.profile) if args.profile else None, recon_open=args.recon_open,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -309,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--limit", "PAYSAGA_DLQ_LIMIT", 50, int, help="rows to list")
     _settings_opts(p, "bootstrap", "topic_prefix")
 
+    p = cmd("recon", _recon, "reconciliation windows, from the committed report topics")
+    p.add_argument("action", choices=("list", "show"))
+    p.add_argument("window", nargs="*", help="show: MERCHANT CURRENCY WINDOW_START "
+                                             "(epoch ms or ISO 8601, UTC)")  # fmt: skip
+    p.add_argument("--merchant", help="list: only this merchant")
+    p.add_argument("--open", action="store_true", help="list: only windows with open problems")
+    _env_opt(p, "--limit", "PAYSAGA_RECON_LIMIT", 50, int, help="list: rows (the latest)")
+    _settings_opts(p, "bootstrap", "topic_prefix")
+
     p = cmd("watch", _watch, "live counts of payment.status outcomes and the DLQ")
     _settings_opts(p, "bootstrap", "topic_prefix")
     _env_opt(p, "--seconds", "PAYSAGA_WATCH_SECONDS", 0.0, float, help="0 = until Ctrl-C")
@@ -338,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="whole saga: how upstream keys requests (scope: no repartition hop)")  # fmt: skip
     _env_opt(p, "--profile", "PAYSAGA_BENCH_PROFILE", "", str,
              help="where py-spy samples of the whole-saga worker go (backlog)")  # fmt: skip
+    _env_opt(p, "--recon-open", "PAYSAGA_BENCH_RECON_OPEN", 0, int,
+             help="captures held open in reconciliation, for its memory (0 skips)")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 

@@ -66,8 +66,8 @@ def _recon_label(codec: AvroCodec, report: bool, value: bytes | None) -> str:
 
 
 async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdout) -> int:
-    """Print live counts of status outcomes, dead letters and reconciliation reports and
-    discrepancies (read_committed)."""
+    """Print live counts of status outcomes, dead letters, reconciliation reports and
+    discrepancies and settlement batches (read_committed)."""
     codec = AvroCodec(SchemaRegistry())
     topics = Topics(settings.topic_prefix)
     counts: Counter[str] = Counter()
@@ -82,9 +82,12 @@ async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdo
             topics.dlq,
             topics.recon_reports,
             topics.recon_discrepancies,
+            topics.settlement_batches,
         ):
             if r.topic == topics.dlq:
                 counts["DLQ"] += 1
+            elif r.topic == topics.settlement_batches:
+                counts["settlement batches"] += 1
             elif r.topic in (topics.recon_reports, topics.recon_discrepancies):
                 counts[_recon_label(codec, r.topic == topics.recon_reports, r.value)] += 1
             else:

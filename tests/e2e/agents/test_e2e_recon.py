@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import create_topics
 from paysaga.streams.dev.bank import BankConfig, line_fate, run_bank, statement_lines
+from paysaga.streams.ops import cli
 from tests.recon_support import ReconWorld
 from tests.support import WorkerProcess, isolated_settings, wait_for
 
@@ -100,7 +102,9 @@ def test_injected_discrepancies_are_each_reported_once_in_their_category(
                                          "MISSING_IN_BANK": 1}  # fmt: skip
 
 
-def test_a_late_line_revises_the_report_and_resolves_the_missing(world: ReconWorld) -> None:
+def test_a_late_line_revises_the_report_and_resolves_the_missing(
+    world: ReconWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
     m, w = merchant(), world.next_window()
     world.capture(m, f"{m}-1", 4200, at=w + 5)
     world.flush()
@@ -116,6 +120,24 @@ def test_a_late_line_revises_the_report_and_resolves_the_missing(world: ReconWor
     resolved = world.discrepancies(m)[-1]
     assert resolved["discrepancy_id"] == missing["discrepancy_id"]
     assert resolved["status"] == "RESOLVED"
+    # What an operator sees, from the committed topics: the window at revision 2, its
+    # problem resolved, and no longer among the windows with open problems.
+    opts = ["--bootstrap", world.settings.bootstrap, "--topic-prefix", world.settings.topic_prefix]
+    start = reports[1]["window_start"]
+    capsys.readouterr()
+    assert cli.main(["recon", "show", m, "EUR", str(start), *opts]) == 0
+    shown = capsys.readouterr().out
+    assert "revision 2 (revisions seen: 1, 2)" in shown and "(0 open)" in shown
+    assert "RESOLVED" in shown and "MISSING_IN_BANK" in shown and "OPEN" not in shown
+    assert cli.main(["recon", "list", "--merchant", m, *opts]) == 0
+    listed = capsys.readouterr().out
+    assert "1 reconciliation windows" in listed and m in listed
+    assert cli.main(["recon", "list", "--merchant", m, "--open", *opts]) == 0
+    assert "0 reconciliation windows with open problems" in capsys.readouterr().out
+    iso = datetime.fromtimestamp(start / 1000, UTC).isoformat()
+    assert cli.main(["recon", "show", m, "EUR", iso, *opts]) == 0
+    assert capsys.readouterr().out == shown
+    assert cli.main(["recon", "show", m, "EUR", str(start + 1), *opts]) == 1
 
 
 def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(

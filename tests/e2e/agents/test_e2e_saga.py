@@ -85,6 +85,7 @@ def test_order_saga_happy_path(world: World) -> None:
     world.answer(ship, "CREATED")
     final = terminal_once(world, pid)
     assert (final["saga"], final["saga_state"]) == ("ORDER", "COMPLETED")
+    world.wait_command(pid, "SETTLE")  # with the merchant's settlement batch, seconds later
     assert actions(world, pid) == [
         "AUTHORIZE",
         "CAPTURE",

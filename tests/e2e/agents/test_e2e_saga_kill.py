@@ -119,6 +119,15 @@ def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
         requests = _sent(settings)
         scopes = _scopes(requests)
         wait_for(lambda: len(_terminal(world)) >= len(scopes), 300, what="every saga finished")
+        settling = _to_settle(world)
+        try:
+            wait_for(lambda: _settled(world) >= set(settling), 120,
+                     what="every completed payment settled")  # fmt: skip
+            # A payment whose batch went out late may settle by the saga's retry first.
+            wait_for(lambda: _members(world) >= set(settling), 60,
+                     what="every completed payment in a submitted batch")  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {_unsettled(world, settling)}") from None
     except AssertionError as exc:
         raise AssertionError(f"{exc}; {worker.diagnosis()}") from None
     finally:
@@ -127,6 +136,62 @@ def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
             p.terminate()
             p.wait(10)
     _verify(world, requests, f"{KILLS} kills during batches and {recovering} during recovery")
+    _verify_batches(world, settling)
+
+
+def _to_settle(world: World) -> dict[str, int]:
+    """Payment id -> amount, for every saga that completed with money captured."""
+    final = {pid: found[0] for pid, found in _terminal(world).items()}
+    return {pid: s["captured_minor"] for pid, s in final.items()
+            if s["saga_state"] == "COMPLETED" and s["captured_minor"] > 0}  # fmt: skip
+
+
+def _unsettled(world: World, settling: dict[str, int]) -> str:
+    """What the payments that did not settle went through (for a failure message)."""
+    missing = sorted(set(settling) - _settled(world))
+    out = [f"{len(missing)} of {len(settling)} not settled"]
+    for pid in missing[:3]:
+        statuses = [(s["status"], s["reason"]) for s in world.statuses(pid)]
+        settles = [(c["attempt"], c["_offset"]) for c in world.commands(pid)
+                   if c["command_type"] == "SETTLE"]  # fmt: skip
+        out.append(f"{pid}: statuses {statuses}; SETTLE commands {settles}")
+    return "; ".join(out)
+
+
+def _batches(world: World) -> list[dict]:
+    records = asyncio.run(read_all(world.settings.bootstrap, world.t.settlement_batches))
+    return [CODEC.decode(r.value, "SettlementBatch") for r in records]
+
+
+def _members(world: World) -> set[str]:
+    return {m["payment_id"] for b in _batches(world) for m in b["members"]}
+
+
+def _settled(world: World) -> set[str]:
+    return {s["payment_id"] for s in world.statuses() if s["status"] == "SETTLED"}
+
+
+def _verify_batches(world: World, settling: dict[str, int]) -> None:
+    """Each batch submitted once and adding up; each completed payment in exactly one
+    batch, for what it captured; a SETTLE per member, of that batch's amount."""
+    batches = _batches(world)
+    assert [b for b, n in Counter(b["batch_id"] for b in batches).items() if n > 1] == []
+    members: Counter[str] = Counter()
+    for b in batches:
+        assert b["member_count"] == len(b["members"]) > 0
+        assert b["total_minor"] == sum(m["amount_minor"] for m in b["members"])
+        for m in b["members"]:
+            members[m["payment_id"]] += 1
+            assert settling.get(m["payment_id"]) == m["amount_minor"], m
+    assert [p for p, n in members.items() if n != 1] == []
+    assert set(members) == set(settling)
+    first_settles = [c for c in world.commands() if c["command_type"] == "SETTLE"
+                     and c["attempt"] == 1]  # fmt: skip
+    assert sorted(c["payment_id"] for c in first_settles) == sorted(settling)
+    print(
+        f"settlement: {len(batches)} batches, {len(members)} members, each once, totals "
+        f"equal to their members' sums"
+    )
 
 
 def _scopes(requests: list[dict]) -> dict[tuple[str, str], set[str]]:

@@ -224,3 +224,48 @@ def test_a_window_everything_left_closes_without_a_report(driver: TopologyTestDr
     bank(driver, 997, None, amount=1, at=T0 + 5 * HOUR_MS)
     assert [(r["window_start"], r["matched_count"]) for r in reports(driver)][:1] == [
         (T0 + HOUR_MS, 1)]  # fmt: skip
+
+
+def refund(d: TopologyTestDriver, n: int, amount: int, at: int = T0 + 30_000,
+           merchant: str | None = "m1", kind: str = "REFUND",
+           rid: str | None = None) -> None:  # fmt: skip
+    e = {"event_id": str(uuid.uuid4()), "occurred_at": at, "payment_id": f"pay-{n}",
+         "correlation_id": f"ord-{n}", "causation_id": None, "kind": kind,
+         "amount_minor": amount, "currency": "EUR", "reversal_id": rid or f"rev-{n}",
+         "command_id": None, "merchant_id": merchant}  # fmt: skip
+    d.pipe(NAMES.reversed, CODEC.encode("PaymentReversed", e), key=f"pay-{n}".encode(),
+           timestamp=at)  # fmt: skip
+
+
+def test_a_refund_is_a_negative_movement_matched_by_its_debit_line(
+    driver: TopologyTestDriver,
+) -> None:
+    capture(driver, 1, amount=1000)
+    refund(driver, 1, 300)  # partial, named by the capture's gateway reference
+    refund(driver, 1, 300)  # the same refund re-answered: one movement
+    refund(driver, 2, 999, kind="VOID")  # a void moves no money: not reconciled
+    capture(driver, 3, amount=500)
+    refund(driver, 3, 500, rid="rev-3")  # named by its payment id on the statement
+    bank(driver, 1, "gw-1", amount=1000)
+    bank(driver, 2, "gw-1", amount=300, direction="DEBIT")
+    bank(driver, 3, "gw-3", amount=500)
+    bank(driver, 4, "pay-3", amount=500, direction="DEBIT")
+    close_first_window(driver)
+    (r,) = reports(driver)
+    assert (r["internal_count"], r["internal_minor"]) == (4, 1000 - 300 + 500 - 500)
+    assert (r["matched_count"], r["matched_minor"]) == (4, 700)
+    assert problems(driver) == [] and driver.outputs(NAMES.dlq) == []
+
+
+def test_an_unmatched_refund_is_missing_in_bank_and_one_without_merchant_is_a_dead_letter(
+    driver: TopologyTestDriver,
+) -> None:
+    capture(driver, 1, amount=1000)
+    bank(driver, 1, "gw-1", amount=1000)
+    refund(driver, 1, 400)
+    refund(driver, 5, 100, merchant=None)
+    dead = driver.outputs(NAMES.dlq)
+    assert len(dead) == 1 and dead[0].header(H_KIND) == b"validation"
+    close_first_window(driver)
+    (p,) = problems(driver)
+    assert (p["kind"], p["internal_minor"], p["movement_id"]) == ("MISSING_IN_BANK", -400, "rev-1")

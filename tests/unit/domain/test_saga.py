@@ -99,6 +99,11 @@ def answer(
     return orch.on_outcome(p, o.service, out, now)
 
 
+def sent(eff: Effects) -> list[Command]:
+    """What an input sent: its commands, and a SETTLE handed to the settlement batch."""
+    return [*eff.commands, *([eff.settlement] if eff.settlement else [])]
+
+
 def only(p: Payment) -> Outstanding:
     assert len(p.outstanding) == 1, p.outstanding
     return next(iter(p.outstanding.values()))
@@ -145,7 +150,7 @@ class Run:
             self.finished_state = saga.state
         if eff.rejected or eff.replay or eff.conflict:
             assert not eff.commands and snapshot(p) == before, eff
-        for c in eff.commands:
+        for c in sent(eff):
             assert c.command_id == command_id(c.idempotency_key, c.attempt)
             assert c.command_id not in self.commands, f"command id reused: {c}"
             self.commands[c.command_id] = c
@@ -382,6 +387,10 @@ def act(run: Run, data: st.DataObject) -> str:
         cid,
         data.draw(st.integers(-1, p.amount_minor)),
     )
+    if orch._settled_late(p, service, out):  # the one answer that counts after the fact
+        q, eff = orch.on_outcome(p, service, out, run.clock)
+        assert q.status is PaymentStatus.SETTLED and not eff.commands
+        return "late settlement"
     with pytest.raises(Unmatched):
         orch.on_outcome(p, service, out, run.clock)
     assert snapshot(p) == before
@@ -426,7 +435,7 @@ def test_successful_services_complete_every_saga(
     p, now = payment(kind, mode, amount), T0
     eff = orch.start(p, kind, now)
     terminal: int
-    terminal, sent, capture = eff.terminal, list(eff.commands), None
+    terminal, out, capture = eff.terminal, list(eff.commands), None
     for _ in range(100):
         saga = p.saga
         assert saga is not None
@@ -443,14 +452,14 @@ def test_successful_services_complete_every_saga(
             else:
                 p, eff = answer(orch, p, o, attempt=data.draw(st.integers(1, o.attempt)), now=now)
         terminal += eff.terminal
-        sent += eff.commands
+        out += sent(eff)
         assert invariant_violations(p) == []
     assert p.saga is not None and p.saga.state == "COMPLETED" and terminal == 1
     expected_capture = capture if mode == "MANUAL" and capture is not None else amount
     assert (p.authorized_minor, p.captured_minor) == (amount, expected_capture)
     assert p.released_minor == amount - expected_capture
     steps = [s.name for s in SAGAS[kind].steps]
-    assert [c.step for c in sent if c.attempt == 1] == [*steps, "settle"]
+    assert [c.step for c in out if c.attempt == 1] == [*steps, "settle"]
     p, eff = answer(orch, p, by_action(p, "SETTLE"), now=now)
     assert p.status is S.SETTLED and not p.outstanding and not eff.terminal
 
@@ -646,8 +655,9 @@ def test_manual_partial_capture_releases_the_rest() -> None:
     p, eff = answer(orch, p, only(p))
     assert eff.terminal and p.saga is not None and p.saga.state == "COMPLETED"
     assert (p.captured_minor, p.released_minor) == (250, p.authorized_minor - 250)
-    assert [c.action for c in eff.commands] == ["SETTLE"]
-    assert eff.commands[0].amount_minor == 250
+    assert not eff.commands  # the SETTLE goes out with the merchant's batch
+    assert eff.settlement is not None and eff.settlement.action == "SETTLE"
+    assert eff.settlement.amount_minor == 250
 
 
 def test_capture_request_over_the_authorization_is_rejected() -> None:
@@ -886,3 +896,26 @@ def test_settlement_after_a_full_refund_is_accepted() -> None:
     # the record says "no answer to SETTLE ... outcome unknown" although answers came.
     p, _ = answer(orch, p, settle)
     assert not p.outstanding and invariant_violations(p) == []
+
+
+def test_a_settlement_the_gateway_reports_after_the_saga_gave_up_still_settles() -> None:
+    """The batch's SETTLE (attempt 1) can reach the gateway after the saga's own retries
+    ran out (its batch went out late): the gateway's SETTLED is a fact, and it settles the
+    payment; a SETTLED answering another payment's command is still refused."""
+    orch, p = completed(1000)
+    settle = by_action(p, "SETTLE")
+    first = settle.model_copy()
+    for _ in range(POLICY.retry_attempts - 1):
+        p, eff = answer(orch, p, by_action(p, "SETTLE"), success=False, retryable=True)
+    p, eff = answer(orch, p, by_action(p, "SETTLE"), success=False, retryable=True)
+    assert not p.outstanding and eff.review  # gave up: reviewed
+    assert p.status is S.CAPTURED
+    late = GatewayOutcome(kind="SETTLED", event_id="ev-late", occurred_at=T0 + 5_000,
+                          command_id=command_id(first.idempotency_key, 1),
+                          amount_minor=1000)  # fmt: skip
+    p, eff = orch.on_outcome(p, "payment", late, T0 + 5_000)
+    assert p.status is S.SETTLED and "after the saga stopped waiting" in eff.notes[0]
+    other = GatewayOutcome(kind="SETTLED", event_id="ev-x", occurred_at=T0, amount_minor=1000,
+                           command_id=command_id("pay-other:settle:post", 1))  # fmt: skip
+    with pytest.raises(Unmatched):
+        orch.on_outcome(p, "payment", other, T0)

@@ -151,7 +151,12 @@ def test_removing_an_enum_symbol() -> None:
 
 ENVELOPE = ["event_id", "occurred_at", "payment_id", "correlation_id", "causation_id"]
 #: Records keyed by something other than a payment: no full envelope.
-NO_ENVELOPE = {"BankStatementLine", "ReconciliationReport", "ReconciliationDiscrepancy"}
+NO_ENVELOPE = {
+    "BankStatementLine",
+    "ReconciliationReport",
+    "ReconciliationDiscrepancy",
+    "SettlementBatch",
+}
 _FORBIDDEN_FIELD = re.compile(r"(^|_)(pan|cvv|cvc|cvv2|card_number|cardnumber)($|_)")
 
 

@@ -68,3 +68,21 @@ def test_bench_runs_all_three_pipelines_and_the_restore(
     assert abs(sum(prof["stages"].values()) - 1) < 1e-9
     assert "worker CPU by stage" in table
     assert f"results: {path}" in done.stdout
+
+
+def test_bench_measures_reconciliation_s_open_captures(broker: LocalBroker, tmp_path: Path) -> None:
+    """`--recon-open N`: N captures written, a reconciliation-only worker commits every one
+    of them (and their re-keyed copies) into open windows; its memory and state reported."""
+    results = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "paysaga.streams.ops.cli", "bench", "--bootstrap", broker.bootstrap,
+         "--events", "0", "--keys", "0", "--saga-payments", "0", "--recon-open", "3000",
+         "--results-dir", str(results)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    [path] = list(results.glob("bench*.json"))
+    recon = json.loads(path.read_text())["recon"]
+    assert recon["captures"] == 3000 and recon["merchants"] == 1000
+    assert recon["captures_per_s"] > 0 and recon["peak_rss_mib"] > 0 and recon["state_mib"] > 0
+    assert "reconciliation state: 3,000 open captures of 1,000 merchants" in done.stdout

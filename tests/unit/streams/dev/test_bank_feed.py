@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from paysaga.schemas.events import BankStatementLine
 from paysaga.streams.dev.bank import FATES, BankConfig, bank_config, line_fate, statement_lines
 
 
@@ -65,3 +66,12 @@ def test_invalid_configs_are_refused() -> None:
         BankConfig(missing_rate=0.6, misstated_rate=0.6)
     with pytest.raises(ValueError):
         BankConfig(lag_ms=10, late_ms=5)
+
+
+def test_a_refund_is_a_debit_line_of_its_positive_amount() -> None:
+    config = bank_config(**{f"{f}_rate": 0.0 for f in FATES}, extra_rate=0.0)
+    refund = {**cap(1), "capture_id": "rev-1", "gateway_reference": "pay-1", "direction": "DEBIT"}
+    [(_, line)] = statement_lines(config, refund)[0]
+    assert (line["direction"], line["amount_minor"]) == ("DEBIT", refund["amount_minor"])
+    assert line["payment_reference"] == "pay-1"
+    assert BankStatementLine.model_validate(line).signed_minor == -refund["amount_minor"]
