@@ -1,12 +1,13 @@
 """The reconciliation agent: captures against bank lines, per merchant and currency window.
 
 Thin glue between the engine and `paysaga.domain.reconciliation` (docs/reconciliation.md):
-a capture, a refund or a bank line is decoded and validated (bad input: the DLQ), re-keyed by merchant
-when it arrived elsewhere (one hop, `paysaga.recon.repartition`), recorded in the `recon`
-table, matched by reference at once, and accounted in its window. A stream-time timer per
-window closes it: tier 2 over what is left, one report and one record per problem, in the
-transaction of the batch whose stream time reached the close. What arrives for a closed
-window is an adjustment: a new revision of its report with what it resolved and found.
+a capture, a refund or a bank line is decoded and validated (bad input: the DLQ), re-keyed
+by merchant when it arrived elsewhere (one hop, `paysaga.recon.repartition`), recorded in
+the `recon` table, matched by reference at once, and accounted in its window. A stream-time
+timer per window closes it: tier 2 over what is left, one report and one record per
+problem, in the transaction of the batch whose stream time reached the close. What arrives
+for a closed window is an adjustment: a new revision of its report with what it resolved
+and found. A second timer forgets a closed window after `recon_retention_ms`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from paysaga.tables.recon import (
 )
 
 CLOSE = "recon-close"
+PURGE = "recon-purge"
 REPORT = "ReconciliationReport"
 DISCREPANCY = "ReconciliationDiscrepancy"
 _MOVEMENT, _LINE = b"m", b"l"
@@ -103,6 +105,7 @@ class ReconAgent:
         )
         recon = agent(self.process)
         recon.timer(CLOSE, RECON, PunctuationType.STREAM_TIME)(self._close)
+        recon.timer(PURGE, RECON, PunctuationType.STREAM_TIME)(self._purge)
 
     # ---- per record ---------------------------------------------------------------------
     def decode(self, record: ConsumerRecord) -> tuple[str, Any]:
@@ -132,6 +135,10 @@ class ReconAgent:
         key = event.merchant_id.encode()
         if partition_for(key, self.partitions) != ctx.partition:
             forward(ctx, self.topics.recon_repartition, key, source)
+            return
+        if self.policy.expired(event.occurred_at, ctx.stream_time):
+            ctx.dead_letter("validation", "arrived after its reconciliation window's "
+                            "retention (recon_retention_ms): nothing left to adjust")  # fmt: skip
             return
         book = ReconBook(ctx.table(RECON))
         try:
@@ -172,8 +179,8 @@ class ReconAgent:
         for ref in refs:
             book.index(merchant, ref, m.movement_id)
         late = s.closed  # an adjustment of a window already reported
+        book.mark_open(wid, _MOVEMENT, m.movement_id, not late)
         if not late:
-            book.mark_open(wid, _MOVEMENT, m.movement_id, True)
             ctx.timers(CLOSE).set(wid, self.policy.closes_at(start))
         book.put_movement(entry)
         book.put_summary(wid, s)
@@ -244,6 +251,7 @@ class ReconAgent:
         book.put_line(LineEntry(line=line, merchant_id=merchant, currency=m.currency,
                                 window_start=target.window_start, state=category,
                                 movement_id=m.movement_id))  # fmt: skip
+        book.mark_open(wid, _LINE, line.line_key, False)  # the window's, for its purge
         if not s.closed:
             found = []  # reported with the rest at the close
         self._save(ctx, book, wid, s, found, resolved, at)
@@ -259,12 +267,12 @@ class ReconAgent:
         if line.reference is not None:
             book.wait(merchant, line.reference, line.line_key)
         found: list[Discrepancy] = []
+        book.mark_open(wid, _LINE, line.line_key, not s.closed)
         if s.closed:
             d = discrepancy(Category.MISSING_INTERNAL, merchant, line.currency, start, line=line)
             book.add_discrepancy(wid, d)
             found.append(d)
         else:
-            book.mark_open(wid, _LINE, line.line_key, True)
             ctx.timers(CLOSE).set(wid, self.policy.closes_at(start))
         self._save(ctx, book, wid, s, found, [], line.occurred_at)
 
@@ -285,8 +293,7 @@ class ReconAgent:
             gone = book.drop_discrepancy(wid, d.discrepancy_id)
             if gone is not None:
                 resolved.append(gone)
-        else:
-            book.mark_open(wid, _LINE, line.line_key, False)
+        book.leave(wid, _LINE, line.line_key)
         self._save(ctx, book, wid, s, [], resolved, at)
 
     def _save(self, ctx: ProcessorContext, book: ReconBook, wid: bytes, s: WindowSummary,
@@ -343,6 +350,14 @@ class ReconAgent:
         s.revision = 1
         self._report(ctx, book, wid, s, list(book.discrepancies(wid)), [], due)
         book.put_summary(wid, s)
+        ctx.timers(PURGE).set(wid, self.policy.purged_at(start))
+
+    def _purge(self, ctx: ProcessorContext, wid: bytes, due: int) -> None:
+        """The closed window's retention ended by stream time: forget its entries. What
+        arrives for it later is refused with that reason (`process`), never matched
+        against a window that no longer exists."""
+        merchant, _, _ = parse_scope_id(wid)
+        ReconBook(ctx.table(RECON)).purge(wid, merchant)
 
     def _report(self, ctx: ProcessorContext, book: ReconBook, wid: bytes, s: WindowSummary,
                 found: list[Discrepancy], resolved: list[Discrepancy],

@@ -47,14 +47,25 @@ class ReconPolicy:
     window_ms: int = HOUR_MS
     grace_ms: int = 2 * HOUR_MS
     tolerance_days: int = 1
+    #: How long a closed window's entries are kept for adjustments, after its close.
+    retention_ms: int = 7 * DAY_MS
 
     def __post_init__(self) -> None:
-        if self.window_ms <= 0 or self.grace_ms < 0 or self.tolerance_days < 0:
+        if (self.window_ms <= 0 or self.grace_ms < 0 or self.tolerance_days < 0
+                or self.retention_ms < 0):  # fmt: skip
             raise ValueError(f"invalid reconciliation policy {self}")
 
     def closes_at(self, start: int) -> int:
         """Stream time at which the window starting at `start` closes."""
         return start + self.window_ms + self.grace_ms
+
+    def purged_at(self, start: int) -> int:
+        """Stream time at which the closed window's entries are forgotten."""
+        return self.closes_at(start) + self.retention_ms
+
+    def expired(self, ts: int, stream_time: int) -> bool:
+        """Is the window of event time `ts` past its retention (nothing left to adjust)?"""
+        return self.purged_at(window_start(ts, self.window_ms)) <= stream_time
 
 
 class Category(StrEnum):

@@ -9,7 +9,9 @@ so the entries of one window are one contiguous range and a close reads only the
     R <merchant> <reference>                    -> [movement_id]   (gateway ref, payment id)
     P <merchant> <reference>                    -> [line_key]      (lines waiting for it)
     W <merchant> <currency> <start>             -> WindowSummary
-    O <merchant> <currency> <start> m|l <id>    -> b""             (unmatched, for the close)
+    O <merchant> <currency> <start> m|l <id>    -> b"" unmatched (for the close), b"a"
+                                                   accounted: every entry of the window,
+                                                   for its purge after the retention
     D <merchant> <currency> <start> <disc. id>  -> Discrepancy     (open problems)
 
 Every write goes through the batch's `TableTransaction`, so it reaches the changelog in the
@@ -27,6 +29,7 @@ from paysaga.tables.keyspace import SEP, check_part, key, scan
 from paysaga.tables.transaction import TableTransaction
 
 RECON = "recon"
+_OPEN, _ACCOUNTED = b"", b"a"
 
 
 class MovementEntry(BaseModel):
@@ -135,17 +138,56 @@ class ReconBook:
         self.t.delete(b"W" + SEP + wid)
 
     def mark_open(self, wid: bytes, side: bytes, entry_id: str, is_open: bool) -> None:
+        """Record an entry as the window's: unmatched (`is_open`, for the close) or
+        accounted (matched, or reported). Either way it is the window's, for its purge."""
         key = b"O" + SEP + wid + SEP + side + SEP + check_part(entry_id)
-        if is_open:
-            self.t.set(key, b"")
-        else:
-            self.t.delete(key)
+        self.t.set(key, _OPEN if is_open else _ACCOUNTED)
+
+    def leave(self, wid: bytes, side: bytes, entry_id: str) -> None:
+        """The entry is no longer the window's (a waiting line moved to its movement's)."""
+        self.t.delete(b"O" + SEP + wid + SEP + side + SEP + check_part(entry_id))
 
     def open_ids(self, wid: bytes, side: bytes) -> Iterator[str]:
         """Ids of the window's unmatched movements (side b"m") or lines (b"l"), in order."""
+        for entry_id, state in self._members(wid, side):
+            if state == _OPEN:
+                yield entry_id
+
+    def _members(self, wid: bytes, side: bytes) -> Iterator[tuple[str, bytes]]:
         prefix = b"O" + SEP + wid + SEP + side + SEP
-        for k, _ in self._scan(prefix):
-            yield k[len(prefix) :].decode()
+        for k, v in self._scan(prefix):
+            yield k[len(prefix) :].decode(), v
+
+    def purge(self, wid: bytes, merchant: str) -> int:
+        """Forget a closed window past its retention: its movements and lines with their
+        reference and waiting indexes, its problems and its summary. Returns the entries
+        forgotten."""
+        n = 0
+        for mid, _ in list(self._members(wid, b"m")):
+            e = self.movement(merchant, mid)
+            if e is not None:
+                for ref in {e.movement.reference, e.movement.payment_id}:
+                    ids = [i for i in self.named(merchant, ref) if i != mid]
+                    rkey = key(b"R", merchant, ref)
+                    if ids:
+                        self.t.set(rkey, "\n".join(ids).encode())
+                    else:
+                        self.t.delete(rkey)
+                self.t.delete(key(b"M", merchant, mid))
+            self.leave(wid, b"m", mid)
+            n += 1
+        for line_key, _ in list(self._members(wid, b"l")):
+            le = self.line(merchant, line_key)
+            if le is not None:
+                if le.line.reference is not None:
+                    self.unwait(merchant, le.line.reference, line_key)
+                self.t.delete(key(b"L", merchant, line_key))
+            self.leave(wid, b"l", line_key)
+            n += 1
+        for k, _ in list(self._scan(b"D" + SEP + wid + SEP)):
+            self.t.delete(k)
+        self.drop_summary(wid)
+        return n
 
     def add_discrepancy(self, wid: bytes, d: Discrepancy) -> None:
         self.t.set(self._disc_key(wid, d.discrepancy_id), d.model_dump_json().encode())

@@ -74,6 +74,10 @@ class Settings(BaseModel):
     recon_grace_ms: int = Field(
         2 * 3_600_000, ge=0, description="how late the bank may be before a window closes"
     )
+    recon_retention_ms: int = Field(
+        7 * 24 * 3_600_000, ge=0,
+        description="how long a closed reconciliation window is kept for late arrivals",
+    )  # fmt: skip
     recon_tolerance_days: int = Field(
         1, ge=0, description="value-date tolerance of matching by amount (tier 2)"
     )

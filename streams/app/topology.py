@@ -34,7 +34,8 @@ def load_topology(settings: Settings) -> Topology:
 
 def recon_policy(settings: Settings) -> ReconPolicy:
     return ReconPolicy(window_ms=settings.recon_window_ms, grace_ms=settings.recon_grace_ms,
-                       tolerance_days=settings.recon_tolerance_days)  # fmt: skip
+                       tolerance_days=settings.recon_tolerance_days,
+                       retention_ms=settings.recon_retention_ms)  # fmt: skip
 
 
 def paysaga_topology(settings: Settings) -> Topology:

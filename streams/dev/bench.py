@@ -21,11 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from aiokafka import AIOKafkaProducer
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
@@ -37,7 +36,13 @@ from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.dev.measure import peak_rss_mib, percentile
 from paysaga.streams.dev.recon_bench import recon_summary, run_recon_open
 from paysaga.streams.dev.saga_bench import SagaOptions, run_saga, saga_summary
-from paysaga.streams.dev.upstream import Progress, UpstreamConfig, produce, upstream_producer
+from paysaga.streams.dev.upstream import (
+    Progress,
+    UpstreamConfig,
+    bulk_produce,
+    produce,
+    upstream_producer,
+)
 from paysaga.streams.engine.partitioner import partition_for
 
 PIPELINES = ("baseline", "faust", "paysaga")
@@ -234,28 +239,16 @@ async def _restore(opts: BenchOptions, bootstrap: str, run: str, work: Path) -> 
     p = Pipeline("paysaga", bootstrap, f"{run}-restore.", work / "restore", opts.partitions)
     await create_topics(p.settings)
     topic = changelog_topic(p.settings, "payments")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
-                                max_batch_size=512 * 1024, acks=1)  # fmt: skip
-    await producer.start()
-    bar = Progress(opts.keys, "  changelog keys")
-    try:
-        pending = []
+
+    def records() -> Iterator[tuple[bytes, bytes, int]]:
         for i in range(opts.keys):
             key = f"pay_restore_{i:010d}".encode()
             record = {"payment_id": key.decode(), "amount_minor": 1000 + i, "currency": "EUR",
                       "status": "INITIATED", "version": 1, "merchant_id": f"m_{i % 50:03d}",
                       "history": []}  # fmt: skip
-            part = partition_for(key, opts.partitions)
-            value = json.dumps(record).encode()
-            pending.append(await producer.send(topic, value, key=key, partition=part))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-                bar.update(i + 1)
-        await asyncio.gather(*pending)
-        bar.close(opts.keys)
-    finally:
-        await producer.stop()
+            yield key, json.dumps(record).encode(), partition_for(key, opts.partitions)
+
+    await bulk_produce(bootstrap, topic, records(), opts.keys, "  changelog keys")
 
     async def ready(timeout: float) -> tuple[float, dict]:
         import urllib.request

@@ -16,10 +16,9 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from aiokafka import AIOKafkaProducer
 
 from paysaga.agents.reconciliation import ReconAgent
 from paysaga.schemas.codec import AvroCodec
@@ -29,7 +28,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.app.topology import recon_policy
 from paysaga.streams.dev.measure import peak_rss_mib
-from paysaga.streams.dev.upstream import Progress
+from paysaga.streams.dev.upstream import Progress, bulk_produce
 from paysaga.streams.engine import Topology
 from paysaga.streams.engine.partitioner import partition_for
 
@@ -62,27 +61,17 @@ async def _produce(bootstrap: str, topic: str, n: int, partitions: int, codec: A
                    at: int) -> int:  # fmt: skip
     """Write the captures; returns how many inputs the worker will commit (each capture,
     and its re-keyed copy when its merchant lives on another partition)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
-                                max_batch_size=512 * 1024, acks=1)  # fmt: skip
-    await producer.start()
-    bar = Progress(n, "  open captures")
     inputs = 0
-    try:
-        pending = []
+
+    def records() -> Iterator[tuple[bytes, bytes, int]]:
+        nonlocal inputs
         for i in range(n):
             key, merchant, rec = _capture(i, at)
             part = partition_for(key, partitions)
             inputs += 1 + (partition_for(merchant.encode(), partitions) != part)
-            value = codec.encode("PaymentCaptured", rec)
-            pending.append(await producer.send(topic, value, key=key, partition=part))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-                bar.update(i + 1)
-        await asyncio.gather(*pending)
-        bar.close(n)
-    finally:
-        await producer.stop()
+            yield key, codec.encode("PaymentCaptured", rec), part
+
+    await bulk_produce(bootstrap, topic, records(), n, "  open captures")
     return inputs
 
 
@@ -116,11 +105,13 @@ async def run_recon_open(n: int, bootstrap: str, run: str, work: Path, partition
     bar = Progress(expected, "  reconciliation inputs")
     p.start()
     began = time.monotonic()
+    done = 0
     try:
         while True:
-            body = _stats(p.settings.web_port)
-            done = int(body["stats"].get("records", 0)) if body else 0
-            bar.update(done)
+            body = _stats(p.settings.web_port)  # None while busy or not ready: keep the last
+            if body is not None:
+                done = int(body["stats"].get("records", 0))
+                bar.update(done)
             if done >= expected:
                 break
             if p.proc is not None and p.proc.poll() is not None:

@@ -20,11 +20,14 @@ import pytest
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import create_topics
 from paysaga.streams.dev.bank import BankConfig, line_fate, run_bank, statement_lines
+from paysaga.streams.engine.deadletter import H_KIND, H_REASON, parse_headers
 from paysaga.streams.ops import cli
 from tests.recon_support import ReconWorld
 from tests.support import WorkerProcess, isolated_settings, wait_for
 
 WINDOW_MS, GRACE_MS = 4_000, 6_000
+#: Closed windows are kept this long for adjustments (the late lines here come within it).
+RETENTION_MS = 15_000
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReconWor
     tmp: Path = tmp_path_factory.mktemp("recon")
     settings = isolated_settings(broker.bootstrap, tmp / "state", "recon",
                                  recon_window_ms=WINDOW_MS, recon_grace_ms=GRACE_MS,
-                                 idle_ms=1_000)  # fmt: skip
+                                 recon_retention_ms=RETENTION_MS, idle_ms=1_000)  # fmt: skip
     asyncio.run(create_topics(settings))
     worker = WorkerProcess(settings, tmp / "worker.log").start()
     yield ReconWorld(settings)
@@ -225,3 +228,30 @@ def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(
     resolved = [d for d in world.discrepancies(m) if d["status"] == "RESOLVED"]
     assert len(resolved) == late  # each late line resolved its MISSING_IN_BANK
     assert stats["captures"] >= 301  # and the captures of the module's other tests
+
+
+def test_a_window_past_its_retention_is_forgotten_and_a_later_capture_for_it_refused(
+    world: ReconWorld,
+) -> None:
+    """Stream time passes the window's close plus the retention while the wall clock moves
+    on (the idle policy): a capture for it then is a dead letter with the reason, and the
+    window is never reported again."""
+    m, w = merchant(), world.next_window()
+    world.capture(m, f"{m}-1", 1500, at=w + 5)
+    world.flush()
+    wait_for(lambda: world.reports(m), timeout=60, what="the window's report")
+    forgotten = w + WINDOW_MS + GRACE_MS + RETENTION_MS
+    # The other merchants' traffic and the idle ticks move stream time past it.
+    wait_for(lambda: time.time() * 1000 > forgotten + 3_000, timeout=90, what="the retention")
+
+    def refused() -> list[dict[str, str]]:
+        records = asyncio.run(read_all(world.settings.bootstrap, world.t.dlq))
+        letters = [parse_headers(list(r.headers)) for r in records
+                   if r.key in (m.encode(), f"pay-{m}-2".encode())]  # fmt: skip
+        return [h for h in letters if "retention" in h.get(H_REASON, "")]
+
+    world.capture(m, f"{m}-2", 900, at=w + 50)  # for the forgotten window
+    world.flush()
+    [letter] = wait_for(refused, timeout=60, what="the late capture refused")
+    assert letter[H_KIND] == "validation"
+    assert [r["revision"] for r in world.reports(m)] == [1]

@@ -18,8 +18,10 @@ from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import Topology
-from paysaga.streams.engine.deadletter import H_KIND
+from paysaga.streams.engine.deadletter import H_KIND, H_REASON
 from paysaga.streams.engine.driver import TopologyTestDriver
+from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.recon import RECON
 
 CODEC = AvroCodec(SchemaRegistry())
 T0 = 1_790_002_800_000 - 1_790_002_800_000 % HOUR_MS  # a window start
@@ -269,3 +271,34 @@ def test_an_unmatched_refund_is_missing_in_bank_and_one_without_merchant_is_a_de
     close_first_window(driver)
     (p,) = problems(driver)
     assert (p["kind"], p["internal_minor"], p["movement_id"]) == ("MISSING_IN_BANK", -400, "rev-1")
+
+
+def test_a_closed_window_is_forgotten_after_its_retention_and_later_arrivals_refused(
+    tmp_path: Path,
+) -> None:
+    topology = Topology(serializer=CODEC.encode)
+    policy = ReconPolicy(window_ms=HOUR_MS, grace_ms=HOUR_MS, retention_ms=2 * HOUR_MS)
+    ReconAgent(CODEC, NAMES, 3, policy).add_to(topology)
+    d = TopologyTestDriver(topology, tmp_path, partitions=3, dlq_topic=NAMES.dlq, wall_ms=T0)
+    try:
+        capture(d, 1)
+        capture(d, 2, amount=2000)
+        bank(d, 1, "gw-1")
+        bank(d, 3, "gw-9", amount=77)  # waits for a capture that never comes
+        close_first_window(d)  # stream time T0 + 2 h: closed, not yet forgotten
+        assert len(reports(d)) == 1 and len(problems(d)) == 2
+        part = partition_for(b"m1", 3)
+        day0 = [k for k in d.table(RECON, part) if b"m1" in k and not k.startswith(b"\x01")]
+        assert day0  # kept for adjustments
+        bank(d, 100, None, amount=5, at=T0 + 4 * HOUR_MS)  # past close + retention
+        left = {k for k in d.table(RECON, part) if not k.startswith(b"\x01")}
+        first = str(T0).zfill(15).encode()
+        assert not [k for k in left if first in k or k.startswith((b"M\x00", b"R\x00m1\x00gw"))]
+        assert not [k for k in left if k.startswith(b"P\x00") and b"gw-9" in k]
+        capture(d, 7, at=T0 + 60_000)  # for the forgotten window
+        dead = d.outputs(NAMES.dlq)
+        assert len(dead) == 1 and b"retention" in (dead[0].header(H_REASON) or b"")
+        # The forgotten window: reported once, never revised or reopened.
+        assert [r["revision"] for r in reports(d) if r["window_start"] == T0] == [1]
+    finally:
+        d.close()
