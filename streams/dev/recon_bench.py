@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,12 +77,19 @@ async def _produce(bootstrap: str, topic: str, n: int, partitions: int, codec: A
 
 
 def _stats(port: int) -> dict[str, Any] | None:
+    """The worker's /ready/ body; its counters come with a 503 too (a rebalance)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready/", timeout=1) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-            return body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready/", timeout=5) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
     except OSError:
         return None
+    try:
+        body: dict[str, Any] = json.loads(raw)
+    except ValueError:
+        return None
+    return body if "stats" in body else None
 
 
 def _du_mib(path: Path) -> float:
