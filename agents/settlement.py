@@ -16,7 +16,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from paysaga.domain.settlement import Member, SettlementPolicy, batch_id
+from paysaga.domain.settlement import LagStats, Member, SettlementPolicy, batch_id
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
@@ -98,15 +98,10 @@ class SettlementAgent:
         if summary.submitted or summary.member_count == 0:
             return
         entries = list(book.entries(bid))
-        lag = book.lag(merchant)
-        members, total, lag_max, lag_total = [], 0, 0, 0
+        waits = LagStats()
         for e in entries:
-            m = e.member
-            wait = max(0, due - m.ready_at)
-            lag.add(wait)
-            lag_max, lag_total = max(lag_max, wait), lag_total + wait
-            total += m.amount_minor
-            members.append(m.model_dump())
+            waits.add(due - e.member.ready_at)
+        total = sum(e.member.amount_minor for e in entries)
         if total != summary.total_minor or len(entries) != summary.member_count:
             raise RuntimeError(  # the table disagrees with itself: stop, do not submit
                 f"settlement batch {merchant}/{currency}/{start}: members sum to {total} "
@@ -118,8 +113,9 @@ class SettlementAgent:
             "batch_id": batch_id(merchant, currency, start), "merchant_id": merchant,
             "currency": currency, "batch_start": start,
             "batch_end": start + self.policy.batch_ms, "submitted_at": due,
-            "member_count": len(entries), "total_minor": total, "members": members,
-            "lag_max_ms": lag_max, "lag_total_ms": lag_total,
+            "member_count": len(entries), "total_minor": total,
+            "members": [e.member.model_dump() for e in entries],
+            "lag_max_ms": waits.max_ms, "lag_total_ms": waits.total_ms,
         }  # fmt: skip
         ctx.emit(self.topics.settlement_batches, BATCH, record, key=key, timestamp=due)
         for e in entries:
@@ -127,7 +123,7 @@ class SettlementAgent:
                      key=e.member.payment_id.encode(), timestamp=due)  # fmt: skip
         summary.submitted = True
         book.put_summary(bid, summary)
-        book.put_lag(merchant, lag)
+        book.put_lag(merchant, book.lag(merchant).merged(waits))
         ctx.timers(PURGE).set(bid, due + self.policy.retention_ms)
 
     def _purge(self, ctx: ProcessorContext, bid: bytes, due: int) -> None:

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict
 
 from paysaga.domain.payment import derived_id
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
+from paysaga.domain.reconciliation import DAY_MS, HOUR_MS
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,11 @@ class LagStats(BaseModel):
         self.total_ms += lag_ms
         self.max_ms = max(self.max_ms, lag_ms)
 
-    @property
-    def mean_ms(self) -> int:
-        return self.total_ms // self.count if self.count else 0
+    def merged(self, other: LagStats) -> LagStats:
+        """These waits and `other`'s together (a merchant's, after one more batch)."""
+        return LagStats(count=self.count + other.count, total_ms=self.total_ms + other.total_ms,
+                        max_ms=max(self.max_ms, other.max_ms))  # fmt: skip
+
 
 
 __all__ = ["DAY_MS", "LagStats", "Member", "SettlementPolicy", "batch_id"]
