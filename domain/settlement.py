@@ -91,5 +91,4 @@ class LagStats(BaseModel):
                         max_ms=max(self.max_ms, other.max_ms))  # fmt: skip
 
 
-
 __all__ = ["DAY_MS", "LagStats", "Member", "SettlementPolicy", "batch_id"]
