@@ -91,6 +91,11 @@ class Topics:
         self.commands = prefix + "payment.commands"
         self.status = prefix + "payment.status"
         self.dlq = prefix + "payment.dlq"
+        #: Dead letters `paysaga dlq redrive` refused to redrive again (docs/dlq.md#quarantine).
+        self.dlq_quarantine = prefix + "payment.dlq.quarantine"
+        #: The redrive ledger: one record per DLQ partition:offset redriven or quarantined,
+        #: written in the redrive's transaction (internal, compacted; docs/dlq.md#the-ledger).
+        self.dlq_redrives = prefix + "paysaga.dlq.redrives"
         self.inventory_commands = prefix + "inventory.commands"
         self.shipping_commands = prefix + "shipping.commands"
         self.recon_reports = prefix + "reconciliation.reports"
@@ -169,6 +174,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             for level in RETRY_LEVELS
         ),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
+        TopicSpec(
+            t.dlq_quarantine,
+            "dead letters past the redrive cap, with their headers",
+            key="as on payment.dlq",
+            retention_ms=settings.dlq_retention_ms,
+        ),
+        TopicSpec(
+            t.dlq_redrives,
+            "redrive ledger (JSON: redriven or quarantined)",
+            key="<dlq partition>:<dlq offset>",
+            cleanup_policy="compact",
+            partitions=1,
+        ),
         TopicSpec(
             t.stream_time,
             "stream-time ticks of idle partitions (idle policy)",

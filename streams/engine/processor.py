@@ -290,18 +290,34 @@ class ProcessorContext:
         out = (topic, key, value, headers, self.index, ts if ts >= 0 else None, partition)
         self._outputs.append(out)
 
-    def dead_letter(self, kind: str, reason: str, attempts: int = 1) -> None:
-        """Send the current input's original bytes to the dead-letter topic, with why."""
+    def dead_letter(
+        self, kind: str, reason: str, attempts: int = 1, error_class: str | None = None
+    ) -> None:
+        """Send the current input's original key, bytes and headers to the dead-letter
+        topic, with why (docs/dlq.md#headers). `error_class` (`transient`, `unknown`,
+        `permanent`) says whether a redrive may succeed; None derives it from `kind`."""
         r = self.record
         if r is None:
             raise RuntimeError("dead_letter needs an input record (use review in a timer)")
         letter = DeadLetter(kind, self._runtime.redact(reason), r.topic, r.partition, r.offset,
-                            attempts)  # fmt: skip
+                            attempts, error_class, tuple(r.headers or ()))  # fmt: skip
         self.send(self._runtime.dlq_topic, r.key, r.value, letter.headers())
 
-    def review(self, kind: str, reason: str, key: bytes, value: bytes, source: str) -> None:
-        """A dead-letter record for manual review that no single input caused (a timer's)."""
-        letter = DeadLetter(kind, self._runtime.redact(reason), source, self.partition, -1, 1)
+    def review(
+        self,
+        kind: str,
+        reason: str,
+        key: bytes,
+        value: bytes,
+        source: str,
+        error_class: str | None = None,
+    ) -> None:
+        """A dead-letter record for manual review that no single input caused (a timer's).
+
+        Its offset is -1: there is no input to re-inject, so `paysaga dlq redrive` leaves it
+        to a human."""
+        letter = DeadLetter(kind, self._runtime.redact(reason), source, self.partition, -1, 1,
+                            error_class)  # fmt: skip
         self.send(self._runtime.dlq_topic, key, value, letter.headers())
 
 

@@ -24,7 +24,7 @@ def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_topics_create_twice_is_idempotent(settings: Settings) -> None:
-    n = len(topic_specs(settings))  # 29: payment topics, internal topics, changelogs
+    n = len(topic_specs(settings))  # 34: payment topics, internal topics, changelogs
     first = paysaga(settings, "topics", "create")
     assert first.returncode == 0, first.stderr
     assert f"{n} topics: {n} created, 0 existed" in first.stdout
