@@ -196,9 +196,46 @@ def _dlq(args: argparse.Namespace) -> int:
     from paysaga.streams.ops.inspection import dlq_list, dlq_show
 
     settings = _settings(args)
+    if args.action == "redrive":
+        return _redrive(args, settings)
     if args.action == "list":
         return asyncio.run(dlq_list(settings, limit=args.limit))
     return asyncio.run(dlq_show(settings, args.ref))
+
+
+def _many(values: list[str] | None) -> frozenset[str]:
+    """A repeatable option's values, each also a comma list."""
+    return frozenset(v.strip() for value in values or () for v in value.split(",") if v.strip())
+
+
+def _redrive(args: argparse.Namespace, settings: Settings) -> int:
+    from aiokafka.errors import KafkaError
+
+    from paysaga.streams.ops.redrive import Filters, Options, parse_offsets, parse_time, run_redrive
+
+    if args.ref:
+        print("error: dlq redrive takes no PARTITION:OFFSET (use --offsets)", file=sys.stderr)
+        return 2
+    try:
+        filters = Filters(
+            kinds=_many(args.kind), error_classes=_many(args.error_class),
+            source_topics=_many(args.source_topic),
+            since=None if args.since is None else parse_time(args.since),
+            until=None if args.until is None else parse_time(args.until),
+            offsets=tuple(parse_offsets(o) for o in _many(args.offsets)),
+        )  # fmt: skip
+        if args.max_redrives < 0 or args.rate < 0 or args.batch < 1:
+            raise ValueError("--max-redrives and --rate must be >= 0, --batch >= 1")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = Options(filters=filters, max_redrives=args.max_redrives, rate=args.rate,
+                      batch=args.batch, dry_run=args.dry_run)  # fmt: skip
+    try:
+        return asyncio.run(run_redrive(settings, options))
+    except (KafkaError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _recon(args: argparse.Namespace) -> int:
@@ -325,11 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("payment_id")
     _settings_opts(p, "web_host", "web_port", "web_token")
 
-    p = cmd("dlq", _dlq, "inspect the dead-letter queue")
-    p.add_argument("action", choices=("list", "show"))
+    p = cmd("dlq", _dlq, "inspect the dead-letter queue, redrive its letters")
+    p.add_argument("action", choices=("list", "show", "redrive"))
     p.add_argument("ref", nargs="?", help="PARTITION:OFFSET for show")
     _env_opt(p, "--limit", "PAYSAGA_DLQ_LIMIT", 50, int, help="rows to list")
     _settings_opts(p, "bootstrap", "topic_prefix")
+    r = p.add_argument_group("redrive (docs/dlq.md); filters repeat, or take comma lists")
+    r.add_argument("--kind", action="append", help="only letters of this error kind")
+    r.add_argument("--error-class", action="append",
+                   help="only this class: transient, unknown, permanent")  # fmt: skip
+    r.add_argument("--since", help="last failure at or after (epoch ms or ISO 8601, UTC)")
+    r.add_argument("--until", help="last failure before (epoch ms or ISO 8601, UTC)")
+    r.add_argument("--source-topic", action="append", help="only letters from this topic")
+    r.add_argument("--offsets", action="append", metavar="P:FROM-TO",
+                   help="only these DLQ offsets (inclusive; P:FROM- to the end)")  # fmt: skip
+    _env_opt(p, "--max-redrives", "PAYSAGA_REDRIVE_MAX_REDRIVES", 3, int,
+             help="redrive: a letter redriven this many times is quarantined")  # fmt: skip
+    _env_opt(p, "--rate", "PAYSAGA_REDRIVE_RATE", 100.0, float,
+             help="redrive: letters/s, 0 = no limit")  # fmt: skip
+    _env_opt(p, "--batch", "PAYSAGA_REDRIVE_BATCH", 50, int,
+             help="redrive: letters per transaction at most")  # fmt: skip
+    r.add_argument("--dry-run", action="store_true", help="print what would be done, send nothing")
 
     p = cmd("recon", _recon, "reconciliation windows, from the committed report topics")
     p.add_argument("action", choices=("list", "show"))

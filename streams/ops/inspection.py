@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import TextIO
 
 from paysaga.schemas.codec import AvroCodec, DecodeError
@@ -14,13 +15,33 @@ from paysaga.streams.app.kafka_io import iter_records, read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine.deadletter import (
+    H_ERROR_CLASS,
+    H_FAILED_AT,
+    H_FIRST_FAILED_AT,
     H_KIND,
+    H_LAST_FAILED_AT,
     H_OFFSET,
+    H_ORIGIN_FIRST_FAILED_AT,
     H_PARTITION,
     H_REASON,
+    H_REDRIVE_COUNT,
     H_TOPIC,
+    ORIGINAL_PREFIX,
+    default_error_class,
     parse_headers,
 )
+
+#: Headers holding epoch millis: `dlq show` adds the time in UTC.
+_TIMES = (H_FIRST_FAILED_AT, H_LAST_FAILED_AT, H_FAILED_AT, H_ORIGIN_FIRST_FAILED_AT)
+
+
+def utc(ms: str | int | None) -> str:
+    """Epoch millis as an ISO 8601 UTC time (`?` when absent or unreadable)."""
+    try:
+        at = datetime.fromtimestamp(int(ms or "") / 1000, UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
 
 
 async def dlq_list(settings: Settings, limit: int = 50) -> int:
@@ -29,14 +50,20 @@ async def dlq_list(settings: Settings, limit: int = 50) -> int:
     print(f"{len(records)} dead letters: " + ", ".join(f"{k}={n}" for k, n in kinds.items()))
     for r in records[-limit:]:
         h = parse_headers(r.headers)
+        kind = h.get(H_KIND, "?")
+        klass = h.get(H_ERROR_CLASS) or default_error_class(kind)
+        last = utc(h.get(H_LAST_FAILED_AT) or h.get(H_FAILED_AT))
         print(
-            f"{r.partition}:{r.offset}  {h.get(H_KIND, '?'):<10} from "
+            f"{r.partition}:{r.offset}  {kind:<10} {klass:<9} {last}  "
+            f"redrives={h.get(H_REDRIVE_COUNT, '0')} from "
             f"{h.get(H_TOPIC)}[{h.get(H_PARTITION)}]@{h.get(H_OFFSET)}  {h.get(H_REASON)}"
         )
     return 0
 
 
 async def dlq_show(settings: Settings, ref: str) -> int:
+    """One letter's headers (times also in UTC). The payload and the input's own header
+    values are never printed, only their sizes: they are the upstream's bytes."""
     try:
         part, offset = (int(x) for x in ref.split(":"))
     except ValueError:
@@ -44,8 +71,19 @@ async def dlq_show(settings: Settings, ref: str) -> int:
         return 2
     for r in await read_all(settings.bootstrap, Topics(settings.topic_prefix).dlq):
         if (r.partition, r.offset) == (part, offset):
-            for k, v in parse_headers(r.headers).items():
-                print(f"{k}: {v}")
+            h = parse_headers(r.headers)
+            kind = h.get(H_KIND, "?")
+            if H_ERROR_CLASS not in h:
+                print(f"{H_ERROR_CLASS}: {default_error_class(kind)} (by kind)")
+            for k, v in r.headers or ():
+                if k.startswith(ORIGINAL_PREFIX):
+                    print(f"{k}: {len(v)} bytes (original header, not printed)")
+                elif k in _TIMES:
+                    print(f"{k}: {v.decode('utf-8', 'replace')} ({utc(h[k])})")
+                else:
+                    print(f"{k}: {v.decode('utf-8', 'replace')}")
+            if H_REDRIVE_COUNT not in h:
+                print(f"{H_REDRIVE_COUNT}: 0 (never redriven)")
             size = len(r.value or b"")
             print(f"key: {r.key!r}\nvalue: {size} bytes (original payload, not printed)")
             return 0
