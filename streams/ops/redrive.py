@@ -356,7 +356,7 @@ def render_plan(steps: Sequence[Step], out: TextIO) -> None:
     """What a run would do (`--dry-run`): totals per action, then by kind and source topic."""
     totals = Counter(s.action for s in steps)
     print(f"dry run: {len(steps)} dead letters, nothing sent", file=out)
-    print("  " + ", ".join(f"{a.value} {totals[a]}" for a in _ORDER), file=out)
+    print("  would be: " + ", ".join(f"{a.value} {totals[a]}" for a in _ORDER), file=out)
     for (action, kind, topic), n in sorted(by_kind_and_topic(steps).items()):
         if action is not Action.FILTERED:
             print(f"  {action.value:<24} {kind:<12} {topic or '?':<40} {n}", file=out)
