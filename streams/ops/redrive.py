@@ -510,7 +510,7 @@ class Sender:
             if first < len(steps):
                 await self._commit(futures, steps[first:], outcome)
         except Exception as exc:
-            await self._abandon(exc, steps[first:], outcome)
+            await self._abandon(exc, steps[first:], outcome, futures)
 
     async def _send(self, step: Step) -> list[asyncio.Future[Any]]:
         letter, at = step.letter, now_ms()
@@ -537,19 +537,40 @@ class Sender:
             outcome.add(s.action.value, s.letter.kind)
         self.progress.advance(len(steps))
 
-    async def _abandon(self, exc: Exception, unsent: Sequence[Step], outcome: Outcome) -> None:
+    async def _abandon(
+        self, exc: Exception, unsent: Sequence[Step], outcome: Outcome,
+        futures: list[asyncio.Future[Any]],
+    ) -> None:  # fmt: skip
         """Stop at the first failure: what was not committed counts as failed, and a rerun
         sends it (the ledger does not name it)."""
+        for fut in futures:  # their errors are this one: retrieve them, say it once
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         for s in unsent:
             outcome.add(FAILED, s.letter.kind)
-        if isinstance(exc, FENCED_ERRORS):
+        cause = fatal_cause(self.producer, exc)
+        if isinstance(cause, FENCED_ERRORS):
             outcome.error = "another redrive of this DLQ took over (fenced); nothing more sent"
             return
-        outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.error = f"{type(cause).__name__}: {cause}"
         # An abort that fails too is harmless: the transaction times out and aborts, and
         # the next run's InitProducerId ends it at once.
         with contextlib.suppress(Exception):
             await self.producer.abort_transaction()
+
+
+def fatal_cause(producer: AIOKafkaProducer, exc: Exception) -> BaseException:
+    """The error that broke the producer, when `exc` is only its consequence.
+
+    Fenced while a send is being prepared, aiokafka's transaction manager turns fatal and
+    the next send raises IllegalOperation ("not in transaction"); the fencing itself is
+    only kept on the manager's transaction waiter (no public accessor)."""
+    manager = getattr(producer, "_txn_manager", None)
+    if isinstance(exc, FENCED_ERRORS) or manager is None or not manager.is_fatal_error():
+        return exc
+    waiter = manager.wait_for_transaction_end()
+    if waiter.done() and not waiter.cancelled() and waiter.exception() is not None:
+        return waiter.exception()
+    return exc
 
 
 async def partition_counts(bootstrap: str, names: Iterable[str]) -> dict[str, int]:
