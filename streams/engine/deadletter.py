@@ -88,6 +88,8 @@ class DeadLetter:
     input_headers: tuple[tuple[str, bytes], ...] = ()
     #: When it failed (epoch ms); the last failure of this letter.
     failed_at: int = field(default_factory=now_ms)
+    #: An earlier failure of this same input, if any (a poison record's first attempt).
+    earlier_failure: int | None = None
 
     def __post_init__(self) -> None:
         if self.error_class is not None and self.error_class not in ERROR_CLASSES:
@@ -99,14 +101,17 @@ class DeadLetter:
 
     @property
     def first_failed_at(self) -> int:
-        """The first failure ever: the one a redriven input carries, else this one."""
+        """The first failure ever: the one a redriven input carries, else the earliest of
+        this input's own."""
+        first = self.failed_at if self.earlier_failure is None else min(
+            self.failed_at, self.earlier_failure)  # fmt: skip
         for name, value in self.input_headers:
             if name == H_ORIGIN_FIRST_FAILED_AT:
                 try:
-                    return min(int(value), self.failed_at)
+                    return min(int(value), first)
                 except ValueError:
-                    break  # a mangled header: this failure is the first one we know of
-        return self.failed_at
+                    break  # a mangled header: this input's failures are all we know of
+        return first
 
     def headers(self) -> list[tuple[str, bytes]]:
         reason = self.reason[:MAX_REASON]

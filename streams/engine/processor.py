@@ -291,16 +291,24 @@ class ProcessorContext:
         self._outputs.append(out)
 
     def dead_letter(
-        self, kind: str, reason: str, attempts: int = 1, error_class: str | None = None
+        self,
+        kind: str,
+        reason: str,
+        attempts: int = 1,
+        error_class: str | None = None,
+        *,
+        first_failed_at: int | None = None,
     ) -> None:
         """Send the current input's original key, bytes and headers to the dead-letter
         topic, with why (docs/dlq.md#headers). `error_class` (`transient`, `unknown`,
-        `permanent`) says whether a redrive may succeed; None derives it from `kind`."""
+        `permanent`) says whether a redrive may succeed; None derives it from `kind`.
+        `first_failed_at`: an earlier failure of this input (the engine's poison records)."""
         r = self.record
         if r is None:
             raise RuntimeError("dead_letter needs an input record (use review in a timer)")
         letter = DeadLetter(kind, self._runtime.redact(reason), r.topic, r.partition, r.offset,
-                            attempts, error_class, tuple(r.headers or ()))  # fmt: skip
+                            attempts, error_class, tuple(r.headers or ()),
+                            self._runtime.wall_clock_ms(), first_failed_at)  # fmt: skip
         self.send(self._runtime.dlq_topic, r.key, r.value, letter.headers())
 
     def review(
@@ -317,7 +325,7 @@ class ProcessorContext:
         Its offset is -1: there is no input to re-inject, so `paysaga dlq redrive` leaves it
         to a human."""
         letter = DeadLetter(kind, self._runtime.redact(reason), source, self.partition, -1, 1,
-                            error_class)  # fmt: skip
+                            error_class, failed_at=self._runtime.wall_clock_ms())  # fmt: skip
         self.send(self._runtime.dlq_topic, key, value, letter.headers())
 
 

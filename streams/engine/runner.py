@@ -242,7 +242,8 @@ class TaskRunner:
                         return False
                     r = records[next(iter(culprits))]
                     reason = f"output refused by the broker: {type(exc).__name__}"
-                    task.poison[(r.topic, r.partition, r.offset)] = ("poison", reason)
+                    at = self.clock.wall_ms()
+                    task.poison[(r.topic, r.partition, r.offset)] = ("poison", reason, at)
                     continue
                 # Kafka is failing us: accept no further work for this task (readiness goes
                 # false), back off and process the same batch again from committed state.
@@ -283,7 +284,8 @@ class TaskRunner:
                     mark = poison.get((record.topic, record.partition, record.offset))
                     if mark is not None:
                         ctx._agent = None
-                        ctx.dead_letter(mark[0], mark[1], attempts=2)
+                        ctx.dead_letter(mark[0], mark[1], attempts=2,
+                                        first_failed_at=mark[2])  # fmt: skip
                         stats["dead_letters"] += 1
                         continue
                 agents = routes.get(record.topic)
@@ -318,7 +320,8 @@ class TaskRunner:
             reason = self.state.config.redact(f"{who} raised {type(exc).__name__}: {exc}")[:500]
             log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
                       record.offset, reason)  # fmt: skip
-            poison[(record.topic, record.partition, record.offset)] = ("poison", reason)
+            at = self.clock.wall_ms()
+            poison[(record.topic, record.partition, record.offset)] = ("poison", reason, at)
             stats["aborts"] += 1
             return None
         if real_input:

@@ -45,7 +45,8 @@ class Task:
     #: None only in the test driver, which commits without Kafka.
     producer: AIOKafkaProducer | None
     stores: dict[str, PartitionStore]
-    poison: dict[tuple[str, int, int], tuple[str, str]] = field(default_factory=dict)
+    #: (topic, partition, offset) -> (kind, reason, wall-clock ms of the failure).
+    poison: dict[tuple[str, int, int], tuple[str, str, int]] = field(default_factory=dict)
     #: Next offset to process per input partition: the committed offset at assignment,
     #: then advanced by every commit. Records below it were already committed here (a
     #: fetch made before a seek can deliver them again) and are never processed twice.

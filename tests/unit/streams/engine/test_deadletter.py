@@ -155,3 +155,28 @@ def test_a_review_record_takes_an_error_class_too(tmp_path: Path) -> None:
         assert {h[H_OFFSET] for h in letters} == {"-1"}
     finally:
         driver.close()
+
+
+def test_a_letter_with_an_earlier_failure_of_its_input_starts_there() -> None:
+    letter = DeadLetter("poison", "r", "t", 0, 0, 2, failed_at=900, earlier_failure=500)
+    h = parse_headers(letter.headers())
+    assert (h[H_FIRST_FAILED_AT], h[H_LAST_FAILED_AT], h[H_ATTEMPTS]) == ("500", "900", "2")
+
+
+def test_a_poison_record_is_dead_lettered_with_its_first_attempts_time(tmp_path: Path) -> None:
+    topology = Topology()
+
+    @topology.agent("fragile", sources=["in"])
+    def fragile(ctx: ProcessorContext, record: ConsumerRecord) -> None:
+        raise RuntimeError("bug")
+
+    driver = TopologyTestDriver(topology, tmp_path / "d", wall_ms=1_234)
+    try:
+        out = driver.pipe("in", b"x", key=b"k", headers=[("trace", b"y")])
+        [letter] = [o for o in out if o.topic == "dlq"]
+        h = parse_headers(letter.headers)
+        assert (h[H_KIND], h[H_ATTEMPTS], h[H_ERROR_CLASS]) == ("poison", "2", "permanent")
+        assert h[H_FIRST_FAILED_AT] == h[H_LAST_FAILED_AT] == "1234"  # the driver's clock
+        assert original_headers(letter.headers) == [("trace", b"y")]
+    finally:
+        driver.close()
