@@ -381,7 +381,8 @@ class Outcome:
     def failed(self) -> int:
         return sum(n for (label, _), n in self.done.items() if label == FAILED)
 
-    def render(self, out: TextIO) -> None:
+    def render(self, out: TextIO, err: TextIO | None = None) -> None:
+        """The summary on `out`; the error that stopped the run, if any, on `err`."""
         totals: Counter[str] = Counter()
         kinds: dict[str, Counter[str]] = {}
         for (label, kind), n in self.done.items():
@@ -393,7 +394,7 @@ class Outcome:
             parts = ", ".join(f"{lb} {kinds[kind][lb]}" for lb in labels if kinds[kind][lb])
             print(f"  {kind}: {parts}", file=out)
         if self.error:
-            print(f"error: {self.error}", file=out)
+            print(f"error: {self.error}", file=err or out)
 
 
 FAILED = "failed"
@@ -593,7 +594,9 @@ def redrive_producer(settings: Settings) -> AIOKafkaProducer:
                             enable_idempotence=True, linger_ms=5)  # fmt: skip
 
 
-async def run_redrive(settings: Settings, options: Options, out: TextIO = sys.stdout) -> int:
+async def run_redrive(
+    settings: Settings, options: Options, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     """The whole command: 0 when everything meant to be sent was, 1 otherwise."""
     topics = Topics(settings.topic_prefix)
     producer = None if options.dry_run else redrive_producer(settings)
@@ -613,6 +616,8 @@ async def run_redrive(settings: Settings, options: Options, out: TextIO = sys.st
         for s in steps:
             if s.action is Action.UNSENDABLE:
                 outcome.add(FAILED, s.letter.kind)
+                print(f"error: cannot send {s.letter.ref}: no topic {s.letter.source.topic!r}",
+                      file=err)  # fmt: skip
             elif s.action not in (Action.REDRIVE, Action.QUARANTINE):
                 outcome.add(s.action.value, s.letter.kind)
         work = [s for s in steps if s.action in (Action.REDRIVE, Action.QUARANTINE)]
@@ -625,7 +630,7 @@ async def run_redrive(settings: Settings, options: Options, out: TextIO = sys.st
             await sender.send_all(work, outcome)
         finally:
             progress.close()
-        outcome.render(out)
+        outcome.render(out, err)
         return 1 if outcome.failed else 0
     finally:
         if producer is not None:

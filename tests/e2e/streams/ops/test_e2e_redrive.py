@@ -280,6 +280,14 @@ def test_a_dry_run_sends_nothing_and_says_what_it_would_do(topics: Settings) -> 
     assert bad.returncode == 2 and "--offsets" in bad.stderr
     assert end_offsets(topics) == ends  # not a record written anywhere
 
+    # A letter whose source topic is gone cannot be sent: said, and a failing exit status.
+    gone = DeadLetter("decode", "r", topics.topic_prefix + "no.such.topic", 0, 5).headers()
+    produce(topics, t.dlq, [(b"k", b"v", gone, 2)])
+    run = redrive(topics, "--source-topic", topics.topic_prefix + "no.such.topic")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "redriven 0" in run.stdout and run.stdout.splitlines()[0].endswith("failed 1")
+    assert "cannot send 2:" in run.stderr and not ledger(topics)
+
 
 def test_a_killed_redrive_resumes_and_sends_every_letter_exactly_once(topics: Settings) -> None:
     t = Topics(topics.topic_prefix)

@@ -248,3 +248,19 @@ def test_the_summary_says_what_was_done_by_kind() -> None:
     assert lines[0].startswith("redrive: redriven 3, skipped (already done) 0, quarantined 1")
     assert lines[0].endswith("failed 1") and outcome.failed == 1
     assert "  decode: redriven 3, quarantined 1" in lines
+
+
+def test_progress_is_a_rich_bar_or_plain_lines() -> None:
+    from paysaga.streams.ops.redrive import PlainProgress, RichProgress, progress_for
+
+    plain = io.StringIO()
+    assert isinstance(progress_for(3, plain), PlainProgress)
+    lines = PlainProgress(3, plain)
+    lines.advance(1)
+    lines.advance(2)
+    lines.close()
+    assert plain.getvalue().splitlines()[-1] == "redrive: 3/3 sent"
+    bar = RichProgress(3, io.StringIO())
+    bar.advance(3)
+    bar.close()
+    assert bar.bar.tasks[0].completed == 3
