@@ -236,6 +236,11 @@ def _redrive(args: argparse.Namespace, settings: Settings) -> int:
     except (KafkaError, RuntimeError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # The open transaction is aborted by the next run; what was committed is in the
+        # ledger, so that run continues where this one stopped.
+        print("interrupted: run it again to continue", file=sys.stderr)
+        return 130
 
 
 def _recon(args: argparse.Namespace) -> int:
