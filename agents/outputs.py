@@ -12,10 +12,11 @@ import json
 from typing import Any
 
 from paysaga.domain.payment import Payment, derived_id
-from paysaga.domain.saga import Command
+from paysaga.domain.saga import Command, ScheduledRetry
 from paysaga.schemas.models import PaymentInitiated
 
 STATUS = "PaymentStatusChanged"
+RETRY = "RetryScheduled"
 #: Avro record of each service's commands.
 COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
                    "shipping": "ShippingCommand"}  # fmt: skip
@@ -65,3 +66,17 @@ def command_record(p: Payment, c: Command, cause: str, occurred_at: int) -> dict
         return {**envelope, "command_type": c.action, "order_id": p.order_id, "items": items}
     return {**envelope, "command_type": c.action, "order_id": p.order_id,
             "address_country": p.shipping_country}  # fmt: skip
+
+
+def retry_record(p: Payment, r: ScheduledRetry, cause: str, occurred_at: int) -> dict[str, Any]:
+    """The RetryScheduled record of a retry the saga scheduled (payment.retry.<level>)."""
+    c = r.command
+    return {
+        "event_id": derived_id(cause, "retry", c.command_id), "occurred_at": occurred_at,
+        "payment_id": p.payment_id, "correlation_id": p.order_id, "causation_id": cause,
+        "command_id": c.command_id, "idempotency_key": c.idempotency_key,
+        "service": c.service, "action": c.action, "step": c.step, "attempt": c.attempt,
+        "retry": r.retry, "level": r.level,
+        "due_at": r.due_at, "delay_ms": r.delay_ms, "variant": r.variant,
+        "error_class": r.error_class.value, "reason": r.reason[:1000],
+    }  # fmt: skip

@@ -20,7 +20,14 @@ from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
 from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
-from paysaga.agents.outputs import COMMAND_SCHEMAS, STATUS, command_record, compact_json
+from paysaga.agents.outputs import (
+    COMMAND_SCHEMAS,
+    RETRY,
+    STATUS,
+    command_record,
+    compact_json,
+    retry_record,
+)
 from paysaga.agents.rekey import forward, source_of
 from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
@@ -78,6 +85,7 @@ def _outcome(e: Any, kind: str) -> GatewayOutcome:
         amount_minor=f.get("amount_minor", 0),
         step=f.get("step"),
         reason=f.get("reason") or f.get("reason_code"),
+        code=f.get("reason_code"),
         retryable=f.get("retryable", False),
     )
 
@@ -287,14 +295,19 @@ class SagaAgent:
         self.payments.store(ctx.table(PAYMENTS), key, p)
 
     def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
-                previous: str | None) -> None:  # fmt: skip
-        """Store the payment and send what the input caused: commands, one status, reviews."""
+                previous: str | None, sent_at: int | None = None) -> None:  # fmt: skip
+        """Store the payment and send what the input caused: commands, retries scheduled,
+        one status, reviews. `sent_at`: the wall clock a timer sends its commands at (their
+        record timestamp, so a retry's send time is in Kafka, docs/retries.md)."""
         self._store(ctx, p)
         key = p.payment_id.encode()
         for command in eff.commands:
             topic = self.command_topics[command.service]
             fields = command_record(p, command, cause, occurred_at)
-            ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key)
+            ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key, timestamp=sent_at)
+        for retry in eff.retries:
+            ctx.emit(self.topics.retry(retry.level), RETRY,
+                     retry_record(p, retry, cause, occurred_at), key=key)  # fmt: skip
         if eff.settlement is not None:  # to the merchant's batch (docs/settlement.md)
             fields = command_record(p, eff.settlement, cause, occurred_at)
             ctx.emit(self.topics.settlement_requests, COMMAND_SCHEMAS["payment"], fields,
@@ -305,7 +318,8 @@ class SagaAgent:
                               terminal=eff.terminal, step=eff.step)  # fmt: skip
         self._send_status(ctx, p, status)
         for why in eff.review:
-            ctx.review("saga", why, key, _review_value(p), PAYMENTS)
+            ctx.review("saga", why, key, _review_value(p), PAYMENTS,
+                       error_class=eff.review_class.value)  # fmt: skip
 
     def _send_status(self, ctx: ProcessorContext, p: Payment, status: dict[str, Any]) -> None:
         ctx.emit(self.topics.status, STATUS, status, key=p.payment_id.encode())
@@ -314,7 +328,7 @@ class SagaAgent:
     def _timeout(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
         """An unanswered command's deadline passed (wall clock): retry it or give up."""
         now = ctx.wall_clock_ms()
-        self._fire(ctx, key, due, "timeout", lambda p: self.orch.on_timeout(p, now))
+        self._fire(ctx, key, due, "timeout", lambda p: self.orch.on_timeout(p, now), sent_at=now)
 
     def _expiry(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
         """An uncaptured authorization's window ended by the partition's event time."""
@@ -323,7 +337,7 @@ class SagaAgent:
                    lambda p: self.orch.on_auth_expiry(p, upto, ctx.wall_clock_ms()))  # fmt: skip
 
     def _fire(self, ctx: ProcessorContext, key: bytes, due: int, kind: str,
-              run: Callable[[Payment], Effects]) -> None:  # fmt: skip
+              run: Callable[[Payment], Effects], sent_at: int | None = None) -> None:  # fmt: skip
         """One fired timer: one state change with its own deterministic ids."""
         current = self.payments.load(ctx.table(PAYMENTS), key)
         if current is None:
@@ -345,7 +359,7 @@ class SagaAgent:
             return
         cause = derived_id(current.payment_id, kind, str(due), str(version))
         current.version += 1
-        self._commit(ctx, current, effects, cause, max(due, updated_at), previous)
+        self._commit(ctx, current, effects, cause, max(due, updated_at), previous, sent_at)
 
 
 def _review_value(p: Payment) -> bytes:

@@ -39,6 +39,8 @@ class GatewayOutcome:
     amount_minor: int = 0
     step: str | None = None  # FAILED: which command failed (authorize, capture, ...)
     reason: str | None = None
+    #: The machine-readable reason (PaymentFailed.reason_code), e.g. "never_seen".
+    code: str | None = None
     retryable: bool = False
 
 

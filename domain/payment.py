@@ -68,7 +68,22 @@ class Outstanding(BaseModel):
     role: str  # action | compensation | request
     attempt: int = 1
     amount_minor: int = 0
-    deadline: int = 0  # wall-clock epoch ms after which the attempt is retried
+    #: Wall-clock epoch ms of the next step: SENT / INQUIRING, the answer is overdue;
+    #: WAITING, the retry is due. HELD has none (the circuit breaker releases it).
+    deadline: int = 0
+    #: SENT (waiting for the answer) | WAITING (a retry is scheduled) | INQUIRING (asking
+    #: the gateway what became of the key) | HELD (the circuit breaker is open).
+    phase: str = "SENT"
+    #: Retries scheduled so far (command retries and repeated inquiries alike): the retry
+    #: level of the next one (domain/retry.py).
+    retries: int = 0
+    #: Inquiries sent about this key (their command ids are `inquiry_id(key, n)`).
+    inquiries: int = 0
+    #: WAITING: at the due time, send an inquiry rather than the command again.
+    next_inquiry: bool = False
+    #: The class and reason of the last failure (the retry records and the DLQ say them).
+    error_class: str | None = None
+    reason: str | None = None
 
 
 class RefundRequest(BaseModel):
@@ -150,6 +165,10 @@ class Payment(BaseModel):
     #: Due times currently in the table's timer indexes (so they can be moved or cleared).
     timer_wall: int | None = None
     timer_event: int | None = None
+    #: The A/B retry strategy of the customer (domain/retry.py), fixed at the start.
+    retry_variant: str | None = None
+    #: Commands sent again so far (the experiments' average retry count).
+    retries: int = 0
     version: int = 0
     created_at: int
     updated_at: int
@@ -250,4 +269,6 @@ def status_event(
         "saga_state": None if saga is None else saga.state,
         "step": step,
         "terminal": terminal,
+        "retry_variant": payment.retry_variant,
+        "retries": payment.retries,
     }

@@ -34,6 +34,7 @@ from paysaga.domain.payment import (
     SagaState,
     derived_id,
 )
+from paysaga.domain.retry import INQUIRY_STEP, NEVER_SEEN, ErrorClass, RetryPolicy, classify
 from paysaga.domain.settlement import SettlementPolicy
 
 DAY_MS = 24 * 3600 * 1000
@@ -75,15 +76,12 @@ SAGAS: dict[str, SagaDefinition] = {s.name: s for s in (PAYMENT_SAGA, ORDER_SAGA
 
 @dataclass(frozen=True)
 class SagaPolicy:
-    """Timing and retry limits (wall clock for command timeouts, event time for expiry)."""
+    """Timing and retry limits (wall clock for command timeouts and retries, event time for
+    expiry). Every command, compensations included, retries by `retry`'s levels."""
 
     command_timeout_ms: int = 10_000
-    #: Attempts of a command whose answer never came (same idempotency key each time).
-    timeout_attempts: int = 5
-    #: Attempts of a command answered with a retryable failure.
-    retry_attempts: int = 3
-    #: Compensations must not give up early: attempts before manual review (IN_DOUBT).
-    compensation_attempts: int = 6
+    #: Retry levels and the A/B strategies that set their delays (domain/retry.py).
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: An authorization not captured within this window (event time) is voided.
     auth_window_ms: int = 7 * DAY_MS
     #: When a completed payment's SETTLE goes out: with its merchant's batch.
@@ -104,6 +102,21 @@ class Command:
     amount_minor: int
 
 
+@dataclass(frozen=True)
+class ScheduledRetry:
+    """A retry the saga scheduled: what goes out (`command`: the next attempt, or an
+    inquiry), at which level, when, under which variant, and why (the retry record)."""
+
+    command: Command
+    retry: int
+    level: int
+    due_at: int
+    delay_ms: int
+    variant: str
+    error_class: ErrorClass
+    reason: str
+
+
 @dataclass
 class Effects:
     """What one input did: commands to send and what the status record should say."""
@@ -120,10 +133,15 @@ class Effects:
     conflict: str | None = None
     #: A SETTLE that goes out with the merchant's settlement batch, not to the gateway now.
     settlement: Command | None = None
+    #: Retries scheduled by this input (each also a record on payment.retry.<level>).
+    retries: list[ScheduledRetry] = field(default_factory=list)
+    #: The error class of each review reason (the DLQ record says it).
+    review_class: ErrorClass = ErrorClass.UNKNOWN
 
     @property
     def changed(self) -> bool:
-        return bool(self.commands or self.notes or self.terminal or self.review or self.settlement)
+        return bool(self.commands or self.notes or self.terminal or self.review
+                    or self.settlement or self.retries)  # fmt: skip
 
 
 class Unmatched(ValueError):
@@ -148,6 +166,17 @@ def command_id(idempotency_key: str, attempt: int) -> str:
     return derived_id(idempotency_key, "attempt", str(attempt))
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def inquiry_id(idempotency_key: str, n: int) -> str:
+    """The id of the n-th inquiry about a key: never an attempt's id, so the gateway's
+    "never seen" is told apart from an answer to the command itself."""
+    return derived_id(idempotency_key, "inquiry", str(n))
+
+
+#: Phases of an outstanding command (`Outstanding.phase`).
+SENT, WAITING, INQUIRING, HELD = "SENT", "WAITING", "INQUIRING", "HELD"
+
+
 class Orchestrator:
     """Runs `SAGAS` over payment records.
 
@@ -163,6 +192,7 @@ class Orchestrator:
         if kind not in SAGAS:
             raise ValueError(f"unknown saga {kind!r}")
         p.saga = SagaState(kind=kind)
+        p.retry_variant = self.policy.retry.variant_for(p.customer_id).name
         eff = Effects(notes=[f"{kind} saga started"])
         self._run_step(p, eff, now)
         return eff
@@ -194,13 +224,13 @@ class Orchestrator:
         self._send(p, eff, step.service, step.action, step.name, "action", amount, key, now)
 
     def _send(self, p: Payment, eff: Effects, service: str, action: str, step: str, role: str,
-              amount: int, key: str, now: int, attempt: int = 1) -> None:  # fmt: skip
+              amount: int, key: str, now: int) -> None:  # fmt: skip
         p.outstanding[key] = Outstanding(
             idempotency_key=key, service=service, action=action, step=step, role=role,
-            attempt=attempt, amount_minor=amount, deadline=now + self.policy.command_timeout_ms,
+            amount_minor=amount, deadline=now + self.policy.command_timeout_ms,
         )  # fmt: skip
         eff.commands.append(
-            Command(service, action, step, role, attempt, command_id(key, attempt), key, amount)
+            Command(service, action, step, role, 1, command_id(key, 1), key, amount)
         )
 
     def _settle_in_batch(self, p: Payment, eff: Effects, now: int) -> None:
@@ -214,10 +244,58 @@ class Orchestrator:
                    submitted)  # fmt: skip
         eff.settlement = eff.commands.pop()
 
-    def _resend(self, p: Payment, eff: Effects, o: Outstanding, now: int) -> None:
-        self._send(p, eff, o.service, o.action, o.step, o.role, o.amount_minor,
-                   o.idempotency_key, now, o.attempt + 1)  # fmt: skip
-        eff.notes.append(f"{o.action} retried (attempt {o.attempt + 1})")
+    # ---- retries (domain/retry.py, docs/retries.md) -------------------------------------
+    @staticmethod
+    def _next_command(o: Outstanding, inquire: bool) -> Command:
+        """What a retry of `o` sends: the command's next attempt, or the next inquiry."""
+        key = o.idempotency_key
+        if inquire:
+            return Command(o.service, "INQUIRE", o.step, o.role, o.attempt,
+                           inquiry_id(key, o.inquiries + 1), key, o.amount_minor)  # fmt: skip
+        return Command(o.service, o.action, o.step, o.role, o.attempt + 1,
+                       command_id(key, o.attempt + 1), key, o.amount_minor)  # fmt: skip
+
+    def _schedule(self, p: Payment, eff: Effects, o: Outstanding, cls: ErrorClass, reason: str,
+                  now: int, inquire: bool = False) -> bool:  # fmt: skip
+        """Schedule `o`'s next retry at its level's delay (the payment's variant); False
+        when the levels are used up. Nothing is sent now: the command-deadline timer sends
+        it when due, so a waiting payment holds up nothing else."""
+        retry = self.policy.retry
+        level = retry.level_of(o.retries + 1)
+        if level is None:
+            return False
+        delay = retry.delay_ms(p.retry_variant, level)
+        nxt = self._next_command(o, inquire)
+        o.retries += 1
+        o.phase, o.next_inquiry, o.deadline = WAITING, inquire, now + delay
+        o.error_class, o.reason = cls.value, reason
+        variant = retry.variant(p.retry_variant).name
+        eff.retries.append(ScheduledRetry(nxt, o.retries, level, now + delay, delay, variant, cls,
+                                          reason))  # fmt: skip
+        what = "inquiry" if inquire else f"attempt {nxt.attempt}"
+        eff.notes.append(f"{o.action} {what} scheduled at retry level {level} in {delay} ms "
+                         f"({cls.value}: {reason})")  # fmt: skip
+        return True
+
+    def _retry_now(self, p: Payment, eff: Effects, o: Outstanding, now: int) -> None:
+        """A scheduled retry is due: send it (the same idempotency key, always)."""
+        c = self._next_command(o, o.next_inquiry)
+        if o.next_inquiry:
+            o.inquiries += 1
+            o.phase = INQUIRING
+        else:
+            o.attempt += 1
+            o.phase = SENT
+            p.retries += 1
+        o.next_inquiry, o.deadline = False, now + self.policy.command_timeout_ms
+        eff.commands.append(c)
+        eff.notes.append(f"{c.action} sent (retry {o.retries}, attempt {o.attempt})")
+
+    def _inquire(self, p: Payment, eff: Effects, o: Outstanding, now: int) -> None:
+        """No answer: ask the gateway what became of the key before anything is resent."""
+        o.next_inquiry = True
+        self._retry_now(p, eff, o, now)
+        eff.notes[-1] = f"no answer to {o.action}: inquiry {o.inquiries} about its key sent"
 
     # ---- compensation -------------------------------------------------------------------
     def _compensate(self, p: Payment, eff: Effects, reason: str, now: int) -> None:
@@ -279,9 +357,33 @@ class Orchestrator:
         if cmd_id is None:
             return None
         for o in p.outstanding.values():
-            if any(command_id(o.idempotency_key, a) == cmd_id for a in range(1, o.attempt + 1)):
+            key = o.idempotency_key
+            if any(command_id(key, a) == cmd_id for a in range(1, o.attempt + 1)):
+                return o
+            if any(inquiry_id(key, n) == cmd_id for n in range(1, o.inquiries + 1)):
                 return o
         return None
+
+    def _on_inquiry(self, p: Payment, o: Outstanding, outcome: GatewayOutcome, now: int) -> Effects:
+        """The gateway's answer to an inquiry about `o`'s key, when it has no outcome to
+        replay (a recorded outcome comes back as the answer to the command itself):
+        "never seen" is retried with the same key; a failed inquiry is asked again."""
+        eff = Effects(step=o.step)
+        if outcome.kind != "FAILED":
+            raise InvalidTransition(f"{outcome.kind} answers an inquiry, not a command")
+        latest = outcome.command_id == inquiry_id(o.idempotency_key, o.inquiries)
+        if o.phase != INQUIRING or not latest:
+            eff.notes.append(f"answer to an earlier inquiry about {o.action}: nothing to do")
+            return eff
+        if outcome.code == NEVER_SEEN:
+            reason = f"the gateway never saw {o.action}"
+            if not self._schedule(p, eff, o, ErrorClass.TRANSIENT, reason, now):
+                self._exhausted(p, eff, o, ErrorClass.TRANSIENT, reason, now)
+            return eff
+        reason = f"inquiry failed: {outcome.reason or outcome.kind}"
+        if not self._schedule(p, eff, o, ErrorClass.UNKNOWN, reason, now, inquire=True):
+            self._exhausted(p, eff, o, ErrorClass.UNKNOWN, reason, now)
+        return eff
 
     def on_outcome(
         self, p: Payment, service: str, outcome: GatewayOutcome, now: int
@@ -300,6 +402,8 @@ class Orchestrator:
             )
         if o is None or o.service != service:
             raise Unmatched(f"{outcome.kind} answers no outstanding command of this payment")
+        if outcome.step == INQUIRY_STEP:
+            return p, self._on_inquiry(p, o, outcome, now)
         eff = Effects(step=o.step)
         expected = self._expected(p, o)
         if outcome.kind not in expected:
@@ -311,18 +415,29 @@ class Orchestrator:
             raise InvalidTransition(
                 f"{outcome.kind} of {outcome.amount_minor} answers {o.action} of {o.amount_minor}"
             )
-        if failed and self._retries_left(o, outcome.retryable):
-            self._resend(p, eff, o, now)  # only the outstanding command changes
-            eff.notes[-1] += f" after {outcome.reason or outcome.kind}"
+        reason = outcome.reason or outcome.kind
+        if failed and classify(outcome.retryable) is ErrorClass.TRANSIENT:
+            if self._schedule(p, eff, o, ErrorClass.TRANSIENT, reason, now):
+                return p, eff  # only the outstanding command changes
+            self._exhausted(p, eff, o, ErrorClass.TRANSIENT, reason, now)
             return p, eff
         if service == "payment" and (not failed or o.role == "action"):
             apply_transition(p, outcome)  # may raise InvalidTransition
         del p.outstanding[o.idempotency_key]
+        if failed:
+            eff.review_class = ErrorClass.PERMANENT
+        self._settle_answer(p, eff, o, failed, outcome, now)
+        return p, eff
+
+    def _settle_answer(self, p: Payment, eff: Effects, o: Outstanding, failed: bool,
+                       outcome: GatewayOutcome, now: int) -> None:  # fmt: skip
+        """The saga after the final answer to `o` (removed from the outstanding already)."""
         if o.role == "action":
             self._step_done(p, eff, o, failed, outcome, now)
         elif o.role == "compensation":
             if failed:
-                self._in_doubt(p, eff, f"{o.action} failed {o.attempt} times: {outcome.reason}")
+                self._in_doubt(p, eff, f"{o.action} failed after {o.retries} retries: "
+                                       f"{outcome.reason}")  # fmt: skip
             else:
                 assert p.saga is not None
                 p.saga.to_compensate.pop(0)
@@ -342,7 +457,31 @@ class Orchestrator:
             eff.notes.append(f"settlement failed: {outcome.reason}")
         else:
             eff.notes.append("settled")
-        return p, eff
+
+    def _exhausted(self, p: Payment, eff: Effects, o: Outstanding, cls: ErrorClass, reason: str,
+                   now: int) -> None:  # fmt: skip
+        """The retry levels are used up: manual review (the DLQ), and the saga goes on as
+        it defines. A failure known to have done nothing (transient, never seen) fails
+        its step (compensation follows); an unknown outcome puts the saga in doubt."""
+        del p.outstanding[o.idempotency_key]
+        why = f"{o.action} given up after {o.retries} retries ({cls.value}): {reason}"
+        eff.review_class = cls
+        if o.role == "post" or (o.role == "request" and cls is ErrorClass.UNKNOWN):
+            if o.role == "request":
+                refund = p.refunds[_request_key(p, o)]
+                refund.state, refund.reason = "IN_DOUBT", why
+            eff.review.append(why)
+            eff.notes.append(why)
+            return
+        if cls is ErrorClass.UNKNOWN or o.role == "compensation":
+            self._in_doubt(p, eff, why)
+            return
+        eff.review.append(why)
+        failure = GatewayOutcome(kind="FAILED", event_id="", occurred_at=now, step=o.step,
+                                 reason=why, retryable=True)  # fmt: skip
+        if o.service == "payment" and o.role == "action":
+            apply_transition(p, failure)  # like a decline: nothing was authorized
+        self._settle_answer(p, eff, o, True, failure, now)
 
     def _settled_late(self, p: Payment, service: str, outcome: GatewayOutcome) -> bool:
         """A SETTLED answering one of this payment's SETTLE attempts after the saga gave up
@@ -358,7 +497,7 @@ class Orchestrator:
         if any(o.action == "SETTLE" for o in p.outstanding.values()):
             return False
         key = _settle_key(p)
-        limit = max(self.policy.timeout_attempts, self.policy.retry_attempts)
+        limit = self.policy.retry.max_retries + 1
         return any(command_id(key, a) == outcome.command_id for a in range(1, limit + 1))
 
     def _expected(self, p: Payment, o: Outstanding) -> tuple[str, str]:
@@ -370,11 +509,6 @@ class Orchestrator:
         if o.role == "action":
             return step.success, step.failure
         return step.compensated, ("FAILED" if step.service == "payment" else "_none_")
-
-    def _retries_left(self, o: Outstanding, retryable: bool) -> bool:
-        if o.role == "compensation":
-            return o.attempt < self.policy.compensation_attempts
-        return retryable and o.attempt < self.policy.retry_attempts
 
     def _step_done(self, p: Payment, eff: Effects, o: Outstanding, failed: bool,
                    outcome: GatewayOutcome, now: int) -> None:  # fmt: skip
@@ -390,33 +524,28 @@ class Orchestrator:
 
     # ---- timers -------------------------------------------------------------------------
     def on_timeout(self, p: Payment, now: int) -> Effects:
-        """Retry every command whose answer is overdue; give up to manual review after N."""
+        """Everything due by the wall clock: scheduled retries go out; a command without an
+        answer is an unknown outcome, so the gateway is asked about its key first (other
+        services are retried with the same key); after the last level, manual review."""
         eff = Effects()
         for o in sorted(p.outstanding.values(), key=lambda o: o.idempotency_key):
-            if o.deadline > now:
+            if o.phase == HELD or o.deadline > now:
                 continue
-            limit = (self.policy.compensation_attempts if o.role == "compensation"
-                     else self.policy.timeout_attempts)  # fmt: skip
-            if o.attempt < limit:
-                self._resend(p, eff, o, now)
-                eff.notes[-1] += " after a timeout"
+            if o.phase == WAITING:
+                self._retry_now(p, eff, o, now)
                 continue
-            del p.outstanding[o.idempotency_key]
-            reason = f"no answer to {o.action} after {o.attempt} attempts; outcome unknown"
-            if o.role == "request":
-                refund = p.refunds[_request_key(p, o)]
-                refund.state, refund.reason = "IN_DOUBT", reason
-                eff.review.append(reason)
-                eff.notes.append(reason)
-            elif o.role == "post":
-                eff.review.append(reason)
-                eff.notes.append(reason)
-            else:
-                self._in_doubt(p, eff, reason)
+            if o.phase == SENT and o.service == "payment":
+                self._inquire(p, eff, o, now)
+                continue
+            asked = "INQUIRE" if o.phase == INQUIRING else o.action
+            reason = f"no answer to {asked} within {self.policy.command_timeout_ms} ms"
+            inquire = o.service == "payment"
+            if not self._schedule(p, eff, o, ErrorClass.UNKNOWN, reason, now, inquire):
+                self._exhausted(p, eff, o, ErrorClass.UNKNOWN, f"{reason}; outcome unknown", now)
         return eff
 
     def next_deadline(self, p: Payment) -> int | None:
-        return min((o.deadline for o in p.outstanding.values()), default=None)
+        return min((o.deadline for o in p.outstanding.values() if o.phase != HELD), default=None)
 
     def expiry_due(self, p: Payment) -> int | None:
         """Event time at which an uncaptured manual authorization expires, if waiting."""
@@ -500,6 +629,7 @@ class Orchestrator:
 
 
 __all__ = [
-    "SAGAS", "Command", "Effects", "InvalidTransition", "Orchestrator", "SagaDefinition",
-    "SagaPolicy", "Step", "Unmatched", "command_id",
+    "HELD", "INQUIRING", "SAGAS", "SENT", "WAITING", "Command", "Effects", "InvalidTransition",
+    "Orchestrator", "SagaDefinition", "SagaPolicy", "ScheduledRetry", "Step", "Unmatched",
+    "command_id", "inquiry_id",
 ]  # fmt: skip

@@ -219,6 +219,8 @@ class PaymentStatusChanged(Envelope):
     saga_state: str | None = None
     step: str | None = None
     terminal: StrictBool = False
+    retry_variant: str | None = None
+    retries: Annotated[StrictInt, Field(ge=0)] = 0
 
     @field_validator("reason")
     @classmethod

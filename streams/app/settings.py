@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from paysaga.domain.retry import DEFAULT_ATTEMPTS, DEFAULT_VARIANTS, RetryPolicy
 
 ENV_PREFIX = "PAYSAGA_"
 DAY_MS = 24 * 3600 * 1000
@@ -49,7 +51,17 @@ class Settings(BaseModel):
     auth_window_ms: int = Field(
         7 * DAY_MS, ge=1, description="uncaptured authorizations are voided after (event time)"
     )
-    command_timeout_ms: int = Field(10_000, ge=1, description="retry an unanswered command")
+    command_timeout_ms: int = Field(
+        10_000, ge=1, description="an unanswered command's outcome is unknown after this"
+    )
+    retry_attempts: str = Field(
+        DEFAULT_ATTEMPTS, description="retries per retry level, comma-separated (docs/retries.md)"
+    )
+    retry_variants: str = Field(
+        DEFAULT_VARIANTS,
+        description="A/B retry strategies, NAME:WEIGHT:DELAY_MS,... per level, ';'-separated; "
+        "the first is the control",
+    )
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
     idle_ms: int = Field(
         5_000,
@@ -99,6 +111,15 @@ class Settings(BaseModel):
         "default is 700; 0 keeps it): docs/architecture.md#gc",
     )
     log_level: str = Field("WARNING")
+
+    @field_validator("retry_variants")
+    @classmethod
+    def _retry_policy(cls, v: str, info: Any) -> str:
+        RetryPolicy.parse(info.data.get("retry_attempts", DEFAULT_ATTEMPTS), v)  # or ValueError
+        return v
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.parse(self.retry_attempts, self.retry_variants)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

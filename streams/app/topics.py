@@ -18,7 +18,6 @@ from aiokafka.structs import TopicPartition
 from paysaga.streams.app.kafka_io import consumer
 from paysaga.streams.app.settings import Settings
 
-RETRY_LEVELS = ("1s", "5s", "30s", "300s")
 #: paysaga's internal hops (repartition, accepted) are kept by the time they were written,
 #: not by the event time their records carry: a replay of month-old input would otherwise
 #: write records the broker's time-based retention deletes before they are read
@@ -109,7 +108,8 @@ class Topics:
                 self.reversed, self.settled, self.inventory_events, self.shipping_events,
                 self.bank_statements, self.stream_time)  # fmt: skip
 
-    def retry(self, level: str) -> str:
+    def retry(self, level: int) -> str:
+        """Where the retries scheduled at `level` (1-based) are recorded (docs/retries.md)."""
         return f"{self.prefix}payment.retry.{level}"
 
 
@@ -170,8 +170,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             )
         ),
         *(
-            TopicSpec(t.retry(level), "retry envelope", retention_ms=7 * 24 * 3600 * 1000)
-            for level in RETRY_LEVELS
+            TopicSpec(t.retry(level), "RetryScheduled", retention_ms=audit)
+            for level in range(1, settings.retry_policy().levels + 1)
         ),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
         TopicSpec(

@@ -48,7 +48,7 @@ def paysaga_topology(settings: Settings) -> Topology:
                                   cutoff_ms=settings.settlement_cutoff_ms,
                                   retention_ms=settings.settlement_retention_ms)  # fmt: skip
     policy = SagaPolicy(command_timeout_ms=settings.command_timeout_ms,
-                        auth_window_ms=settings.auth_window_ms,
+                        retry=settings.retry_policy(), auth_window_ms=settings.auth_window_ms,
                         settlement=settlement)  # fmt: skip
     topology = Topology(serializer=codec.encode)
     intake = IntakeStep(codec)  # one step for both agents: its memo of parsed requests

@@ -28,7 +28,14 @@ whether they become the idempotency key's stored result). The loop does the rest
 - **Faults (gateway only).** With ``transient_error_rate`` an attempt is answered with a
   retryable PaymentFailed(reason_code="gateway_unavailable") and nothing is stored for its
   key. With ``timeout_rate`` the command is processed and its result stored, but no response
-  is emitted (it was "lost"); a retry with the same key then gets the stored result.
+  is emitted (the answer was lost); a retry with the same key then gets the stored result.
+  With ``lost_rate`` the command never reaches the gateway: nothing decided, stored or sent.
+  An *outage* (``outage_every_ms`` / ``outage_ms``, by the wall clock) answers every command
+  of its windows, stored keys included, with the retryable 503.
+- **Inquiries.** An INQUIRE command asks what became of its idempotency key: a stored key is
+  answered with its stored outcome (the same bytes: the same event_id, the command_id of the
+  attempt that was decided); a key never decided gets PaymentFailed(reason_code=
+  "never_seen", step="inquire", command_id = the inquiry's), and nothing is stored.
 - **Delivery.** Producer with acks=all and idempotence; a batch's consumer offsets are
   committed only after every output of the batch is acknowledged (at-least-once: duplicates
   are identical bytes). Latency is one sleep per fetched batch. An undecodable command is
@@ -55,6 +62,7 @@ from aiokafka.errors import CommitFailedError
 
 from paysaga.domain.card import redact
 from paysaga.domain.payment import derived_id
+from paysaga.domain.retry import INQUIRY_STEP, NEVER_SEEN
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.kafka_io import consumer as make_consumer
@@ -110,14 +118,30 @@ class GatewayConfig:
     capture_failure_rate: float = 0.02
     transient_error_rate: float = 0.03
     timeout_rate: float = 0.02
+    lost_rate: float = 0.0
     latency_ms: int = 5
     seed: int = 1
+    #: Outage windows by the wall clock: the first `outage_ms` of every `outage_every_ms`
+    #: (0: never down).
+    outage_every_ms: int = 0
+    outage_ms: int = 0
 
     def __post_init__(self) -> None:
-        rates = ("approval_rate", "capture_failure_rate", "transient_error_rate", "timeout_rate")
+        rates = ("approval_rate", "capture_failure_rate", "transient_error_rate", "timeout_rate",
+                 "lost_rate")  # fmt: skip
         _check_rates(self, *rates)
-        if self.transient_error_rate + self.timeout_rate > 1.0:
-            raise ValueError("transient_error_rate + timeout_rate must not exceed 1")
+        if self.transient_error_rate + self.timeout_rate + self.lost_rate > 1.0:
+            raise ValueError("transient_error_rate + timeout_rate + lost_rate must not exceed 1")
+        if (
+            self.outage_ms < 0
+            or self.outage_every_ms < 0
+            or (self.outage_ms and self.outage_ms >= self.outage_every_ms)
+        ):
+            raise ValueError("an outage needs 0 < outage_ms < outage_every_ms")
+
+    def down(self, now_ms: int) -> bool:
+        """Is the gateway in one of its outage windows at `now_ms`?"""
+        return bool(self.outage_ms) and now_ms % self.outage_every_ms < self.outage_ms
 
 
 @dataclass(frozen=True)
@@ -178,14 +202,45 @@ def _envelope(cmd: dict[str, Any], event_id: str, occurred_at: int) -> dict[str,
     }
 
 
-def gateway_fault(config: GatewayConfig, command_id: str) -> Literal["transient", "timeout"] | None:
+def gateway_fault(
+    config: GatewayConfig, command_id: str
+) -> Literal["transient", "timeout", "lost"] | None:
     """The injected fault of one command attempt (by its command_id), or None."""
     roll = _rng(config.seed, command_id, "fault").random()
     if roll < config.transient_error_rate:
         return "transient"
     if roll < config.transient_error_rate + config.timeout_rate:
         return "timeout"
+    if roll < config.transient_error_rate + config.timeout_rate + config.lost_rate:
+        return "lost"
     return None
+
+
+def _unavailable(cmd: dict[str, Any], at: int, topics: Topics) -> Decision:
+    """The gateway's 503: a retryable failure, nothing done, nothing stored."""
+    failed = {
+        **_envelope(cmd, derived_id(cmd["command_id"], "gateway", "transient"), at),
+        "reason_code": "gateway_unavailable",
+        "reason": "the gateway did not answer (503); retry with the same key",
+        "step": cmd["command_type"].lower(),
+        "retryable": True,
+    }
+    return Decision([(topics.failed, "PaymentFailed", failed)], store=False, label="transient")
+
+
+def gateway_outage(
+    config: GatewayConfig, topics: Topics
+) -> Callable[[dict[str, Any]], Decision | None]:
+    """Checked before the key store: during an outage nothing is answered, not even a
+    stored key (the gateway is down, not forgetful)."""
+
+    def check(cmd: dict[str, Any]) -> Decision | None:
+        if not config.down(int(time.time() * 1000)):
+            return None
+        decision = _unavailable(cmd, cmd["occurred_at"] + config.latency_ms, topics)
+        return Decision(decision.outputs, store=False, label="outage")
+
+    return check
 
 
 def gateway_decider(config: GatewayConfig, topics: Topics) -> Decider:
@@ -195,17 +250,19 @@ def gateway_decider(config: GatewayConfig, topics: Topics) -> Decider:
         action, key = cmd["command_type"], cmd["idempotency_key"]
         step = action.lower()
         at = cmd["occurred_at"] + config.latency_ms
+        if action == "INQUIRE":  # a stored key was answered from the store already
+            unseen = {
+                **_envelope(cmd, derived_id(cmd["command_id"], "gateway", "unseen"), at),
+                "reason_code": NEVER_SEEN, "step": INQUIRY_STEP, "retryable": True,
+                "reason": "no command with this idempotency key reached the gateway",
+            }  # fmt: skip
+            return Decision([(topics.failed, "PaymentFailed", unseen)], store=False,
+                            label="never_seen")  # fmt: skip
         fault = gateway_fault(config, cmd["command_id"])
         if fault == "transient":
-            failed = {
-                **_envelope(cmd, derived_id(cmd["command_id"], "gateway", "transient"), at),
-                "reason_code": "gateway_unavailable",
-                "reason": "the gateway did not answer (503); retry with the same key",
-                "step": step,
-                "retryable": True,
-            }
-            return Decision([(topics.failed, "PaymentFailed", failed)], store=False,
-                            label="transient")  # fmt: skip
+            return _unavailable(cmd, at, topics)
+        if fault == "lost":
+            return Decision([], store=False, emit=False, label="lost")
         rng = _rng(config.seed, key)
         env = _envelope(cmd, derived_id(key, "gateway", "result"), at)
         money = {"amount_minor": cmd["amount_minor"], "currency": cmd["currency"]}
@@ -364,6 +421,8 @@ class _Loop:
     codec: AvroCodec
     stats: Counter[str]
     store: dict[str, list[_Sent]] = field(default_factory=dict)
+    #: Checked before the key store (the gateway's outages): a Decision overrides all.
+    outage: Callable[[dict[str, Any]], Decision | None] | None = None
 
     def handle(self, topic: str, partition: int, offset: int, value: bytes | None) -> list[_Sent]:
         """The records to send for one command (maybe none); updates store and stats."""
@@ -376,12 +435,13 @@ class _Loop:
                         self.service.kind, topic, partition, offset, exc.reason)  # fmt: skip
             return []
         key = cmd["idempotency_key"]
-        stored = self.store.get(key)
+        down = self.outage(cmd) if self.outage is not None else None
+        stored = self.store.get(key) if down is None else None
         if stored is not None:
-            self.stats["replayed"] += 1
+            self.stats["inquired" if cmd["command_type"] == "INQUIRE" else "replayed"] += 1
             return stored
         try:
-            decision = self.decide(cmd)
+            decision = down or self.decide(cmd)
             pkey = cmd["payment_id"].encode()
             sent = [_Sent(t, pkey, self.codec.encode(n, rec)) for t, n, rec in decision.outputs]
         except ValueError as exc:  # EncodeError included: a bug here, not in the command
@@ -418,6 +478,8 @@ async def run_simulator(
     stop = stop or asyncio.Event()
     stats: Counter[str] = Counter()
     loop = _Loop(service, service.decider(config, topics), AvroCodec(SchemaRegistry()), stats)
+    if isinstance(config, GatewayConfig) and config.outage_ms:
+        loop.outage = gateway_outage(config, topics)
     partitions: dict[str, int] = {}
     line = _StatsLine(0, f"sim {kind}", stats_out) if stats_out is not None else None
 

@@ -18,16 +18,21 @@ from hypothesis import strategies as st
 
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition, invariant_violations
 from paysaga.domain.payment import Outstanding, Payment, PaymentStatus, initiate, status_event
+from paysaga.domain.retry import INQUIRY_STEP, NEVER_SEEN
 from paysaga.domain.saga import (
+    INQUIRING,
     ORDER_SAGA,
     PAYMENT_SAGA,
     SAGAS,
+    SENT,
+    WAITING,
     Command,
     Effects,
     Orchestrator,
     SagaPolicy,
     Unmatched,
     command_id,
+    inquiry_id,
 )
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.models import PaymentInitiated, PaymentStatusChanged
@@ -114,6 +119,16 @@ def by_action(p: Payment, action: str) -> Outstanding:
     return o
 
 
+def silence(orch: Orchestrator, p: Payment, key: str) -> list[Effects]:
+    """Fire the command-deadline timer, on time, until the command under `key` is given up
+    (nobody answers anything, inquiries included); every firing's effects."""
+    out = []
+    while key in p.outstanding:
+        out.append(orch.on_timeout(p, p.outstanding[key].deadline))
+        assert len(out) < 100
+    return out
+
+
 # ---- the simulated-services driver ------------------------------------------------------
 
 
@@ -151,9 +166,14 @@ class Run:
         if eff.rejected or eff.replay or eff.conflict:
             assert not eff.commands and snapshot(p) == before, eff
         for c in sent(eff):
-            assert c.command_id == command_id(c.idempotency_key, c.attempt)
             assert c.command_id not in self.commands, f"command id reused: {c}"
             self.commands[c.command_id] = c
+            if c.action == "INQUIRE":  # about the last attempt sent, under the same key
+                o = p.outstanding[c.idempotency_key]
+                assert c.command_id == inquiry_id(c.idempotency_key, o.inquiries), c
+                assert c.service == "payment" and c.attempt == self.attempts[c.idempotency_key]
+                continue
+            assert c.command_id == command_id(c.idempotency_key, c.attempt)
             shape = (c.service, c.action, c.step, c.role, c.amount_minor)
             assert self.per_key.setdefault(c.idempotency_key, shape) == shape, (c, shape)
             assert c.attempt == self.attempts.get(c.idempotency_key, 0) + 1, c
@@ -196,18 +216,27 @@ def fire_timeout(run: Run, data: st.DataObject) -> str:
     run.clock = max(run.clock, now)
     eff = orch.on_timeout(p, now)
     for key, o in outstanding.items():
+        q = p.outstanding.get(key)
         if o.deadline > now:
-            assert p.outstanding[key] == o, "a command not yet due is left alone"
-        elif key in p.outstanding:
-            assert p.outstanding[key].attempt == o.attempt + 1
-            assert p.outstanding[key].deadline == now + POLICY.command_timeout_ms
+            assert q == o, "a command not yet due is left alone"
+        elif o.phase == WAITING:  # the scheduled retry goes out now, never before
+            assert q is not None and q.deadline == now + POLICY.command_timeout_ms
+            if o.next_inquiry:
+                assert (q.phase, q.inquiries, q.attempt) == (INQUIRING, o.inquiries + 1, o.attempt)
+            else:
+                assert (q.phase, q.attempt) == (SENT, o.attempt + 1)
+        elif o.phase == SENT and o.service == "payment":  # no answer: ask about the key first
+            assert q is not None and (q.phase, q.inquiries) == (INQUIRING, o.inquiries + 1)
+            assert q.attempt == o.attempt
+        elif q is not None:  # still unknown: a retry scheduled at its level's delay
+            assert q.phase == WAITING and q.retries == o.retries + 1
+            assert q.next_inquiry == (o.service == "payment")
+            [r] = [r for r in eff.retries if r.command.idempotency_key == key]
+            level = POLICY.retry.level_of(q.retries)
+            assert level is not None and r.level == level and r.due_at == q.deadline
+            assert q.deadline == now + POLICY.retry.delay_ms(p.retry_variant, level)
         else:  # gave up: manual review
-            limit = (
-                POLICY.compensation_attempts
-                if o.role == "compensation"
-                else POLICY.timeout_attempts
-            )
-            assert o.attempt == limit and eff.review
+            assert o.retries == POLICY.retry.max_retries and eff.review
             run.answered[key] = "no answer"
             run.stuck_refunds += o.amount_minor if o.action == "REFUND" else 0
     if not any(o.deadline <= now for o in outstanding.values()):
@@ -223,6 +252,8 @@ def act(run: Run, data: st.DataObject) -> str:
     choices = ["timeout", "expiry", "capture", "cancel", "refund", "stray", "wrong_kind"]
     if p.outstanding:
         choices += ["answer"] * 8
+    if any(o.phase == INQUIRING for o in p.outstanding.values()):
+        choices += ["inquiry"] * 3
     if p.saga is not None and p.saga.awaiting_request:
         choices += ["capture", "capture", "cancel", "expiry"]
     if p.saga is not None and p.saga.state == "COMPLETED":
@@ -233,7 +264,7 @@ def act(run: Run, data: st.DataObject) -> str:
     if what == "answer":
         o = data.draw(
             st.sampled_from(sorted(p.outstanding.values(), key=lambda o: o.idempotency_key))
-        )
+        ).model_copy()  # as it was: the orchestrator changes the payment's own in place
         ok, failure = orch._expected(p, o)
         success = failure == "_none_" or data.draw(
             st.sampled_from([True] * 3 + [False]), label="success"
@@ -252,9 +283,11 @@ def act(run: Run, data: st.DataObject) -> str:
             return "answer refused"
         run.p = p = q
         key = o.idempotency_key
-        if o.idempotency_key in p.outstanding:  # retried: a new attempt under the same key
-            assert not success and p.outstanding[key].attempt == o.attempt + 1
-            assert [c.idempotency_key for c in eff.commands] == [key]
+        if o.idempotency_key in p.outstanding:  # a retry scheduled, nothing sent now
+            q = p.outstanding[key]
+            assert not success and retryable and q.phase == WAITING
+            assert q.retries == o.retries + 1 and q.attempt == o.attempt and not eff.commands
+            assert [r.command.idempotency_key for r in eff.retries] == [key]
             assert {k: v for k, v in before.items() if k != "outstanding"} == {
                 k: v for k, v in snapshot(p).items() if k != "outstanding"
             }
@@ -267,8 +300,34 @@ def act(run: Run, data: st.DataObject) -> str:
         run.record(eff, before, was_finished)
         return f"answer {o.action} {'ok' if success else 'failed'}"
 
+    if what == "inquiry":  # the gateway on an inquiry: never saw the key, or a 503
+        o = data.draw(st.sampled_from(sorted((o for o in p.outstanding.values()
+                                              if o.phase == INQUIRING),
+                                             key=lambda o: o.idempotency_key))
+                      ).model_copy()  # fmt: skip
+        unseen = data.draw(st.booleans(), label="never seen")
+        n = data.draw(st.integers(1, o.inquiries), label="inquiry")
+        out = GatewayOutcome(kind="FAILED", event_id=f"ev-{next(_ids)}", occurred_at=run.clock,
+                             command_id=inquiry_id(o.idempotency_key, n), step=INQUIRY_STEP,
+                             code=NEVER_SEEN if unseen else "gateway_unavailable",
+                             reason="inquiry", retryable=True)  # fmt: skip
+        q, eff = orch.on_outcome(p, "payment", out, run.clock)
+        key = o.idempotency_key
+        if n < o.inquiries:  # an earlier inquiry's answer: nothing changes
+            assert snapshot(p) == before and not eff.commands and not eff.retries
+        elif key in p.outstanding:
+            r = p.outstanding[key]
+            assert r.phase == WAITING and r.next_inquiry == (not unseen) and not eff.commands
+        else:
+            assert eff.review and o.retries == POLICY.retry.max_retries
+            run.answered[key] = "given up"
+            if o.action == "REFUND" and o.role == "compensation":
+                run.stuck_refunds += o.amount_minor
+        run.record(eff, before, was_finished)
+        return f"inquiry {'never seen' if unseen else 'failed'}"
+
     if what == "timeout":  # one timer firing, or several in a row (exhausting retries)
-        names = [fire_timeout(run, data) for _ in range(data.draw(st.sampled_from([1, 1, 6])))]
+        names = [fire_timeout(run, data) for _ in range(data.draw(st.sampled_from([1, 1, 12])))]
         return "timeout" + (" (review)" if "review" in names else "")
 
     if what == "expiry":
@@ -447,7 +506,7 @@ def test_successful_services_complete_every_saga(
             eff = orch.request_capture(p, "capture-1", "fp", capture, now)
         else:
             o = only(p)
-            if o.attempt < POLICY.timeout_attempts - 1 and data.draw(st.booleans()):
+            if o.retries < POLICY.retry.max_retries - 2 and data.draw(st.booleans()):
                 eff = orch.on_timeout(p, o.deadline)  # the answer is late: a retry goes out
             else:
                 p, eff = answer(orch, p, o, attempt=data.draw(st.integers(1, o.attempt)), now=now)
@@ -459,7 +518,10 @@ def test_successful_services_complete_every_saga(
     assert (p.authorized_minor, p.captured_minor) == (amount, expected_capture)
     assert p.released_minor == amount - expected_capture
     steps = [s.name for s in SAGAS[kind].steps]
-    assert [c.step for c in out if c.attempt == 1] == [*steps, "settle"]
+    assert [c.step for c in out if c.attempt == 1 and c.action != "INQUIRE"] == [
+        *steps,
+        "settle",
+    ]
     p, eff = answer(orch, p, by_action(p, "SETTLE"), now=now)
     assert p.status is S.SETTLED and not p.outstanding and not eff.terminal
 
@@ -589,9 +651,8 @@ def test_in_doubt_before_authorization_is_not_canceled(kind: str, silent: str) -
     orch.start(p, kind, T0)
     while only(p).action != silent:
         p, _ = answer(orch, p, only(p))
-    for _ in range(POLICY.timeout_attempts):
-        eff = orch.on_timeout(p, only(p).deadline)
-    assert eff.terminal and eff.review and f"no answer to {silent}" in eff.review[0]
+    eff = silence(orch, p, only(p).idempotency_key)[-1]
+    assert eff.terminal and eff.review and f"{silent} given up after 9 retries" in eff.review[0]
     assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
     assert p.status is S.INITIATED and p.authorized_minor == 0
     status = published(p, eff, S.INITIATED)
@@ -617,9 +678,15 @@ def test_order_saga_compensates_in_reverse_when_shipping_fails(mode: str, retrie
     assert only(p).action == "CREATE_SHIPMENT"
     p, eff = answer(orch, p, only(p), success=False, retryable=False)
     actions = [c.action for c in eff.commands]
-    # compensations fail and are retried: they must not give up early
+    # compensations fail transiently and are retried at their levels: never early
     for _ in range(retries):
-        p, eff = answer(orch, p, only(p), success=False, retryable=False)
+        p, eff = answer(orch, p, only(p), success=False, retryable=True)
+        assert (
+            not eff.commands
+            and eff.retries
+            and not orch.on_timeout(p, only(p).deadline - 1).changed
+        )
+        eff = orch.on_timeout(p, only(p).deadline)
         actions += [c.action for c in eff.commands]
     p, eff = answer(orch, p, only(p))
     actions += [c.action for c in eff.commands]
@@ -770,14 +837,16 @@ def test_retry_keeps_the_idempotency_key_with_a_new_command_id() -> None:
     p = payment()
     [first] = orch.start(p, "PAYMENT", T0).commands
     p, eff = answer(orch, p, only(p), success=False, retryable=True)
-    [second] = eff.commands
-    eff = orch.on_timeout(p, only(p).deadline)
-    [third] = eff.commands
+    assert not eff.commands  # scheduled, not sent: the timer sends it when due
+    [second] = orch.on_timeout(p, only(p).deadline).commands
+    p, eff = answer(orch, p, only(p), success=False, retryable=True)
+    [third] = orch.on_timeout(p, only(p).deadline).commands
     assert first.idempotency_key == second.idempotency_key == third.idempotency_key
     assert len({first.command_id, second.command_id, third.command_id}) == 3
     assert [c.attempt for c in (first, second, third)] == [1, 2, 3]
     assert first.amount_minor == second.amount_minor == third.amount_minor
     assert p.status is S.INITIATED  # a retryable failure changes nothing but the attempt
+    assert p.retries == 2
     # an answer to the first attempt still answers the command
     p, eff = answer(orch, p, only(p), attempt=1)
     assert p.status is S.AUTHORIZED and [c.action for c in eff.commands] == ["CAPTURE"]
@@ -797,39 +866,132 @@ def only_of(c: Command) -> Outstanding:
     )
 
 
-def test_retryable_failures_are_bounded() -> None:
+def transient_until_given_up(orch: Orchestrator, p: Payment, key: str) -> list[Effects]:
+    """Answer every attempt under `key` with a 503 and send each scheduled retry when due."""
+    out = []
+    while key in p.outstanding:
+        o = p.outstanding[key]
+        if o.phase == WAITING:
+            assert not orch.on_timeout(p, o.deadline - 1).changed  # never early
+            out.append(orch.on_timeout(p, o.deadline))
+        else:
+            _, eff = answer(orch, p, o, success=False, retryable=True, now=o.deadline - 1)
+            out.append(eff)
+        assert len(out) < 100
+    return out
+
+
+def test_transient_failures_retry_by_level_with_the_variant_delays() -> None:
     orch = Orchestrator()
     p = payment()
     orch.start(p, "PAYMENT", T0)
-    for attempt in range(1, POLICY.retry_attempts):
+    variant = POLICY.retry.variant(p.retry_variant)
+    assert p.retry_variant == POLICY.retry.variant_for(p.customer_id).name
+    effs = transient_until_given_up(orch, p, only(p).idempotency_key)
+    retries = [r for eff in effs for r in eff.retries]
+    # seed 000: 2, 2, 2 and 3 retries at levels 1-4, each at its level's delay
+    assert [r.level for r in retries] == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+    assert [r.delay_ms for r in retries] == [variant.delays_ms[r.level - 1] for r in retries]
+    assert [r.command.attempt for r in retries] == list(range(2, 11))
+    assert {r.error_class.value for r in retries} == {"transient"}
+    sends = [c for eff in effs for c in eff.commands if c.action == "AUTHORIZE"]
+    assert [c.attempt for c in sends] == list(range(2, 11)) and p.retries == 9
+    last = effs[-1]
+    assert last.terminal and last.review and "AUTHORIZE given up after 9 retries" in last.review[0]
+    assert last.review_class.value == "transient"
+    assert p.saga is not None and p.saga.state == "FAILED" and p.status is S.FAILED
+
+
+def test_a_transient_failure_recovers_at_level_two() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    levels = []
+    for _ in range(3):
         p, eff = answer(orch, p, only(p), success=False, retryable=True)
-        assert only(p).attempt == attempt + 1
-    p, eff = answer(orch, p, only(p), success=False, retryable=True)
-    assert eff.terminal and p.saga is not None and p.saga.state == "FAILED"
+        levels += [r.level for r in eff.retries]
+        orch.on_timeout(p, only(p).deadline)
+    p, eff = answer(orch, p, only(p))
+    assert levels == [1, 1, 2] and p.status is S.AUTHORIZED and only(p).action == "CAPTURE"
+
+
+def test_permanent_failures_are_never_retried() -> None:
+    orch = Orchestrator()
+    p = payment()
+    orch.start(p, "PAYMENT", T0)
+    p, eff = answer(orch, p, only(p), success=False, retryable=False)  # declined
+    assert not eff.retries and not eff.commands and eff.terminal
+    assert p.status is S.FAILED and p.retries == 0
+    orch, p = manual_authorized()
+    orch.request_cancel(p, "c", "fp", T0)  # the VOID fails permanently: a human decides
+    p, eff = answer(orch, p, only(p), success=False, retryable=False)
+    assert not eff.retries and eff.terminal and eff.review and eff.review_class.value == "permanent"
+    assert p.saga is not None and p.saga.state == "IN_DOUBT" and p.status is S.AUTHORIZED
+
+
+def test_no_answer_is_resolved_by_an_inquiry_without_a_second_authorization() -> None:
+    orch = Orchestrator()
+    p = payment()
+    [auth] = orch.start(p, "PAYMENT", T0).commands
+    [inquiry] = orch.on_timeout(p, only(p).deadline).commands
+    assert (inquiry.action, inquiry.idempotency_key) == ("INQUIRE", auth.idempotency_key)
+    assert inquiry.command_id == inquiry_id(auth.idempotency_key, 1) != auth.command_id
+    assert only(p).phase == INQUIRING
+    # the gateway replays what it recorded for the key: the answer to attempt 1
+    p, eff = answer(orch, p, only(p), attempt=1)
+    assert p.status is S.AUTHORIZED and [c.action for c in eff.commands] == ["CAPTURE"]
+    assert p.retries == 0
+
+
+def test_a_key_the_gateway_never_saw_is_retried_with_the_same_key() -> None:
+    orch = Orchestrator()
+    p = payment()
+    [auth] = orch.start(p, "PAYMENT", T0).commands
+    orch.on_timeout(p, only(p).deadline)  # inquiry 1
+    unseen = GatewayOutcome(kind="FAILED", event_id="ev-unseen", occurred_at=T0,
+                            command_id=inquiry_id(auth.idempotency_key, 1), step=INQUIRY_STEP,
+                            code=NEVER_SEEN, reason="never seen", retryable=True)  # fmt: skip
+    p, eff = orch.on_outcome(p, "payment", unseen, T0 + 10_000)
+    [r] = eff.retries
+    assert not eff.commands and (r.command.action, r.command.attempt, r.level) == (
+        "AUTHORIZE",
+        2,
+        1,
+    )
+    [again] = orch.on_timeout(p, only(p).deadline).commands
+    assert (again.idempotency_key, again.attempt) == (auth.idempotency_key, 2)
+    # a late answer to that inquiry changes nothing
+    before = snapshot(p)
+    p, eff = orch.on_outcome(p, "payment", unseen, T0 + 20_000)
+    assert snapshot(p) == before and not eff.commands and not eff.retries
 
 
 def test_exhausted_timeouts_put_the_saga_in_doubt() -> None:
     orch = Orchestrator()
     p = payment()
     orch.start(p, "PAYMENT", T0)
-    for attempt in range(2, POLICY.timeout_attempts + 1):
-        eff = orch.on_timeout(p, only(p).deadline)
-        assert only(p).attempt == attempt and not eff.review
-    now = only(p).deadline
-    assert not orch.on_timeout(p, now - 1).changed  # not due yet
-    eff = orch.on_timeout(p, now)
-    assert eff.terminal and eff.review and "no answer to AUTHORIZE" in eff.review[0]
+    effs = silence(orch, p, only(p).idempotency_key)
+    sent_ = [c for eff in effs for c in eff.commands]
+    # no answer: ask, then ask again at each level; the command is never sent twice blind
+    assert {c.action for c in sent_} == {"INQUIRE"} and len(sent_) == 10
+    assert all(not eff.review for eff in effs[:-1])
+    eff = effs[-1]
+    assert (
+        eff.terminal
+        and eff.review
+        and "AUTHORIZE given up after 9 retries (unknown)" in (eff.review[0])
+    )
+    assert eff.review_class.value == "unknown"
     assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
-    assert not orch.on_timeout(p, now + 10**9).changed
+    assert not orch.on_timeout(p, T0 + 10**9).changed
 
 
 def test_exhausted_compensation_puts_the_saga_in_doubt() -> None:
     orch, p = manual_authorized()
     orch.request_cancel(p, "c", "fp", T0)
-    for _ in range(1, POLICY.compensation_attempts):
-        p, eff = answer(orch, p, only(p), success=False)
-        assert not eff.terminal
-    p, eff = answer(orch, p, only(p), success=False)
+    effs = transient_until_given_up(orch, p, only(p).idempotency_key)
+    assert not any(eff.terminal for eff in effs[:-1])
+    eff = effs[-1]
     assert eff.terminal and eff.review and p.saga is not None and p.saga.state == "IN_DOUBT"
     assert p.status is S.AUTHORIZED  # the money stays where it is, for a human to decide
 
@@ -838,10 +1000,9 @@ def test_exhausted_refund_timeout_is_reviewed_without_ending_anything() -> None:
     orch, p = completed()
     p, _ = answer(orch, p, by_action(p, "SETTLE"))
     [c] = orch.request_refund(p, "r1", "fp", 100, T0).commands
-    for _ in range(1, POLICY.timeout_attempts):
-        orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
-    eff = orch.on_timeout(p, p.outstanding[c.idempotency_key].deadline)
-    assert eff.review == ["no answer to REFUND after 5 attempts; outcome unknown"]
+    eff = silence(orch, p, c.idempotency_key)[-1]
+    assert eff.review == ["REFUND given up after 9 retries (unknown): no answer to INQUIRE "
+                          "within 10000 ms; outcome unknown"]  # fmt: skip
     assert p.saga is not None
     assert not eff.terminal and not p.outstanding and p.saga.state == "COMPLETED"
     assert p.refunds["r1"].state == "IN_DOUBT" and p.refund_pending_minor == 100
@@ -905,9 +1066,7 @@ def test_a_settlement_the_gateway_reports_after_the_saga_gave_up_still_settles()
     orch, p = completed(1000)
     settle = by_action(p, "SETTLE")
     first = settle.model_copy()
-    for _ in range(POLICY.retry_attempts - 1):
-        p, eff = answer(orch, p, by_action(p, "SETTLE"), success=False, retryable=True)
-    p, eff = answer(orch, p, by_action(p, "SETTLE"), success=False, retryable=True)
+    eff = transient_until_given_up(orch, p, settle.idempotency_key)[-1]
     assert not p.outstanding and eff.review  # gave up: reviewed
     assert p.status is S.CAPTURED
     late = GatewayOutcome(kind="SETTLED", event_id="ev-late", occurred_at=T0 + 5_000,
