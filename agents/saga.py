@@ -41,6 +41,7 @@ from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.experiments import EXPERIMENTS, record_outcome
 from paysaga.tables.payments import PAYMENTS, PaymentCache
 
 #: Durable per-payment timers: unanswered commands (wall clock), uncaptured authorizations
@@ -136,7 +137,7 @@ class SagaAgent:
         agent = topology.agent(
             "paysaga.saga",
             sources=sources,
-            tables=[PAYMENTS],
+            tables=[PAYMENTS, EXPERIMENTS],
             decode=self.decode,
             event_time=lambda v: v[1].occurred_at,
         )
@@ -317,6 +318,10 @@ class SagaAgent:
                               previous=previous, reason=reason and reason[:1000],
                               terminal=eff.terminal, step=eff.step)  # fmt: skip
         self._send_status(ctx, p, status)
+        if eff.terminal and p.saga is not None:  # the A/B retry experiment counts it
+            record_outcome(ctx.table(EXPERIMENTS), p.retry_variant or "NONE",
+                           p.saga.state == "COMPLETED", p.retries,
+                           occurred_at - p.created_at)  # fmt: skip
         for why in eff.review:
             ctx.review("saga", why, key, _review_value(p), PAYMENTS,
                        error_class=eff.review_class.value)  # fmt: skip

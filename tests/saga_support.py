@@ -127,6 +127,16 @@ class World:
         """Every committed record of `topic` (key, value, headers, partition, offset)."""
         return asyncio.run(read_all(self.settings.bootstrap, topic))
 
+    def retries(self, payment_id: str | None = None) -> list[dict[str, Any]]:
+        """Every committed RetryScheduled record, of every level, each with its `topic`."""
+        out = []
+        for level in range(1, self.settings.retry_policy().levels + 1):
+            for r in self._read(self.t.retry(level)):
+                rec = CODEC.decode(r.value, "RetryScheduled")
+                if payment_id is None or rec["payment_id"] == payment_id:
+                    out.append({**rec, "_offset": (r.partition, r.offset)})
+        return out
+
     def commands(self, payment_id: str | None = None) -> list[dict[str, Any]]:
         """Every committed command (of every service), each with its `service`."""
         out = []
@@ -134,7 +144,8 @@ class World:
             for r in self._read(topic):
                 cmd = CODEC.decode(r.value, COMMAND_SCHEMAS[service])
                 if payment_id is None or cmd["payment_id"] == payment_id:
-                    out.append({**cmd, "service": service, "_offset": (r.partition, r.offset)})
+                    out.append({**cmd, "service": service, "_offset": (r.partition, r.offset),
+                                "_timestamp": r.timestamp})  # fmt: skip
         return out
 
     def statuses(self, payment_id: str | None = None) -> list[dict[str, Any]]:
@@ -174,6 +185,7 @@ class _Read:
     headers: tuple[tuple[str, bytes], ...]
     partition: int
     offset: int
+    timestamp: int | None
 
 
 class DriverWorld(World):
@@ -194,5 +206,5 @@ class DriverWorld(World):
                          timestamp=record["occurred_at"], headers=headers)  # fmt: skip
 
     def _read(self, topic: str) -> list[Any]:
-        return [_Read(o.key, o.value, o.headers, o.partition, i)
+        return [_Read(o.key, o.value, o.headers, o.partition, i, o.timestamp)
                 for i, o in enumerate(self.driver.outputs(topic))]  # fmt: skip

@@ -268,6 +268,14 @@ def _recon(args: argparse.Namespace) -> int:
     return render_show(views, sys.stdout, args.window[0], args.window[1], start)
 
 
+def _experiments(args: argparse.Namespace) -> int:
+    from paysaga.streams.ops.experiments_view import load, render_report
+
+    settings = _settings(args)
+    control = args.control or settings.retry_policy().variants[0].name
+    return render_report(asyncio.run(load(settings)), control, sys.stdout)
+
+
 def _watch(args: argparse.Namespace) -> int:
     from paysaga.streams.ops.inspection import watch
 
@@ -400,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="list: only windows with open problems")
     _env_opt(p, "--limit", "PAYSAGA_RECON_LIMIT", 50, int, help="list: rows (the latest)")
     _settings_opts(p, "bootstrap", "topic_prefix")
+
+    p = cmd("experiments", _experiments, "the A/B retry strategies compared (docs/retries.md)")
+    p.add_argument("action", choices=("report",))
+    p.add_argument("--control", help="the variant compared against (default: the first "
+                                      "configured, CONTROL)")  # fmt: skip
+    _settings_opts(p, "bootstrap", "topic_prefix", "app_id", "retry_variants")
 
     p = cmd("watch", _watch, "live counts of payment.status outcomes and the DLQ")
     _settings_opts(p, "bootstrap", "topic_prefix")

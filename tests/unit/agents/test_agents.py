@@ -112,7 +112,7 @@ def test_a_duplicate_answer_is_applied_once(world: DriverWorld) -> None:
     assert [c["command_type"] for c in world.commands(pid)] == ["AUTHORIZE", "CAPTURE"]
 
 
-def test_an_unanswered_command_is_retried_with_the_same_idempotency_key(
+def test_an_unanswered_command_is_inquired_about_then_retried_with_the_same_key(
     world: DriverWorld,
 ) -> None:
     p = world.initiate(request())
@@ -121,9 +121,23 @@ def test_an_unanswered_command_is_retried_with_the_same_idempotency_key(
     world.driver.advance_wall_clock(9_000)
     assert len(world.commands(pid)) == 1  # not due yet
     world.driver.advance_wall_clock(2_000)
+    inquiry = world.wait_command(pid, "INQUIRE")
+    assert inquiry["idempotency_key"] == first["idempotency_key"] and inquiry["attempt"] == 1
+    world.answer(inquiry, "FAILED", code="never_seen", reason="never seen", retryable=True)
+    [retry] = world.retries(pid)
+    assert (retry["action"], retry["attempt"], retry["level"]) == ("AUTHORIZE", 2, 1)
+    assert (
+        retry["error_class"] == "transient" and retry["idempotency_key"] == first["idempotency_key"]
+    )
+    delay = retry["delay_ms"]
+    assert retry["variant"] in ("CONTROL", "TEST_A", "TEST_B") and delay in (500, 1000, 2000)
+    world.driver.advance_wall_clock(delay - 1)
+    assert [c["command_type"] for c in world.commands(pid)] == ["AUTHORIZE", "INQUIRE"]
+    world.driver.advance_wall_clock(1)
     second = world.wait_command(pid, "AUTHORIZE", n=2)
     assert second["idempotency_key"] == first["idempotency_key"]
     assert (second["attempt"], second["command_id"] != first["command_id"]) == (2, True)
+    assert second["command_id"] == retry["command_id"]
 
 
 def test_a_step_answered_late_keeps_its_deadline_and_is_never_resent_early(
@@ -150,9 +164,9 @@ def test_a_step_answered_late_keeps_its_deadline_and_is_never_resent_early(
     world.driver.advance_wall_clock(7_000)  # 17.5 s: still not due
     assert len(world.commands(pid)) == 2
     world.driver.advance_wall_clock(1_000)
-    again = world.wait_command(pid, "CAPTURE", n=2)
-    assert again["attempt"] == 2
-    world.answer(again, "CAPTURED")
+    inquiry = world.wait_command(pid, "INQUIRE")  # overdue: what became of the CAPTURE?
+    assert inquiry["attempt"] == 1
+    world.answer(world.wait_command(pid, "CAPTURE"), "CAPTURED")  # the recorded outcome
     # The SETTLE goes to the merchant's batch, not to the gateway: its answer is awaited
     # from the batch's submission on, so the one timer left is armed a day out.
     assert "SETTLE" not in [c["command_type"] for c in world.commands(pid)]

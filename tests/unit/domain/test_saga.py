@@ -284,9 +284,10 @@ def act(run: Run, data: st.DataObject) -> str:
         run.p = p = q
         key = o.idempotency_key
         if o.idempotency_key in p.outstanding:  # a retry scheduled, nothing sent now
-            q = p.outstanding[key]
-            assert not success and retryable and q.phase == WAITING
-            assert q.retries == o.retries + 1 and q.attempt == o.attempt and not eff.commands
+            waiting = p.outstanding[key]
+            assert not success and retryable and waiting.phase == WAITING
+            assert waiting.retries == o.retries + 1 and waiting.attempt == o.attempt
+            assert not eff.commands
             assert [r.command.idempotency_key for r in eff.retries] == [key]
             assert {k: v for k, v in before.items() if k != "outstanding"} == {
                 k: v for k, v in snapshot(p).items() if k != "outstanding"

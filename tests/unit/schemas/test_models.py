@@ -197,6 +197,8 @@ def status(**overrides: Any) -> dict[str, Any]:
         "saga_state": "COMPLETED",
         "step": "capture",
         "terminal": True,
+        "retry_variant": "TEST_A",
+        "retries": 2,
     }
     return {**base, **overrides}
 

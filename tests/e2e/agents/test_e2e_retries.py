@@ -1,0 +1,183 @@
+"""Retries end to end through the broker: levels and their delays, never early, inquiries
+about unanswered keys, declines never retried, exhaustion to the DLQ, and a payment waiting
+at a long level holding up nobody. The test plays the gateway; delays are short and
+configurable (`PAYSAGA_RETRY_VARIANTS`), except in the test of the real 1 s level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from paysaga.domain.retry import RetryPolicy
+from paysaga.streams.app.topics import create_topics
+from tests.saga_support import World
+from tests.samples import initiated
+from tests.support import WorkerProcess, isolated_settings, wait_for
+
+_seq = iter(range(50_000, 60_000))
+#: One variant, short levels: 0.3 s, 0.6 s, 0.9 s, then a long 300 s level.
+FAST = "FAST:1:300,600,900,300000"
+
+
+def request(**overrides) -> dict:
+    n = next(_seq)
+    defaults = {"saga": "PAYMENT", "items": [], "capture_mode": "AUTOMATIC"}
+    return initiated(1, seed=n, **{**defaults, **overrides})[0]
+
+
+@pytest.fixture(scope="module")
+def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp: Path = tmp_path_factory.mktemp("retries")
+    settings = isolated_settings(broker.bootstrap, tmp / "state", "retries",
+                                 command_timeout_ms=1_500, punctuate_ms=100,
+                                 retry_attempts="2,2,2,3", retry_variants=FAST)  # fmt: skip
+    asyncio.run(create_topics(settings))
+    worker = WorkerProcess(settings, tmp / "worker.log").start()
+    yield World(settings)
+    worker.kill()
+
+
+def never_early(world: World, pid: str) -> None:
+    """Every retry went out at or after its due time, by the records' own timestamps."""
+    sent = {c["command_id"]: c["_timestamp"] for c in world.commands(pid)}
+    for r in world.retries(pid):
+        if r["command_id"] in sent:
+            assert sent[r["command_id"]] >= r["due_at"], r
+
+
+def test_a_transient_failure_recovers_at_level_two(world: World) -> None:
+    p = world.initiate(request())
+    pid = p["payment_id"]
+    for n in range(1, 4):
+        cmd = world.wait_command(pid, "AUTHORIZE", n=n)
+        world.answer(cmd, "FAILED", code="gateway_unavailable", retryable=True,
+                     reason="503")  # fmt: skip
+    world.answer(world.wait_command(pid, "AUTHORIZE", n=4), "AUTHORIZED")
+    world.answer(world.wait_command(pid, "CAPTURE"), "CAPTURED")
+    final = world.terminal(pid)
+    assert final["saga_state"] == "COMPLETED" and final["retry_variant"] == "FAST"
+    assert final["retries"] == 3
+    retries = world.retries(pid)
+    assert [(r["level"], r["delay_ms"], r["attempt"]) for r in retries] == [
+        (1, 300, 2), (1, 300, 3), (2, 600, 4)]  # fmt: skip
+    assert {r["error_class"] for r in retries} == {"transient"}
+    keys = {c["idempotency_key"] for c in world.commands(pid) if c["command_type"] == "AUTHORIZE"}
+    assert keys == {f"{pid}:authorize:action"}
+    never_early(world, pid)
+
+
+def test_declines_are_never_retried(world: World) -> None:
+    p = world.initiate(request())
+    pid = p["payment_id"]
+    world.answer(world.wait_command(pid, "AUTHORIZE"), "FAILED", reason="card declined")
+    final = world.terminal(pid)
+    assert (final["status"], final["retries"]) == ("FAILED", 0)
+    assert [c["command_type"] for c in world.commands(pid)] == ["AUTHORIZE"]
+    assert world.retries(pid) == []
+
+
+def test_an_unknown_outcome_the_gateway_acted_on_is_resolved_without_a_second_authorization(
+    world: World,
+) -> None:
+    p = world.initiate(request())
+    pid = p["payment_id"]
+    auth = world.wait_command(pid, "AUTHORIZE")  # and then silence: the answer was lost
+    inquiry = world.wait_command(pid, "INQUIRE", timeout=30)
+    assert inquiry["idempotency_key"] == auth["idempotency_key"]
+    world.answer(auth, "AUTHORIZED")  # the gateway replays what it recorded for the key
+    world.answer(world.wait_command(pid, "CAPTURE"), "CAPTURED")
+    assert world.terminal(pid)["saga_state"] == "COMPLETED"
+    assert [c["command_type"] for c in world.commands(pid)].count("AUTHORIZE") == 1
+
+
+def test_a_key_the_gateway_never_saw_is_sent_again_with_the_same_key(world: World) -> None:
+    p = world.initiate(request())
+    pid = p["payment_id"]
+    auth = world.wait_command(pid, "AUTHORIZE")
+    inquiry = world.wait_command(pid, "INQUIRE", timeout=30)
+    world.answer(inquiry, "FAILED", code="never_seen", reason="never seen", retryable=True)
+    again = world.wait_command(pid, "AUTHORIZE", n=2)
+    assert (again["idempotency_key"], again["attempt"]) == (auth["idempotency_key"], 2)
+    world.answer(again, "AUTHORIZED")
+    world.answer(world.wait_command(pid, "CAPTURE"), "CAPTURED")
+    assert world.terminal(pid)["saga_state"] == "COMPLETED"
+    never_early(world, pid)
+
+
+def test_a_payment_waiting_at_the_long_level_holds_up_nobody(world: World) -> None:
+    slow = world.initiate(request())
+    sid = slow["payment_id"]
+    for n in range(1, 7):  # six 503s: levels 1, 1, 2, 2, 3, 3; the seventh waits 300 s
+        cmd = world.wait_command(sid, "AUTHORIZE", n=n)
+        world.answer(cmd, "FAILED", code="gateway_unavailable", retryable=True, reason="503")
+    wait_for(lambda: len(world.retries(sid)) == 7, 30, what="the level-4 retry")
+    level4 = world.retries(sid)[-1]
+    assert (level4["level"], level4["delay_ms"]) == (4, 300_000)
+    others = [world.initiate(request()) for _ in range(5)]
+    for o in others:  # same partitions, same worker: they complete meanwhile
+        world.answer(world.wait_command(o["payment_id"], "AUTHORIZE"), "AUTHORIZED")
+        world.answer(world.wait_command(o["payment_id"], "CAPTURE"), "CAPTURED")
+        assert world.terminal(o["payment_id"])["saga_state"] == "COMPLETED"
+    # the waiting payment's later events are processed in order against its state:
+    # the late answer to its first attempt authorizes it, and the retry is not sent
+    world.answer(world.wait_command(sid, "AUTHORIZE", n=1), "AUTHORIZED")
+    world.answer(world.wait_command(sid, "CAPTURE"), "CAPTURED")
+    assert world.terminal(sid)["saga_state"] == "COMPLETED"
+    assert [c["command_type"] for c in world.commands(sid)].count("AUTHORIZE") == 7
+    never_early(world, sid)
+
+
+def test_exhausted_retries_land_in_the_dlq_with_every_header(broker, tmp_path: Path) -> None:
+    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "exhaust",
+                                 command_timeout_ms=5_000, punctuate_ms=100,
+                                 retry_attempts="1,1", retry_variants="X:1:100,200")  # fmt: skip
+    asyncio.run(create_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        world = World(settings)
+        p = world.initiate(request())
+        pid = p["payment_id"]
+        for n in range(1, 4):
+            cmd = world.wait_command(pid, "AUTHORIZE", n=n)
+            world.answer(cmd, "FAILED", code="gateway_unavailable", retryable=True, reason="503")
+        final = world.terminal(pid)
+        assert (final["saga_state"], final["status"], final["retries"]) == ("FAILED", "FAILED", 2)
+        [(key, h)] = wait_for(world.dead_letters, 30, what="the review letter")
+        assert key == pid.encode() and h["paysaga.error.kind"] == "saga"
+        assert h["paysaga.error.class"] == "transient"
+        assert "AUTHORIZE given up after 2 retries" in h["paysaga.error.reason"]
+        for name in ("paysaga.source.topic", "paysaga.first_failed_at", "paysaga.last_failed_at",
+                     "paysaga.attempts"):  # fmt: skip
+            assert name in h, name
+        assert [r["level"] for r in world.retries(pid)] == [1, 2]
+    finally:
+        worker.kill()
+
+
+def test_the_real_one_second_level(broker, tmp_path: Path) -> None:
+    """The default CONTROL strategy's first level, 1 s, measured from the records."""
+    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "onesec",
+                                 retry_variants="CONTROL:1:1000,5000,30000,300000",
+                                 punctuate_ms=100)  # fmt: skip
+    assert RetryPolicy.parse(settings.retry_attempts, settings.retry_variants).levels == 4
+    asyncio.run(create_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        world = World(settings)
+        p = world.initiate(request())
+        pid = p["payment_id"]
+        world.answer(world.wait_command(pid, "AUTHORIZE"), "FAILED", code="gateway_unavailable",
+                     retryable=True, reason="503")  # fmt: skip
+        second = world.wait_command(pid, "AUTHORIZE", n=2)
+        [r] = world.retries(pid)
+        assert (r["level"], r["delay_ms"], r["variant"]) == (1, 1000, "CONTROL")
+        assert second["_timestamp"] >= r["due_at"]
+        # scheduled when the failure was processed: the send came a second or more later
+        failure_seen = r["due_at"] - 1000
+        assert second["_timestamp"] - failure_seen >= 1000
+    finally:
+        worker.kill()
