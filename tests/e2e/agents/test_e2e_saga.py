@@ -326,6 +326,11 @@ def test_unanswered_command_is_retried_after_its_timeout(broker, tmp_path: Path)
         p = world.initiate(request())
         pid = p["payment_id"]
         first = world.wait_command(pid, "AUTHORIZE")
+        # No answer: the gateway may have acted, so it is asked about the key first
+        # (docs/retries.md); only a key it never saw is sent again, with the same key.
+        inquiry = world.wait_command(pid, "INQUIRE", timeout=30)
+        assert inquiry["idempotency_key"] == first["idempotency_key"]
+        world.answer(inquiry, "FAILED", code="never_seen", reason="never seen", retryable=True)
         second = world.wait_command(pid, "AUTHORIZE", n=2, timeout=30)
         assert second["idempotency_key"] == first["idempotency_key"]
         assert second["attempt"] == 2 and second["command_id"] != first["command_id"]
