@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from paysaga.domain.breaker import Transition
 from paysaga.domain.payment import Payment, derived_id
 from paysaga.domain.saga import Command, ScheduledRetry
 from paysaga.schemas.models import PaymentInitiated
 
 STATUS = "PaymentStatusChanged"
 RETRY = "RetryScheduled"
+BREAKER_TRANSITION = "BreakerTransition"
 #: Avro record of each service's commands.
 COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
                    "shipping": "ShippingCommand"}  # fmt: skip
@@ -79,4 +81,16 @@ def retry_record(p: Payment, r: ScheduledRetry, cause: str, occurred_at: int) ->
         "retry": r.retry, "level": r.level,
         "due_at": r.due_at, "delay_ms": r.delay_ms, "variant": r.variant,
         "error_class": r.error_class.value, "reason": r.reason[:1000],
+    }  # fmt: skip
+
+
+def breaker_record(t: Transition, partition: int, seq: int, held: int,
+                   config: str) -> dict[str, Any]:  # fmt: skip
+    """The BreakerTransition record of one state change of a task's breaker."""
+    return {
+        "event_id": derived_id("breaker", "gateway", str(partition), str(seq)),
+        "occurred_at": t.at_ms, "breaker": "gateway", "task_partition": partition,
+        "sequence": seq, "from_state": t.from_state.value, "to_state": t.to_state.value,
+        "failure_rate_pct": t.failure_rate_pct, "calls": t.calls, "held": held,
+        "reason": t.reason[:1000], "config": config,
     }  # fmt: skip

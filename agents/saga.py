@@ -12,6 +12,7 @@ authorization expiry (stream time).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +22,23 @@ from pydantic import BaseModel, ValidationError
 
 from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
 from paysaga.agents.outputs import (
+    BREAKER_TRANSITION,
     COMMAND_SCHEMAS,
     RETRY,
     STATUS,
+    breaker_record,
     command_record,
     compact_json,
     retry_record,
 )
 from paysaga.agents.rekey import forward, source_of
+from paysaga.domain.breaker import Breaker, BreakerConfig, BreakerState, Transition
 from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
-from paysaga.domain.saga import Effects, Orchestrator, Unmatched
+from paysaga.domain.retry import gateway_failed
+from paysaga.domain.saga import Command, Effects, Orchestrator, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.decoding import EdgeDecoder
@@ -41,13 +46,21 @@ from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.breaker import BREAKER, GATEWAY, BreakerStore
 from paysaga.tables.experiments import EXPERIMENTS, record_outcome
 from paysaga.tables.payments import PAYMENTS, PaymentCache
+from paysaga.tables.transaction import TableTransaction
 
 #: Durable per-payment timers: unanswered commands (wall clock), uncaptured authorizations
 #: (event time, so a replay voids exactly the same ones).
 COMMAND_DEADLINE = "command-deadline"
 AUTH_EXPIRY = "auth-expiry"
+#: The task's circuit breaker: its wait in the open state, and releasing what it held.
+BREAKER_TICK = "breaker-tick"
+#: Held payments released per wall-clock punctuation once the breaker closed.
+RELEASE_PAGE = 500
+
+log = logging.getLogger(__name__)
 
 
 def _reversal(e: ev.PaymentReversed) -> str:
@@ -102,6 +115,7 @@ class SagaAgent:
         orchestrator: Orchestrator,
         intake: IntakeStep | None = None,
         edge: EdgeDecoder | None = None,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self.codec = codec
         self.topics = topics
@@ -112,6 +126,9 @@ class SagaAgent:
         #: Shared with reconciliation, which reads payment.captured too.
         self.edge = edge or EdgeDecoder(codec)
         self.payments = PaymentCache()
+        #: Each task's circuit breaker on the gateway (docs/retries.md#the-circuit-breaker).
+        self.breakers = BreakerStore(breaker or BreakerConfig())
+        self._breaker_spec = self.breakers.config.spec()
         t = topics
         self.sources: dict[str, Source] = {
             t.authorized: Source("PaymentAuthorized", ev.PaymentAuthorized, "payment",
@@ -137,13 +154,14 @@ class SagaAgent:
         agent = topology.agent(
             "paysaga.saga",
             sources=sources,
-            tables=[PAYMENTS, EXPERIMENTS],
+            tables=[PAYMENTS, EXPERIMENTS, BREAKER],
             decode=self.decode,
             event_time=lambda v: v[1].occurred_at,
         )
         saga = agent(self.process)
         saga.timer(COMMAND_DEADLINE, PAYMENTS, PunctuationType.WALL_CLOCK)(self._timeout)
         saga.timer(AUTH_EXPIRY, PAYMENTS, PunctuationType.STREAM_TIME)(self._expiry)
+        saga.timer(BREAKER_TICK, BREAKER, PunctuationType.WALL_CLOCK)(self._breaker_tick)
 
     # ---- per record ---------------------------------------------------------------------
     def decode(self, record: ConsumerRecord) -> tuple[str, Any]:
@@ -216,6 +234,9 @@ class SagaAgent:
             self._reject(ctx, current, event, str(exc))
             return
         payment.record(event.event_id, type(event).__name__, event.occurred_at)
+        if source.service == "payment" and outcome.kind != "SETTLED" and outcome.step != "settle":
+            failed = gateway_failed(outcome.kind, outcome.retryable, outcome.code)
+            self._record_calls(ctx, (not failed,))
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, previous)
 
     def _request(self, ctx: ProcessorContext, event: ev.PaymentRequest, current: Payment) -> None:
@@ -293,6 +314,15 @@ class SagaAgent:
                 else:
                     timers.set(key, due)
         p.timer_wall, p.timer_event = wall, event
+        held = self.orch.held(p) > 0
+        if held != (p.held_at is not None):  # into or out of the breaker's held index
+            table = ctx.table(BREAKER)
+            if held:
+                p.held_at = ctx.wall_clock_ms()
+                self.breakers.hold(table, key, p.held_at)
+            else:
+                p.held_at = None
+                self.breakers.release(table, key)
         self.payments.store(ctx.table(PAYMENTS), key, p)
 
     def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
@@ -300,6 +330,9 @@ class SagaAgent:
         """Store the payment and send what the input caused: commands, retries scheduled,
         one status, reviews. `sent_at`: the wall clock a timer sends its commands at (their
         record timestamp, so a retry's send time is in Kafka, docs/retries.md)."""
+        gated = [c for c in eff.commands if self.orch.gated(c)]
+        if gated:  # the breaker decides at the send time the records will carry
+            self._gate(ctx, p, eff, gated, ctx.wall_clock_ms() if sent_at is None else sent_at)
         self._store(ctx, p)
         key = p.payment_id.encode()
         for command in eff.commands:
@@ -359,12 +392,98 @@ class SagaAgent:
             current.timer_event = None
         previous, version, updated_at = current.status.value, current.version, current.updated_at
         effects = run(current)
+        if effects.unanswered:
+            self._record_calls(ctx, (False,) * effects.unanswered)
         if not effects.changed:  # nothing was due after all: just re-arm the timers
             self._store(ctx, current)
             return
         cause = derived_id(current.payment_id, kind, str(due), str(version))
         current.version += 1
         self._commit(ctx, current, effects, cause, max(due, updated_at), previous, sent_at)
+
+    # ---- the circuit breaker (docs/retries.md#the-circuit-breaker) ----------------------
+    def _gate(self, ctx: ProcessorContext, p: Payment, eff: Effects, gated: list[Command],
+              now: int) -> None:  # fmt: skip
+        """Ask the task's breaker about each gateway call of `eff`; hold the refused ones."""
+        table = ctx.table(BREAKER)
+        b, seq = self.breakers.load(table, ctx.partition)
+        if b.state is BreakerState.CLOSED:
+            return  # the common case: every call goes out, nothing to write
+        held = []
+        for c in gated:
+            allowed, moved = b.allow(now)
+            seq = self._transitioned(ctx, table, b, seq, moved)
+            if not allowed:
+                held.append(c)
+        self.breakers.store(table, ctx.partition, b, seq)
+        if held:
+            self.orch.hold(p, eff, held)
+
+    def _record_calls(self, ctx: ProcessorContext, outcomes: tuple[bool, ...]) -> None:
+        """Gateway calls answered (True: the gateway worked) or unanswered (False)."""
+        table = ctx.table(BREAKER)
+        b, seq = self.breakers.load(table, ctx.partition)
+        if b.state is BreakerState.OPEN:
+            return  # an answer to a call let through before it opened: not counted
+        now = ctx.wall_clock_ms()
+        for ok in outcomes:
+            seq = self._transitioned(ctx, table, b, seq, b.record(ok, now))
+        self.breakers.store(table, ctx.partition, b, seq)
+
+    def _transitioned(self, ctx: ProcessorContext, table: TableTransaction, b: Breaker, seq: int,
+                      t: Transition | None) -> int:  # fmt: skip
+        """One transition: its record on paysaga.breaker, and the breaker's timer set to
+        what comes next (the end of the wait, or releasing what is held)."""
+        if t is None:
+            return seq
+        seq += 1
+        held = self.breakers.held(table)
+        log.warning("task %d: gateway breaker %s -> %s (%s); %d payments held", ctx.partition,
+                    t.from_state.value, t.to_state.value, t.reason, held)  # fmt: skip
+        ctx.emit(self.topics.breaker, BREAKER_TRANSITION,
+                 breaker_record(t, ctx.partition, seq, held, self._breaker_spec),
+                 key=b"%d" % ctx.partition, timestamp=t.at_ms)  # fmt: skip
+        self._arm_breaker(ctx, b, held, t.at_ms)
+        return seq
+
+    def _arm_breaker(self, ctx: ProcessorContext, b: Breaker, held: int, now: int) -> None:
+        timers = ctx.timers(BREAKER_TICK)
+        change = b.next_change_ms()
+        if change is not None:
+            timers.set(GATEWAY, change)
+        elif held and (b.state is BreakerState.CLOSED or b.half_open_free()):
+            timers.set(GATEWAY, now)  # release at the next punctuation
+        else:
+            timers.cancel(GATEWAY)
+
+    def _breaker_tick(self, ctx: ProcessorContext, key: bytes, due: int) -> None:
+        """The breaker's timer: end the wait in the open state, and release held payments,
+        the oldest first (a page per punctuation when closed; half open, as many as it
+        permits). Each release goes out through the breaker like any call."""
+        table = ctx.table(BREAKER)
+        now = ctx.wall_clock_ms()
+        b, seq = self.breakers.load(table, ctx.partition)
+        seq = self._transitioned(ctx, table, b, seq, b.tick(now))
+        self.breakers.store(table, ctx.partition, b, seq)
+        budget = RELEASE_PAGE if b.state is BreakerState.CLOSED else b.half_open_free()
+        for held in self.breakers.oldest(table, budget):
+            self._release(ctx, held, now)
+        b, _ = self.breakers.load(table, ctx.partition)
+        self._arm_breaker(ctx, b, self.breakers.held(table), now + 1)
+
+    def _release(self, ctx: ProcessorContext, key: bytes, now: int) -> None:
+        current = self.payments.load(ctx.table(PAYMENTS), key)
+        if current is None or not self.orch.held(current):
+            self.breakers.release(ctx.table(BREAKER), key)  # answered or ended meanwhile
+            if current is not None:
+                current.held_at = None
+                self.payments.store(ctx.table(PAYMENTS), key, current)
+            return
+        previous, version = current.status.value, current.version
+        effects = self.orch.release(current, now)
+        cause = derived_id(current.payment_id, "release", str(version))
+        current.version += 1
+        self._commit(ctx, current, effects, cause, max(now, current.updated_at), previous, now)
 
 
 def _review_value(p: Payment) -> bytes:

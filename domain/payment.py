@@ -165,6 +165,9 @@ class Payment(BaseModel):
     #: Due times currently in the table's timer indexes (so they can be moved or cleared).
     timer_wall: int | None = None
     timer_event: int | None = None
+    #: Wall clock at which the circuit breaker first held one of its commands, while it
+    #: holds any (the payment is then in the breaker table's held index).
+    held_at: int | None = None
     #: The A/B retry strategy of the customer (domain/retry.py), fixed at the start.
     retry_variant: str | None = None
     #: Commands sent again so far (the experiments' average retry count).

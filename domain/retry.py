@@ -41,6 +41,13 @@ def classify(retryable: bool) -> ErrorClass:
     return ErrorClass.TRANSIENT if retryable else ErrorClass.PERMANENT
 
 
+def gateway_failed(kind: str, retryable: bool, code: str | None) -> bool:
+    """Does an answer count as a failed call for the gateway's circuit breaker? Only a
+    transient failure (the gateway could not act); a decline is the gateway working, and
+    "never seen" is the gateway answering an inquiry."""
+    return kind == "FAILED" and retryable and code != NEVER_SEEN
+
+
 @dataclass(frozen=True)
 class Variant:
     """One retry strategy: its share of customers (a weight) and its delay per level."""

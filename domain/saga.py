@@ -137,6 +137,8 @@ class Effects:
     retries: list[ScheduledRetry] = field(default_factory=list)
     #: The error class of each review reason (the DLQ record says it).
     review_class: ErrorClass = ErrorClass.UNKNOWN
+    #: Gateway calls found unanswered past their deadline (failures, for the breaker).
+    unanswered: int = 0
 
     @property
     def changed(self) -> bool:
@@ -286,7 +288,8 @@ class Orchestrator:
         else:
             o.attempt += 1
             o.phase = SENT
-            p.retries += 1
+            if o.attempt > 1:  # a first attempt the breaker held is no re-send
+                p.retries += 1
         o.next_inquiry, o.deadline = False, now + self.policy.command_timeout_ms
         eff.commands.append(c)
         eff.notes.append(f"{c.action} sent (retry {o.retries}, attempt {o.attempt})")
@@ -296,6 +299,45 @@ class Orchestrator:
         o.next_inquiry = True
         self._retry_now(p, eff, o, now)
         eff.notes[-1] = f"no answer to {o.action}: inquiry {o.inquiries} about its key sent"
+
+    # ---- the circuit breaker (domain/breaker.py, docs/retries.md#the-circuit-breaker) ---
+    @staticmethod
+    def gated(c: Command) -> bool:
+        """Does the gateway's circuit breaker decide whether `c` goes out now? Every call
+        the saga makes to the card gateway; a SETTLE goes out with its merchant's batch
+        (the settlement agent) and is not the saga's call to hold."""
+        return c.service == "payment" and c.action != "SETTLE"
+
+    def hold(self, p: Payment, eff: Effects, held: list[Command]) -> None:
+        """The commands of `eff` the open breaker refused: not sent, their outstanding
+        HELD. Their counters go back to what was sent, so a held command burns no attempt
+        and a release sends exactly these commands, with the same ids."""
+        for c in held:
+            eff.commands.remove(c)
+            o = p.outstanding[c.idempotency_key]
+            if c.action == "INQUIRE":
+                o.inquiries -= 1
+                o.next_inquiry = True
+            else:
+                o.attempt -= 1
+                o.next_inquiry = False
+                if c.attempt > 1:
+                    p.retries -= 1
+            o.phase = HELD
+            eff.notes.append(f"{c.action} held: the gateway's circuit breaker is open")
+
+    def release(self, p: Payment, now: int) -> Effects:
+        """Send what the breaker held for `p` (it let them through): no attempt was spent
+        while held, so each goes out as the attempt or inquiry it would have been."""
+        eff = Effects()
+        for o in sorted(p.outstanding.values(), key=lambda o: o.idempotency_key):
+            if o.phase == HELD:
+                self._retry_now(p, eff, o, now)
+                eff.notes[-1] = f"{eff.commands[-1].action} released by the circuit breaker"
+        return eff
+
+    def held(self, p: Payment) -> int:
+        return sum(1 for o in p.outstanding.values() if o.phase == HELD)
 
     # ---- compensation -------------------------------------------------------------------
     def _compensate(self, p: Payment, eff: Effects, reason: str, now: int) -> None:
@@ -534,6 +576,8 @@ class Orchestrator:
             if o.phase == WAITING:
                 self._retry_now(p, eff, o, now)
                 continue
+            if o.service == "payment" and o.action != "SETTLE":
+                eff.unanswered += 1  # a failed call, for the circuit breaker
             if o.phase == SENT and o.service == "payment":
                 self._inquire(p, eff, o, now)
                 continue

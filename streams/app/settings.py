@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from paysaga.domain.breaker import BreakerConfig
 from paysaga.domain.retry import DEFAULT_ATTEMPTS, DEFAULT_VARIANTS, RetryPolicy
 
 ENV_PREFIX = "PAYSAGA_"
@@ -61,6 +62,11 @@ class Settings(BaseModel):
         DEFAULT_VARIANTS,
         description="A/B retry strategies, NAME:WEIGHT:DELAY_MS,... per level, ';'-separated; "
         "the first is the control",
+    )
+    breaker: str = Field(
+        BreakerConfig().spec(),
+        description="the gateway circuit breaker per saga task: threshold=PCT,window=CALLS,"
+        "min=CALLS,wait_ms=MS,half_open=CALLS (any subset; docs/retries.md)",
     )
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
     idle_ms: int = Field(
@@ -117,6 +123,15 @@ class Settings(BaseModel):
     def _retry_policy(cls, v: str, info: Any) -> str:
         RetryPolicy.parse(info.data.get("retry_attempts", DEFAULT_ATTEMPTS), v)  # or ValueError
         return v
+
+    @field_validator("breaker")
+    @classmethod
+    def _breaker(cls, v: str) -> str:
+        BreakerConfig.parse(v)  # or ValueError, naming the bad part
+        return v
+
+    def breaker_config(self) -> BreakerConfig:
+        return BreakerConfig.parse(self.breaker)
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy.parse(self.retry_attempts, self.retry_variants)

@@ -100,6 +100,8 @@ class Topics:
         self.recon_reports = prefix + "reconciliation.reports"
         self.recon_discrepancies = prefix + "reconciliation.discrepancies"
         self.settlement_batches = prefix + "settlement.batches"
+        #: The saga tasks' circuit breakers on the gateway: one record per transition.
+        self.breaker = prefix + "paysaga.breaker"
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -173,6 +175,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             TopicSpec(t.retry(level), "RetryScheduled", retention_ms=audit)
             for level in range(1, settings.retry_policy().levels + 1)
         ),
+        TopicSpec(t.breaker, "BreakerTransition", key="task partition", retention_ms=audit),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
         TopicSpec(
             t.dlq_quarantine,

@@ -53,7 +53,8 @@ def paysaga_topology(settings: Settings) -> Topology:
     topology = Topology(serializer=codec.encode)
     intake = IntakeStep(codec)  # one step for both agents: its memo of parsed requests
     add_intake(topology, intake, names, settings.partitions, settings.idempotency_ttl_ms)
-    SagaAgent(codec, names, settings.partitions, Orchestrator(policy), intake).add_to(topology)
+    SagaAgent(codec, names, settings.partitions, Orchestrator(policy), intake,
+              breaker=settings.breaker_config()).add_to(topology)  # fmt: skip
     ReconAgent(codec, names, settings.partitions, recon_policy(settings)).add_to(topology)
     SettlementAgent(codec, names, settlement).add_to(topology)
     return topology

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from paysaga.agents.saga import AUTH_EXPIRY, COMMAND_DEADLINE
+from paysaga.agents.saga import AUTH_EXPIRY, BREAKER_TICK, COMMAND_DEADLINE
 from paysaga.domain.idempotency import scope_key
 from paysaga.streams.app.settings import DAY_MS, Settings
 from paysaga.streams.app.topology import paysaga_topology
 from paysaga.streams.engine.deadletter import H_KIND
 from paysaga.streams.engine.driver import TopologyTestDriver
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.breaker import BREAKER
 from paysaga.tables.payments import PAYMENTS
 from tests.saga_support import CODEC, DriverWorld, new_id
 from tests.samples import initiated
@@ -213,7 +214,8 @@ def test_the_timers_are_declared_on_the_payments_table() -> None:
     topology = paysaga_topology(Settings())
     saga = next(a for a in topology.agents if a.name == "paysaga.saga")
     assert {t.name: t.table for t in saga.timers} == {COMMAND_DEADLINE: PAYMENTS,
-                                                      AUTH_EXPIRY: PAYMENTS}  # fmt: skip
+                                                      AUTH_EXPIRY: PAYMENTS,
+                                                      BREAKER_TICK: BREAKER}  # fmt: skip
     assert (
         CODEC.decode(
             CODEC.encode("PaymentStatusChanged", {**world_status_sample()}), "PaymentStatusChanged"

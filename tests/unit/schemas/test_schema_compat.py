@@ -152,6 +152,7 @@ def test_removing_an_enum_symbol() -> None:
 ENVELOPE = ["event_id", "occurred_at", "payment_id", "correlation_id", "causation_id"]
 #: Records keyed by something other than a payment: no full envelope.
 NO_ENVELOPE = {
+    "BreakerTransition",
     "BankStatementLine",
     "ReconciliationReport",
     "ReconciliationDiscrepancy",
