@@ -14,6 +14,8 @@ breaker releases the oldest first, a page at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from paysaga.domain.breaker import Breaker, BreakerConfig
 from paysaga.tables.timers import KeyedTimers
 from paysaga.tables.transaction import TableTransaction
@@ -71,3 +73,17 @@ class BreakerStore:
     def oldest(self, table: TableTransaction, limit: int) -> list[bytes]:
         """The payments held longest, at most `limit` of them."""
         return [key for _, key in self.index.due(table, 10**15 - 1, limit)]
+
+
+def describe(get: Callable[[bytes], bytes | None], config: BreakerConfig) -> dict[str, object]:
+    """A task's breaker as the worker's readiness details show it, from its committed store:
+    state, failure rate, calls, when it opened, free trial permits, transitions so far and
+    the payments it holds."""
+    raw = get(GATEWAY)
+    if raw is None:
+        breaker, seq = Breaker(config), 0
+    else:
+        seq_raw, _, body = raw.partition(b"|")
+        breaker, seq = Breaker.from_json(body, config), int(seq_raw)
+    count = get(_COUNT)
+    return {**breaker.snapshot(), "transitions": seq, "held": 0 if count is None else int(count)}

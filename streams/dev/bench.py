@@ -35,6 +35,7 @@ from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.dev.measure import peak_rss_mib, percentile
 from paysaga.streams.dev.recon_bench import recon_summary, run_recon_open
+from paysaga.streams.dev.retry_bench import retries_summary, run_retries_waiting
 from paysaga.streams.dev.saga_bench import SagaOptions, run_saga, saga_summary
 from paysaga.streams.dev.upstream import (
     Progress,
@@ -71,6 +72,7 @@ class BenchOptions:
     profile: Path | None = None
     #: Captures held open in reconciliation's state, for its memory (0 skips it).
     recon_open: int = 0
+    retries_waiting: int = 0
 
 
 @dataclass
@@ -338,6 +340,10 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                upstream_key=opts.saga_upstream_key)  # fmt: skip
             pid = broker.pid() if broker is not None else None
             results["saga"] = await run_saga(saga, bootstrap, run, work, codec, pid)
+        if opts.retries_waiting > 0:
+            n = opts.retries_waiting
+            results["retries"] = await run_retries_waiting(n, bootstrap, run, work,
+                                                           opts.partitions, codec)  # fmt: skip
         if opts.recon_open > 0:
             results["recon"] = await run_recon_open(opts.recon_open, bootstrap, run, work,
                                                     opts.partitions, codec)  # fmt: skip
@@ -383,6 +389,8 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(saga_summary(results["saga"]))
     if "recon" in results:
         lines.append(recon_summary(results["recon"]))
+    if "retries" in results:
+        lines.append(retries_summary(results["retries"]))
     if "restore" in results:
         r = results["restore"]
         lines.append(

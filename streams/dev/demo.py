@@ -55,7 +55,8 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir: Path) -> int:
+def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir: Path,
+             outage_every_ms: int = 0, outage_ms: int = 0) -> int:  # fmt: skip
     broker = LocalBroker(broker_dir, port)
     owned_broker = broker.pid() is None
     print(f"starting the local Kafka broker on 127.0.0.1:{port} ...", flush=True)
@@ -98,8 +99,14 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
             f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
             f"(worker log {logs / 'worker.log'})"
         )
+        outage = ["--outage-every-ms", str(outage_every_ms), "--outage-ms", str(outage_ms)]
         for service in ("gateway", "inventory", "shipping", "bank"):
-            procs.append(_spawn(["simulate", service], env, logs / f"sim-{service}.log"))
+            extra = outage if service == "gateway" and outage_ms > 0 else []
+            procs.append(_spawn(["simulate", service, *extra], env, logs / f"sim-{service}.log"))
+        if outage_ms > 0:
+            print(f"the gateway has an outage of {outage_ms / 1000:.0f}s every "
+                  f"{outage_every_ms / 1000:.0f}s (503s): watch the retries, the breaker "
+                  "open and close, and the DLQ")  # fmt: skip
         print("simulators up: card gateway, inventory, shipping, the bank's statement feed "
               f"(logs {logs}/sim-*.log)")  # fmt: skip
         producer = _spawn(

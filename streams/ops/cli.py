@@ -291,6 +291,8 @@ def _demo(args: argparse.Namespace) -> int:
         rate=args.rate,
         port=args.broker_port,
         broker_dir=Path(args.broker_data_dir),
+        outage_every_ms=args.outage_every_ms,
+        outage_ms=args.outage_ms,
     )
 
 
@@ -307,6 +309,7 @@ def _bench(args: argparse.Namespace) -> int:
         saga_upstream_key=args.saga_upstream_key,
         saga_partitions=args.saga_partitions or None,
         profile=Path(args.profile) if args.profile else None, recon_open=args.recon_open,
+        retries_waiting=args.retries_waiting,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -446,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="where py-spy samples of the whole-saga worker go (backlog)")  # fmt: skip
     _env_opt(p, "--recon-open", "PAYSAGA_BENCH_RECON_OPEN", 0, int,
              help="captures held open in reconciliation, for its memory (0 skips)")  # fmt: skip
+    _env_opt(p, "--retries-waiting", "PAYSAGA_BENCH_RETRIES_WAITING", 0, int,
+             help="payments with a retry scheduled at once, for its memory (0 skips)")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 
@@ -453,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_opts(p, "data_dir", "web_port", "partitions")
     _env_opt(p, "--count", "PAYSAGA_COUNT", 50_000, int, help="events to produce")
     _env_opt(p, "--rate", "PAYSAGA_RATE", 500.0, float, help="events/s")
+    _env_opt(p, "--outage-every-ms", "PAYSAGA_DEMO_OUTAGE_EVERY_MS", 120_000, int,
+             help="the gateway simulator's outages start this often (wall clock)")  # fmt: skip
+    _env_opt(p, "--outage-ms", "PAYSAGA_DEMO_OUTAGE_MS", 20_000, int,
+             help="each gateway outage lasts this long (0: no outage)")  # fmt: skip
     broker_opts(p, prefix="broker-")
     return parser
 

@@ -104,11 +104,14 @@ def _recon_label(codec: AvroCodec, report: bool, value: bytes | None) -> str:
 
 
 async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdout) -> int:
-    """Print live counts of status outcomes, dead letters, reconciliation reports and
-    discrepancies and settlement batches (read_committed)."""
+    """Print live counts of status outcomes, dead letters, retries scheduled per level,
+    reconciliation reports and discrepancies and settlement batches, and each task's gateway
+    breaker state (read_committed)."""
     codec = AvroCodec(SchemaRegistry())
     topics = Topics(settings.topic_prefix)
     counts: Counter[str] = Counter()
+    retry_topics = {topics.retry(n): n for n in range(1, settings.retry_policy().levels + 1)}
+    breakers: dict[int, str] = {}
     started = last = time.monotonic()
     tty = out.isatty()
 
@@ -121,8 +124,18 @@ async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdo
             topics.recon_reports,
             topics.recon_discrepancies,
             topics.settlement_batches,
+            topics.breaker,
+            *retry_topics,
         ):
-            if r.topic == topics.dlq:
+            if r.topic in retry_topics:
+                counts[f"retry L{retry_topics[r.topic]}"] += 1
+            elif r.topic == topics.breaker:
+                try:
+                    t = codec.decode(r.value, "BreakerTransition")
+                    breakers[t["task_partition"]] = t["to_state"]
+                except DecodeError:
+                    counts["undecodable breaker"] += 1
+            elif r.topic == topics.dlq:
                 counts["DLQ"] += 1
             elif r.topic == topics.settlement_batches:
                 counts["settlement batches"] += 1
@@ -144,6 +157,9 @@ async def watch(settings: Settings, seconds: float = 0.0, out: TextIO = sys.stdo
                 line = f"outputs {total:>8}  " + "  ".join(
                     f"{k}={v}" for k, v in sorted(counts.items())
                 )
+                if breakers:
+                    states = sorted(breakers.items())
+                    line += "  breaker " + ",".join(f"p{p}:{s}" for p, s in states)
                 print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
 
     try:

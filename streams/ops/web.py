@@ -19,6 +19,7 @@ from faust.web import Request, Response, View
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.breaker import BREAKER, describe
 from paysaga.tables.payments import PAYMENTS
 
 
@@ -46,6 +47,7 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     """Register /health, /ready and /payments/{payment_id}/ on `app`."""
     check_web_settings(settings)
     token = settings.web_token
+    breaker_config = settings.breaker_config()
 
     def denied(view: View, request: Request) -> Response | None:
         if not token:
@@ -72,8 +74,18 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
                 "failing": engine.failed,
                 "tasks": sorted(engine.tasks),
                 "stats": engine.stats,
+                "breakers": breakers(),
             }
             return self.json(body, status=200 if engine.ready else 503)
+
+    def breakers() -> dict[str, object]:
+        """Each owned saga task's gateway breaker (docs/retries.md#the-circuit-breaker)."""
+        out: dict[str, object] = {}
+        for partition in sorted(engine.tasks):
+            store = engine.store(BREAKER, partition)
+            if store is not None:
+                out[str(partition)] = describe(store.get, breaker_config)
+        return out
 
     @app.page("/payments/{payment_id}/")
     class PaymentView(View):

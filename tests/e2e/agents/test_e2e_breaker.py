@@ -58,6 +58,10 @@ def test_the_breaker_holds_through_a_crash_then_closes_and_everything_completes(
         held = [world.initiate(request())["payment_id"] for _ in range(5)]
         for pid in held:
             world.wait_status(pid, "held", lambda s: "held" in (s["reason"] or ""), timeout=30)
+        _, ready = worker.get("/ready/")  # the readiness details show it
+        gateway = ready["breakers"]["0"]
+        assert (gateway["state"], gateway["transitions"]) == ("open", 1)
+        assert gateway["held"] >= 5 and gateway["opened_at_ms"] is not None
         worker.kill()  # while open, with payments held and retries held
         worker = WorkerProcess(settings, log).start()
         wait_for(lambda: len(states(world)) >= 2, 30, what="the wait in the open state ended")
