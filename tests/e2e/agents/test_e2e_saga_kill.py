@@ -243,6 +243,16 @@ def _verify(world: World, requests: list[dict], kills: str) -> None:
         if c["command_type"] == "AUTHORIZE":
             auth_keys[c["payment_id"]].add(c["idempotency_key"])
     assert all(len(keys) == 1 for keys in auth_keys.values())
+    # Retries scheduled across the kills: none sent before its due time, by the records'
+    # own timestamps (none lost: every saga finished, which a lost retry would prevent).
+    sent = {c["command_id"]: c["_timestamp"] for c in commands}
+    retries = world.retries()
+    early = [r for r in retries if r["command_id"] in sent and sent[r["command_id"]] < r["due_at"]]
+    assert early == []
+    print(
+        f"retries: {len(retries)} scheduled, {sum(r['command_id'] in sent for r in retries)} "
+        f"sent, none early"
+    )
     # Money, from the gateway's committed answers (deduplicated by event id).
     money = _gateway_money(world)
     for pid, m in money.items():

@@ -169,3 +169,17 @@ def test_declines_are_the_gateway_working(world: DriverWorld) -> None:
                      reason="card declined")  # fmt: skip
     assert transitions(world) == []
     assert breaker(world).state is BreakerState.CLOSED
+
+
+def test_the_readiness_details_describe_the_task_breaker(world: DriverWorld) -> None:
+    from paysaga.tables.breaker import describe
+
+    config = BreakerConfig.parse(SPEC)
+    empty = describe({}.get, config)
+    assert (empty["state"], empty["held"], empty["transitions"]) == ("closed", 0, 0)
+    open_breaker(world)
+    world.initiate(request())
+    table = world.driver.table(BREAKER, 0)
+    got = describe(table.get, config)
+    assert (got["state"], got["held"], got["transitions"]) == ("open", 1, 1)
+    assert got["opened_at_ms"] == T0
