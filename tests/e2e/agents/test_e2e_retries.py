@@ -131,6 +131,32 @@ def test_a_payment_waiting_at_the_long_level_holds_up_nobody(world: World) -> No
     never_early(world, sid)
 
 
+def test_the_experiments_report_counts_every_ended_saga(world: World) -> None:
+    """`paysaga experiments report`, as an operator runs it, from the committed changelog:
+    the sagas the tests above ended, with their success rate and retries."""
+    import subprocess
+    import sys
+
+    from tests.support import settings_env
+
+    ended = [s for s in world.statuses() if s["terminal"]]
+    ok = sum(s["saga_state"] == "COMPLETED" for s in ended)
+    retries = sum(s["retries"] for s in ended)
+    assert ended and ok < len(ended)  # a decline is among them
+
+    def report() -> str | None:
+        r = subprocess.run([sys.executable, "-m", "paysaga.streams.ops.cli", "experiments",
+                            "report"], env=settings_env(world.settings), capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout if f"{len(ended)} ended sagas" in r.stdout else None
+
+    text = wait_for(report, 30, what="the report counting every ended saga")
+    row = next(line for line in text.splitlines() if "FAST" in line and "%" in line)
+    assert f"{100 * ok / len(ended):.2f}%" in row
+    assert f"{retries / len(ended):.3f}" in row
+
+
 def test_exhausted_retries_land_in_the_dlq_with_every_header(broker, tmp_path: Path) -> None:
     settings = isolated_settings(broker.bootstrap, tmp_path / "state", "exhaust",
                                  command_timeout_ms=5_000, punctuate_ms=100,

@@ -175,7 +175,8 @@ def test_the_readiness_details_describe_the_task_breaker(world: DriverWorld) -> 
     from paysaga.tables.breaker import describe
 
     config = BreakerConfig.parse(SPEC)
-    empty = describe({}.get, config)
+    nothing: dict[bytes, bytes] = {}
+    empty = describe(nothing.get, config)
     assert (empty["state"], empty["held"], empty["transitions"]) == ("closed", 0, 0)
     open_breaker(world)
     world.initiate(request())
