@@ -406,9 +406,9 @@ class SagaAgent:
               now: int) -> None:  # fmt: skip
         """Ask the task's breaker about each gateway call of `eff`; hold the refused ones."""
         table = ctx.table(BREAKER)
-        b, seq = self.breakers.load(table, ctx.partition)
-        if b.state is BreakerState.CLOSED:
+        if self.breakers.closed(table, ctx.partition):
             return  # the common case: every call goes out, nothing to write
+        b, seq = self.breakers.load(table, ctx.partition)
         held = []
         for c in gated:
             allowed, moved = b.allow(now)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from paysaga.domain.breaker import Breaker, BreakerConfig
+from paysaga.domain.breaker import Breaker, BreakerConfig, BreakerState
 from paysaga.tables.timers import KeyedTimers
 from paysaga.tables.transaction import TableTransaction
 
@@ -29,7 +29,8 @@ _COUNT = b"held-count"
 class BreakerStore:
     """The task's breaker, kept parsed between inputs like `PaymentCache` keeps payments:
     taken from memory only when the table holds the very bytes it was stored with (an
-    aborted batch, a restore, a rebalance all read the table's value)."""
+    aborted batch, a restore, a rebalance all read the table's value). `load` hands out a
+    copy, so the cached breaker always is the one its bytes say."""
 
     def __init__(self, config: BreakerConfig) -> None:
         self.config = config
@@ -43,9 +44,22 @@ class BreakerStore:
             return Breaker(self.config), 0
         cached = self._held.get(partition)
         if cached is not None and cached[0] == raw:
-            return cached[1], cached[2]
+            # A copy (its fields are all immutable): the caller changes it in place, and a
+            # batch that fails before `store` must not leave a changed breaker cached
+            # under bytes the table still holds.
+            return cached[1].copy(), cached[2]
         seq, _, body = raw.partition(b"|")
         return Breaker.from_json(body, self.config), int(seq)
+
+    def closed(self, table: TableTransaction, partition: int) -> bool:
+        """Is the task's breaker closed? The check before every gateway call: no copy."""
+        raw = table.get(GATEWAY)
+        if raw is None:
+            return True
+        cached = self._held.get(partition)
+        if cached is not None and cached[0] == raw:
+            return cached[1].state is BreakerState.CLOSED
+        return self.load(table, partition)[0].state is BreakerState.CLOSED
 
     def store(self, table: TableTransaction, partition: int, breaker: Breaker, seq: int) -> None:
         raw = b"%d|%s" % (seq, breaker.to_json())
