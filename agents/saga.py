@@ -37,7 +37,6 @@ from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
-from paysaga.domain.retry import gateway_failed
 from paysaga.domain.saga import Command, Effects, Orchestrator, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
@@ -234,9 +233,8 @@ class SagaAgent:
             self._reject(ctx, current, event, str(exc))
             return
         payment.record(event.event_id, type(event).__name__, event.occurred_at)
-        if source.service == "payment" and outcome.kind != "SETTLED" and outcome.step != "settle":
-            failed = gateway_failed(outcome.kind, outcome.retryable, outcome.code)
-            self._record_calls(ctx, (not failed,))
+        if effects.call_ok is not None:  # it answered the gateway call awaited now
+            self._record_calls(ctx, (effects.call_ok,))
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, previous)
 
     def _request(self, ctx: ProcessorContext, event: ev.PaymentRequest, current: Payment) -> None:
@@ -330,7 +328,7 @@ class SagaAgent:
         """Store the payment and send what the input caused: commands, retries scheduled,
         one status, reviews. `sent_at`: the wall clock a timer sends its commands at (their
         record timestamp, so a retry's send time is in Kafka, docs/retries.md)."""
-        gated = [c for c in eff.commands if self.orch.gated(c)]
+        gated = [c for c in eff.commands if self.orch.gateway_call(c)]
         if gated:  # the breaker decides at the send time the records will carry
             self._gate(ctx, p, eff, gated, ctx.wall_clock_ms() if sent_at is None else sent_at)
         self._store(ctx, p)
@@ -409,13 +407,14 @@ class SagaAgent:
         if self.breakers.closed(table, ctx.partition):
             return  # the common case: every call goes out, nothing to write
         b, seq = self.breakers.load(table, ctx.partition)
-        held = []
+        held, before = [], seq
         for c in gated:
             allowed, moved = b.allow(now)
             seq = self._transitioned(ctx, table, b, seq, moved)
             if not allowed:
                 held.append(c)
-        self.breakers.store(table, ctx.partition, b, seq)
+        if seq != before or b.state is BreakerState.HALF_OPEN:  # open and refusing: no write
+            self.breakers.store(table, ctx.partition, b, seq)
         if held:
             self.orch.hold(p, eff, held)
 

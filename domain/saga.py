@@ -34,7 +34,14 @@ from paysaga.domain.payment import (
     SagaState,
     derived_id,
 )
-from paysaga.domain.retry import INQUIRY_STEP, NEVER_SEEN, ErrorClass, RetryPolicy, classify
+from paysaga.domain.retry import (
+    INQUIRY_STEP,
+    NEVER_SEEN,
+    ErrorClass,
+    RetryPolicy,
+    classify,
+    gateway_failed,
+)
 from paysaga.domain.settlement import SettlementPolicy
 
 DAY_MS = 24 * 3600 * 1000
@@ -139,6 +146,8 @@ class Effects:
     review_class: ErrorClass = ErrorClass.UNKNOWN
     #: Gateway calls found unanswered past their deadline (failures, for the breaker).
     unanswered: int = 0
+    #: The outcome of the gateway call this answer answers (None: not such an answer).
+    call_ok: bool | None = None
 
     @property
     def changed(self) -> bool:
@@ -302,11 +311,13 @@ class Orchestrator:
 
     # ---- the circuit breaker (domain/breaker.py, docs/retries.md#the-circuit-breaker) ---
     @staticmethod
-    def gated(c: Command) -> bool:
-        """Does the gateway's circuit breaker decide whether `c` goes out now? Every call
-        the saga makes to the card gateway; a SETTLE goes out with its merchant's batch
-        (the settlement agent) and is not the saga's call to hold."""
-        return c.service == "payment" and c.action != "SETTLE"
+    def gateway_call(c: Command | Outstanding) -> bool:
+        """Is `c` a call the gateway's circuit breaker decides on and counts? Every call the
+        saga makes to the card gateway, but none about a settlement: a SETTLE goes out with
+        its merchant's batch (the settlement agent), and its answer may come from the batch
+        (so an inquiry about it, step "settle" too, is not gated either). One predicate for
+        holding, for answers and for timeouts, so every permit gets its outcome."""
+        return c.service == "payment" and c.step != "settle"
 
     def hold(self, p: Payment, eff: Effects, held: list[Command]) -> None:
         """The commands of `eff` the open breaker refused: not sent, their outstanding
@@ -444,6 +455,26 @@ class Orchestrator:
             )
         if o is None or o.service != service:
             raise Unmatched(f"{outcome.kind} answers no outstanding command of this payment")
+        call = self._latest_call(o, outcome)
+        p, eff = self._answered(p, o, service, outcome, now)
+        if call:  # for the circuit breaker
+            eff.call_ok = not gateway_failed(outcome.kind, outcome.retryable, outcome.code)
+        return p, eff
+
+    def _latest_call(self, o: Outstanding, outcome: GatewayOutcome) -> bool:
+        """Does `outcome` answer the gateway call `o` is waiting for now? Only that answer
+        counts for the breaker: an earlier attempt's or inquiry's was counted already (as
+        the timeout that led to the next call). Inquiring, the latest call is the inquiry,
+        answered by "never seen" or by the replay of the command's recorded outcome."""
+        if not self.gateway_call(o) or o.phase not in (SENT, INQUIRING):
+            return False
+        key, got = o.idempotency_key, outcome.command_id
+        if got == command_id(key, o.attempt):
+            return True
+        return o.phase == INQUIRING and got == inquiry_id(key, o.inquiries)
+
+    def _answered(self, p: Payment, o: Outstanding, service: str, outcome: GatewayOutcome,
+                  now: int) -> tuple[Payment, Effects]:  # fmt: skip
         if outcome.step == INQUIRY_STEP:
             return p, self._on_inquiry(p, o, outcome, now)
         eff = Effects(step=o.step)
@@ -576,7 +607,7 @@ class Orchestrator:
             if o.phase == WAITING:
                 self._retry_now(p, eff, o, now)
                 continue
-            if o.service == "payment" and o.action != "SETTLE":
+            if self.gateway_call(o):
                 eff.unanswered += 1  # a failed call, for the circuit breaker
             if o.phase == SENT and o.service == "payment":
                 self._inquire(p, eff, o, now)

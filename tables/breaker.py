@@ -64,7 +64,7 @@ class BreakerStore:
     def store(self, table: TableTransaction, partition: int, breaker: Breaker, seq: int) -> None:
         raw = b"%d|%s" % (seq, breaker.to_json())
         table.set(GATEWAY, raw)
-        self._held[partition] = (raw, breaker, seq)
+        self._held[partition] = (raw, breaker.copy(), seq)  # the caller's stays its own
 
     # ---- held payments ------------------------------------------------------------------
     def hold(self, table: TableTransaction, key: bytes, at: int) -> None:

@@ -184,3 +184,34 @@ def test_the_readiness_details_describe_the_task_breaker(world: DriverWorld) -> 
     got = describe(table.get, config)
     assert (got["state"], got["held"], got["transitions"]) == ("open", 1, 1)
     assert got["opened_at_ms"] == T0
+
+
+def test_only_the_answer_to_the_awaited_call_counts(world: DriverWorld) -> None:
+    """A late answer to an earlier inquiry was counted already, as its timeout."""
+    pid = world.initiate(request())["payment_id"]
+    world.driver.advance_wall_clock(10_000)  # AUTHORIZE unanswered: a failure, INQUIRE 1
+    first = world.wait_command(pid, "INQUIRE")
+    world.driver.advance_wall_clock(10_000)  # INQUIRE 1 unanswered: a failure, asked again
+    b = breaker(world)
+    assert (b.window_calls, b.window_failures) == (2, 2)
+    world.answer(first, "FAILED", code="never_seen", reason="never seen", retryable=True)
+    b = breaker(world)
+    assert (b.window_calls, b.window_failures) == (2, 2)  # late: not counted again
+    world.driver.advance_wall_clock(1_000)
+    second = world.wait_command(pid, "INQUIRE", n=2)
+    world.answer(second, "FAILED", code="never_seen", reason="never seen", retryable=True)
+    b = breaker(world)
+    assert (b.window_calls, b.window_failures) == (3, 2)  # the awaited answer: a success
+
+
+def test_nothing_about_a_settlement_is_gated() -> None:
+    from paysaga.domain.saga import Command, Orchestrator
+
+    def cmd(action: str, step: str) -> Command:
+        return Command("payment", action, step, "post", 1, "c", "k", 1)
+
+    assert not Orchestrator.gateway_call(cmd("SETTLE", "settle"))
+    assert not Orchestrator.gateway_call(cmd("INQUIRE", "settle"))
+    assert Orchestrator.gateway_call(cmd("INQUIRE", "authorize"))
+    assert not Orchestrator.gateway_call(Command("inventory", "RESERVE", "reserve", "action",
+                                                 1, "c", "k", 0))  # fmt: skip
