@@ -390,8 +390,6 @@ class SagaAgent:
             current.timer_event = None
         previous, version, updated_at = current.status.value, current.version, current.updated_at
         effects = run(current)
-        if effects.unanswered:
-            self._record_calls(ctx, (False,) * effects.unanswered)
         if not effects.changed:  # nothing was due after all: just re-arm the timers
             self._store(ctx, current)
             return
@@ -419,7 +417,12 @@ class SagaAgent:
             self.orch.hold(p, eff, held)
 
     def _record_calls(self, ctx: ProcessorContext, outcomes: tuple[bool, ...]) -> None:
-        """Gateway calls answered (True: the gateway worked) or unanswered (False)."""
+        """Outcomes of gateway calls (True: the gateway worked; False: it said it could not).
+
+        Silence is not counted: past its deadline, an answer may be waiting unread in this
+        worker's own input (a worker behind its input would open every task's breaker, as
+        `make bench`'s backlog did when timeouts counted). A silent gateway is still met by
+        inquiries and backoff, and a silent trial call by the half-open max wait."""
         table = ctx.table(BREAKER)
         b, seq = self.breakers.load(table, ctx.partition)
         if b.state is BreakerState.OPEN:
@@ -447,11 +450,11 @@ class SagaAgent:
 
     def _arm_breaker(self, ctx: ProcessorContext, b: Breaker, held: int, now: int) -> None:
         timers = ctx.timers(BREAKER_TICK)
-        change = b.next_change_ms()
-        if change is not None:
-            timers.set(GATEWAY, change)
-        elif held and (b.state is BreakerState.CLOSED or b.half_open_free()):
+        change = b.next_change_ms()  # the end of the wait, or of a half-open trial's max wait
+        if held and (b.state is BreakerState.CLOSED or b.half_open_free()):
             timers.set(GATEWAY, now)  # release at the next punctuation
+        elif change is not None:
+            timers.set(GATEWAY, change)
         else:
             timers.cancel(GATEWAY)
 

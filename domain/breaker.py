@@ -37,7 +37,7 @@ permit already has its outcome.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -55,6 +55,7 @@ _SPEC_KEYS: dict[str, str] = {
     "min": "minimum_calls",
     "wait_ms": "wait_open_ms",
     "half_open": "permitted_half_open",
+    "half_open_max_ms": "max_half_open_ms",
 }
 
 
@@ -72,6 +73,11 @@ class BreakerConfig:
     wait_open_ms: int = 30_000
     #: Trial calls let out in HALF_OPEN.
     permitted_half_open: int = 3
+    #: A trial still undecided after this long opens the breaker again (resilience4j's
+    #: maxWaitDurationInHalfOpenState; 0, its default, waits for the trial's outcomes
+    #: forever). A safety net: a trial call whose outcome is never recorded would otherwise
+    #: hold its permit, and every held call, for good.
+    max_half_open_ms: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.failure_rate_threshold_pct <= 100:
@@ -85,14 +91,18 @@ class BreakerConfig:
                              f"window size), got {self.minimum_calls}")  # fmt: skip
         if self.wait_open_ms < 1:
             raise ValueError(f"breaker wait in open must be >= 1 ms, got {self.wait_open_ms}")
+        if self.max_half_open_ms < 0:
+            raise ValueError(f"breaker half-open max wait must be >= 0 ms (0: none), got "
+                             f"{self.max_half_open_ms}")  # fmt: skip
         if self.permitted_half_open < 1:
             raise ValueError(f"breaker half-open permits must be >= 1, got "
                              f"{self.permitted_half_open}")  # fmt: skip
 
     @classmethod
-    def parse(cls, spec: str) -> BreakerConfig:
+    def parse(cls, spec: str, base: BreakerConfig | None = None) -> BreakerConfig:
         """From settings: ``"threshold=50,window=20,min=10,wait_ms=30000,half_open=3"``, any
-        subset of the keys (the rest default; an empty spec is the default config)."""
+        subset of the keys (the rest are `base`'s, the default config's without one; an
+        empty spec is `base`)."""
         values: dict[str, int] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             key, sep, value = (part.strip() for part in item.partition("="))
@@ -108,7 +118,7 @@ class BreakerConfig:
             except ValueError as exc:
                 raise ValueError(f"breaker spec {spec!r}: {key} must be an integer, "
                                  f"got {value!r}") from exc  # fmt: skip
-        return cls(**values)
+        return replace(base, **values) if base is not None else cls(**values)
 
     def spec(self) -> str:
         """The inverse of `parse`, every key in a fixed order (settings defaults)."""
@@ -155,6 +165,8 @@ class Breaker:
     half_open_issued: int = 0
     half_open_calls: int = 0
     half_open_failures: int = 0
+    #: HALF_OPEN: when the trial began (its max wait runs from then).
+    half_open_at_ms: int | None = None
 
     @property
     def window_failures(self) -> int:
@@ -164,7 +176,7 @@ class Breaker:
         """An independent copy (every field is immutable), cheaper than `copy.copy`."""
         return Breaker(self.config, self.state, self.window, self.window_calls,
                        self.opened_at_ms, self.half_open_issued, self.half_open_calls,
-                       self.half_open_failures)  # fmt: skip
+                       self.half_open_failures, self.half_open_at_ms)  # fmt: skip
 
     def allow(self, now_ms: int) -> tuple[bool, Transition | None]:
         """May a call go out now? CLOSED: yes. OPEN: no, unless `wait_open_ms` has elapsed
@@ -219,14 +231,29 @@ class Breaker:
         due = self.next_change_ms()
         if due is None or now_ms < due:
             return None
-        assert self.opened_at_ms is not None  # next_change_ms is only set in OPEN
+        assert self.opened_at_ms is not None  # next_change_ms is set in OPEN and HALF_OPEN
+        if self.state is BreakerState.HALF_OPEN:  # the trial's max wait is over
+            assert self.half_open_at_ms is not None
+            reason = (f"half-open trial undecided after {now_ms - self.half_open_at_ms} ms "
+                      f"(max {self.config.max_half_open_ms} ms): {self.half_open_calls} of "
+                      f"{self.config.permitted_half_open} outcomes")  # fmt: skip
+            return self._move(BreakerState.OPEN, now_ms, None, self.half_open_calls, reason,
+                              opened_at_ms=now_ms)  # fmt: skip
         waited = now_ms - self.opened_at_ms
         reason = (f"open for {waited} ms (wait {self.config.wait_open_ms} ms): "
                   f"{self.config.permitted_half_open} trial calls")  # fmt: skip
-        return self._move(BreakerState.HALF_OPEN, now_ms, None, 0, reason, self.opened_at_ms)
+        moved = self._move(BreakerState.HALF_OPEN, now_ms, None, 0, reason, self.opened_at_ms)
+        self.half_open_at_ms = now_ms
+        return moved
 
     def next_change_ms(self) -> int | None:
-        """When `tick` would next change the state: OPEN's ``opened_at + wait``, else None."""
+        """When `tick` would next change the state: OPEN's ``opened_at + wait``; HALF_OPEN's
+        ``half_open_at + max wait`` when there is a max wait; else None."""
+        if self.state is BreakerState.HALF_OPEN:
+            limit = self.config.max_half_open_ms
+            if limit and self.half_open_at_ms is not None:
+                return self.half_open_at_ms + limit
+            return None
         if self.state is not BreakerState.OPEN or self.opened_at_ms is None:
             return None
         return self.opened_at_ms + self.config.wait_open_ms
@@ -270,6 +297,7 @@ class Breaker:
             value["i"] = self.half_open_issued
             value["n"] = self.half_open_calls
             value["f"] = self.half_open_failures
+            value["h"] = self.half_open_at_ms
         return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -294,6 +322,7 @@ class Breaker:
             if state is BreakerState.OPEN:
                 return cls(config, state, opened_at_ms=opened_at)
             issued, calls, failures = int(value["i"]), int(value["n"]), int(value["f"])
+            began = int(value.get("h", opened_at + config.wait_open_ms))
             if not 0 <= failures <= calls <= issued:
                 raise ValueError(f"trial of {issued} permits, {calls} outcomes, {failures} "
                                  "failures is impossible")  # fmt: skip
@@ -302,7 +331,8 @@ class Breaker:
         if issued > config.permitted_half_open or calls >= config.permitted_half_open:
             issued = calls = failures = 0
         return cls(config, state, opened_at_ms=opened_at, half_open_issued=issued,
-                   half_open_calls=calls, half_open_failures=failures)  # fmt: skip
+                   half_open_calls=calls, half_open_failures=failures,
+                   half_open_at_ms=began)  # fmt: skip
 
     def _open(self, now_ms: int, rate: int, calls: int, reason: str) -> Transition:
         """Open now: the wait (re)starts."""
@@ -316,6 +346,7 @@ class Breaker:
         self.window = self.window_calls = 0
         self.opened_at_ms = opened_at_ms
         self.half_open_issued = self.half_open_calls = self.half_open_failures = 0
+        self.half_open_at_ms = None
         return transition
 
 

@@ -144,8 +144,6 @@ class Effects:
     retries: list[ScheduledRetry] = field(default_factory=list)
     #: The error class of each review reason (the DLQ record says it).
     review_class: ErrorClass = ErrorClass.UNKNOWN
-    #: Gateway calls found unanswered past their deadline (failures, for the breaker).
-    unanswered: int = 0
     #: The outcome of the gateway call this answer answers (None: not such an answer).
     call_ok: bool | None = None
 
@@ -463,9 +461,9 @@ class Orchestrator:
 
     def _latest_call(self, o: Outstanding, outcome: GatewayOutcome) -> bool:
         """Does `outcome` answer the gateway call `o` is waiting for now? Only that answer
-        counts for the breaker: an earlier attempt's or inquiry's was counted already (as
-        the timeout that led to the next call). Inquiring, the latest call is the inquiry,
-        answered by "never seen" or by the replay of the command's recorded outcome."""
+        counts for the breaker, so a call and the late answer to the one before it are not
+        two outcomes. Inquiring, the latest call is the inquiry, answered by "never seen" or
+        by the replay of the command's recorded outcome."""
         if not self.gateway_call(o) or o.phase not in (SENT, INQUIRING):
             return False
         key, got = o.idempotency_key, outcome.command_id
@@ -607,8 +605,6 @@ class Orchestrator:
             if o.phase == WAITING:
                 self._retry_now(p, eff, o, now)
                 continue
-            if self.gateway_call(o):
-                eff.unanswered += 1  # a failed call, for the circuit breaker
             if o.phase == SENT and o.service == "payment":
                 self._inquire(p, eff, o, now)
                 continue

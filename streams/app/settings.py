@@ -19,6 +19,11 @@ ENV_PREFIX = "PAYSAGA_"
 DAY_MS = 24 * 3600 * 1000
 
 
+#: The gateway breaker's defaults here: resilience4j's, and a half-open trial undecided
+#: after 2 minutes opens again (its safety net; docs/retries.md#the-circuit-breaker).
+BREAKER_DEFAULTS = BreakerConfig(max_half_open_ms=120_000)
+
+
 class Settings(BaseModel):
     """Everything a paysaga process needs to know about its environment."""
 
@@ -64,9 +69,9 @@ class Settings(BaseModel):
         "the first is the control",
     )
     breaker: str = Field(
-        BreakerConfig().spec(),
+        BREAKER_DEFAULTS.spec(),
         description="the gateway circuit breaker per saga task: threshold=PCT,window=CALLS,"
-        "min=CALLS,wait_ms=MS,half_open=CALLS (any subset; docs/retries.md)",
+        "min=CALLS,wait_ms=MS,half_open=CALLS,half_open_max_ms=MS (any subset; docs/retries.md)",
     )
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
     idle_ms: int = Field(
@@ -127,11 +132,11 @@ class Settings(BaseModel):
     @field_validator("breaker")
     @classmethod
     def _breaker(cls, v: str) -> str:
-        BreakerConfig.parse(v)  # or ValueError, naming the bad part
+        BreakerConfig.parse(v, BREAKER_DEFAULTS)  # or ValueError, naming the bad part
         return v
 
     def breaker_config(self) -> BreakerConfig:
-        return BreakerConfig.parse(self.breaker)
+        return BreakerConfig.parse(self.breaker, BREAKER_DEFAULTS)
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy.parse(self.retry_attempts, self.retry_variants)

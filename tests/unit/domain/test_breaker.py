@@ -318,7 +318,7 @@ def test_stored_json_is_compact() -> None:
     assert b.to_json() == b'{"s":"closed","w":"010"}'
     b = half_open(SMALL)
     b.allow(T0 + 500)
-    assert b.to_json() == b'{"f":0,"i":1,"n":0,"o":1000000,"s":"half_open"}'
+    assert b.to_json() == b'{"f":0,"h":1000500,"i":1,"n":0,"o":1000000,"s":"half_open"}'
 
 
 def test_a_longer_window_is_trimmed_to_the_new_size_keeping_the_latest() -> None:
@@ -394,11 +394,12 @@ def test_parse_is_the_inverse_of_spec(config: BreakerConfig) -> None:
 
 def test_parse_takes_any_subset_of_keys() -> None:
     assert BreakerConfig.parse("") == BreakerConfig() == BreakerConfig.parse(DEFAULT_BREAKER)
-    assert DEFAULT_BREAKER == "threshold=50,window=20,min=10,wait_ms=30000,half_open=3"
+    assert DEFAULT_BREAKER == ("threshold=50,window=20,min=10,wait_ms=30000,half_open=3,"
+                               "half_open_max_ms=0")  # fmt: skip
     assert BreakerConfig.parse(" wait_ms = 5000 , threshold=80 ") == BreakerConfig(
         failure_rate_threshold_pct=80, wait_open_ms=5_000)  # fmt: skip
     assert BreakerConfig.parse("window=5,min=5").spec() == (
-        "threshold=50,window=5,min=5,wait_ms=30000,half_open=3")  # fmt: skip
+        "threshold=50,window=5,min=5,wait_ms=30000,half_open=3,half_open_max_ms=0")  # fmt: skip
 
 
 @pytest.mark.parametrize(("spec", "match"), [
@@ -529,3 +530,34 @@ class BreakerMachine(RuleBasedStateMachine):
 BreakerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60,
                                             deadline=None)  # fmt: skip
 test_breaker_invariants = BreakerMachine.TestCase
+
+
+# --- the half-open trial's max wait (the safety net) --------------------------------------
+
+
+def test_a_trial_undecided_within_its_max_wait_opens_again() -> None:
+    cfg = BreakerConfig(wait_open_ms=500, permitted_half_open=2, max_half_open_ms=1_000)
+    b = half_open(cfg)  # half open at T0 + 500
+    assert b.allow(T0 + 600) == (True, None)
+    assert b.record(True, T0 + 700) is None  # one outcome of two
+    assert b.next_change_ms() == T0 + 1_500
+    assert b.tick(T0 + 1_499) is None and b.state is HALF_OPEN
+    t = b.tick(T0 + 1_500)
+    assert t is not None and (t.from_state, t.to_state, t.calls) == (HALF_OPEN, OPEN, 1)
+    assert "undecided" in t.reason and t.failure_rate_pct is None
+    assert b.opened_at_ms == T0 + 1_500 and b.next_change_ms() == T0 + 2_000
+    assert b.record(True, T0 + 1_600) is None and b.state is OPEN  # the late one: ignored
+
+
+def test_the_trial_start_survives_a_restart() -> None:
+    cfg = BreakerConfig(wait_open_ms=500, max_half_open_ms=1_000)
+    b = opened(cfg)
+    b.tick(T0 + 800)  # half open late (a worker was down): the max wait runs from here
+    r = Breaker.from_json(b.to_json(), cfg)
+    assert r == b and r.next_change_ms() == T0 + 1_800
+    old = b'{"f":0,"i":0,"n":0,"o":%d,"s":"half_open"}' % T0  # stored before the field
+    assert Breaker.from_json(old, cfg).next_change_ms() == T0 + 500 + 1_000
+    assert BreakerConfig.parse("half_open_max_ms=5", cfg).max_half_open_ms == 5
+    assert BreakerConfig.parse("min=2", cfg).max_half_open_ms == 1_000  # the base's
+    with pytest.raises(ValueError, match="half-open max wait"):
+        BreakerConfig(max_half_open_ms=-1)
