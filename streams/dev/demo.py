@@ -110,7 +110,9 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         print("simulators up: card gateway, inventory, shipping, the bank's statement feed "
               f"(logs {logs}/sim-*.log)")  # fmt: skip
         producer = _spawn(
-            ["produce", "--count", str(count), "--rate", str(rate)], env, logs / "producer.log"
+            ["produce", "--count", str(count), "--rate", str(rate), "--invalid-rate", "0.002"],
+            env,
+            logs / "producer.log",
         )
         procs.append(producer)
         print(

@@ -46,6 +46,10 @@ class UpstreamConfig:
     #: placed by murmur2 (aiokafka's default, as Java's), a request lands where paysaga
     #: decides it and skips the intake repartition hop (README, "Sizing").
     key: str = "payment"
+    #: Share of requests with a currency that is not ISO 4217 ("ZZZ"): bad input, which
+    #: intake sends to the DLQ with its reason (the demo shows it; 0 draws nothing, so the
+    #: sequence of a seed is the same as without the option).
+    invalid_rate: float = 0.0
 
 
 def _amount(rng: random.Random, currency: str, exponent: int) -> int:
@@ -117,6 +121,9 @@ def generate(cfg: UpstreamConfig, now_ms: Callable[[], int] | None = None) -> It
                 {"sku": f"sku_{rng.randrange(500):04d}", "quantity": rng.randint(1, 3)}
                 for _ in range(rng.randint(1, 3))
             ]
+        if cfg.invalid_rate and rng.random() < cfg.invalid_rate:
+            yield {**event, "currency": "ZZZ"}  # never repeated as a retry or a conflict
+            continue
         sent.append(event)
         if len(sent) > 10_000:
             sent.pop(rng.randrange(len(sent)))

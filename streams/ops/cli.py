@@ -108,6 +108,7 @@ def _produce(args: argparse.Namespace) -> int:
         duplicate_rate=args.duplicate_rate,
         conflict_rate=args.conflict_rate,
         key=args.key,
+        invalid_rate=args.invalid_rate,
     )
     codec = AvroCodec(SchemaRegistry())
     settings = _settings(args)
@@ -364,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_opt(p, "--seed", "PAYSAGA_SEED", 42, int, help="random seed")
     _env_opt(p, "--duplicate-rate", "PAYSAGA_DUPLICATE_RATE", 0.05, float, help="retries")
     _env_opt(p, "--conflict-rate", "PAYSAGA_CONFLICT_RATE", 0.01, float, help="key reuse")
+    _env_opt(p, "--invalid-rate", "PAYSAGA_INVALID_RATE", 0.0, float,
+             help="requests with a non-ISO 4217 currency (bad input: the DLQ)")  # fmt: skip
     _env_opt(p, "--key", "PAYSAGA_UPSTREAM_KEY", "payment", str, choices=("payment", "scope"),
              help="record key: payment_id, or idempotency scope (no repartition hop)")  # fmt: skip
 
