@@ -324,13 +324,15 @@ class SagaAgent:
         self.payments.store(ctx.table(PAYMENTS), key, p)
 
     def _commit(self, ctx: ProcessorContext, p: Payment, eff: Effects, cause: str, occurred_at: int,
-                previous: str | None, sent_at: int | None = None) -> None:  # fmt: skip
+                previous: str | None, sent_at: int | None = None,
+                releasing: bool = False) -> None:  # fmt: skip
         """Store the payment and send what the input caused: commands, retries scheduled,
         one status, reviews. `sent_at`: the wall clock a timer sends its commands at (their
         record timestamp, so a retry's send time is in Kafka, docs/retries.md)."""
         gated = [c for c in eff.commands if self.orch.gateway_call(c)]
         if gated:  # the breaker decides at the send time the records will carry
-            self._gate(ctx, p, eff, gated, ctx.wall_clock_ms() if sent_at is None else sent_at)
+            now = ctx.wall_clock_ms() if sent_at is None else sent_at
+            self._gate(ctx, p, eff, gated, now, releasing)
         self._store(ctx, p)
         key = p.payment_id.encode()
         for command in eff.commands:
@@ -399,14 +401,21 @@ class SagaAgent:
 
     # ---- the circuit breaker (docs/retries.md#the-circuit-breaker) ----------------------
     def _gate(self, ctx: ProcessorContext, p: Payment, eff: Effects, gated: list[Command],
-              now: int) -> None:  # fmt: skip
-        """Ask the task's breaker about each gateway call of `eff`; hold the refused ones."""
+              now: int, releasing: bool) -> None:  # fmt: skip
+        """Ask the task's breaker about each gateway call of `eff`; hold the refused ones.
+        Half open, the trial permits go to the payments held longest: a new call waits
+        behind them (`releasing`: this is one of them, let out by the breaker's timer)."""
         table = ctx.table(BREAKER)
         if self.breakers.closed(table, ctx.partition):
             return  # the common case: every call goes out, nothing to write
         b, seq = self.breakers.load(table, ctx.partition)
         held, before = [], seq
+        queue = not releasing and self.breakers.held(table) > 0
         for c in gated:
+            seq = self._transitioned(ctx, table, b, seq, b.tick(now))
+            if queue and b.state is BreakerState.HALF_OPEN:
+                held.append(c)  # behind the held ones, which the timer lets out first
+                continue
             allowed, moved = b.allow(now)
             seq = self._transitioned(ctx, table, b, seq, moved)
             if not allowed:
@@ -485,7 +494,8 @@ class SagaAgent:
         effects = self.orch.release(current, now)
         cause = derived_id(current.payment_id, "release", str(version))
         current.version += 1
-        self._commit(ctx, current, effects, cause, max(now, current.updated_at), previous, now)
+        self._commit(ctx, current, effects, cause, max(now, current.updated_at), previous, now,
+                     releasing=True)  # fmt: skip
 
 
 def _review_value(p: Payment) -> bytes:

@@ -235,3 +235,15 @@ def test_a_trial_whose_calls_stay_unanswered_reopens_after_its_max_wait(
         assert transitions(world)[-1] == ("open", "half_open")  # and it tries again
     finally:
         driver.close()
+
+
+def test_half_open_the_trial_permits_go_to_the_payments_held_longest(world: DriverWorld) -> None:
+    open_breaker(world)
+    waiting = [world.initiate(request())["payment_id"] for _ in range(3)]  # held, in order
+    world.driver.clock.now_ms += 5_000  # the wait is over; no punctuation has run yet
+    newcomer = world.initiate(request())["payment_id"]
+    assert transitions(world)[-1] == ("open", "half_open")  # decided by the newcomer's call
+    assert authorizes(world, newcomer) == []  # it waits behind the held ones
+    world.driver.advance_wall_clock(0)  # the breaker's timer: the two oldest go out
+    assert [len(authorizes(world, pid)) for pid in waiting] == [1, 1, 0]
+    assert authorizes(world, newcomer) == []
