@@ -12,12 +12,13 @@ import json
 from typing import Any
 
 from paysaga.domain.breaker import Transition
-from paysaga.domain.payment import Payment, derived_id
+from paysaga.domain.payment import Outstanding, Payment, derived_id
 from paysaga.domain.saga import Command, ScheduledRetry
 from paysaga.schemas.models import PaymentInitiated
 
 STATUS = "PaymentStatusChanged"
 RETRY = "RetryScheduled"
+RESUME = "SagaResume"
 BREAKER_TRANSITION = "BreakerTransition"
 #: Avro record of each service's commands.
 COMMAND_SCHEMAS = {"payment": "PaymentCommand", "inventory": "InventoryCommand",
@@ -81,6 +82,20 @@ def retry_record(p: Payment, r: ScheduledRetry, cause: str, occurred_at: int) ->
         "retry": r.retry, "level": r.level,
         "due_at": r.due_at, "delay_ms": r.delay_ms, "variant": r.variant,
         "error_class": r.error_class.value, "reason": r.reason[:1000],
+    }  # fmt: skip
+
+
+def resume_record(p: Payment, o: Outstanding, cause: str, occurred_at: int, error_class: str,
+                  reason: str) -> dict[str, Any]:  # fmt: skip
+    """The SagaResume a review letter carries for a command given up (docs/dlq.md): its
+    id names the doubt (key, attempts, inquiries), so every copy of it is the same input."""
+    key = o.idempotency_key
+    return {
+        "event_id": derived_id(p.payment_id, "resume", key, str(o.attempt), str(o.inquiries)),
+        "occurred_at": occurred_at, "payment_id": p.payment_id, "correlation_id": p.order_id,
+        "causation_id": cause, "idempotency_key": key, "service": o.service,
+        "action": o.action, "step": o.step, "attempt": o.attempt, "inquiries": o.inquiries,
+        "error_class": error_class, "reason": reason[:1000],
     }  # fmt: skip
 
 

@@ -24,11 +24,13 @@ from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
 from paysaga.agents.outputs import (
     BREAKER_TRANSITION,
     COMMAND_SCHEMAS,
+    RESUME,
     RETRY,
     STATUS,
     breaker_record,
     command_record,
     compact_json,
+    resume_record,
     retry_record,
 )
 from paysaga.agents.rekey import forward, source_of
@@ -37,16 +39,17 @@ from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
-from paysaga.domain.saga import Command, Effects, Orchestrator, Unmatched
+from paysaga.domain.saga import Command, Effects, Orchestrator, Review, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.schemas.decoding import EdgeDecoder
 from paysaga.schemas.models import validation_reason
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType, Topology
+from paysaga.streams.engine.deadletter import REDRIVE_PREFIX
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.breaker import BREAKER, GATEWAY, BreakerStore
-from paysaga.tables.experiments import EXPERIMENTS, record_outcome
+from paysaga.tables.experiments import EXPERIMENTS, record_outcome, withdraw_outcome
 from paysaga.tables.payments import PAYMENTS, PaymentCache
 from paysaga.tables.transaction import TableTransaction
 
@@ -143,6 +146,7 @@ class SagaAgent:
             t.shipping_events: Source("ShippingEvent", ev.ShippingEvent, "shipping",
                                       _service_outcome),
             t.requests: Source("PaymentRequest", ev.PaymentRequest, "upstream"),
+            t.saga_resume: Source("SagaResume", ev.SagaResume, "operator"),
         }  # fmt: skip
         self.command_topics = {"payment": t.commands, "inventory": t.inventory_commands,
                                "shipping": t.shipping_commands}  # fmt: skip
@@ -199,6 +203,8 @@ class SagaAgent:
             self._accepted(ctx, event, current, replay)
         elif current is None:
             ctx.dead_letter("transition", f"no payment {event.payment_id} for this event")
+        elif source == self.topics.saga_resume:
+            self._resume(ctx, event, current)
         elif current.seen(event.event_id):
             return  # a duplicate delivery: applied once already (dedup by event_id)
         elif source == self.topics.requests:
@@ -271,6 +277,27 @@ class SagaAgent:
         payment.record(event.event_id, f"{kind.value.title()}Requested", event.occurred_at)
         self._commit(ctx, payment, eff, event.event_id, event.occurred_at, previous)
 
+    def _resume(self, ctx: ProcessorContext, event: ev.SagaResume, current: Payment) -> None:
+        """An operator's resume (a redriven review letter, docs/dlq.md#resuming-a-review).
+        Applied once: a resume of a doubt already resumed or answered changes nothing and
+        says so in a replay status (never silently dropped, never a new dead letter, which
+        a redrive would send round again)."""
+        record = ctx.record
+        assert record is not None
+        redrive = {k: v.decode("utf-8", "replace") for k, v in record.headers or ()
+                   if k.startswith(REDRIVE_PREFIX)}  # fmt: skip
+        previous = current.status.value
+        eff = self.orch.resume(current, event.idempotency_key, event.attempt, event.inquiries,
+                               ctx.wall_clock_ms(), redrive)  # fmt: skip
+        if eff.replay:
+            status = status_event(current, cause_event_id=event.event_id,
+                                  occurred_at=event.occurred_at, previous=previous,
+                                  replay=True, reason=eff.notes[0], step=event.step)  # fmt: skip
+            self._send_status(ctx, current, status)
+            return
+        current.record(event.event_id, "SagaResumed", event.occurred_at)
+        self._commit(ctx, current, eff, event.event_id, event.occurred_at, previous)
+
     def _reject(self, ctx: ProcessorContext, current: Payment, event: Any, reason: str) -> None:
         """Refused input: a REJECTED status for upstream, the record to the DLQ, no change.
 
@@ -333,6 +360,7 @@ class SagaAgent:
         if gated:  # the breaker decides at the send time the records will carry
             now = ctx.wall_clock_ms() if sent_at is None else sent_at
             self._gate(ctx, p, eff, gated, now, releasing)
+        self._count(ctx, p, eff, occurred_at)
         self._store(ctx, p)
         key = p.payment_id.encode()
         for command in eff.commands:
@@ -351,13 +379,36 @@ class SagaAgent:
                               previous=previous, reason=reason and reason[:1000],
                               terminal=eff.terminal, step=eff.step)  # fmt: skip
         self._send_status(ctx, p, status)
-        if eff.terminal and p.saga is not None:  # the A/B retry experiment counts it
-            record_outcome(ctx.table(EXPERIMENTS), p.retry_variant or "NONE",
-                           p.saga.state == "COMPLETED", p.retries,
-                           occurred_at - p.created_at)  # fmt: skip
-        for why in eff.review:
-            ctx.review("saga", why, key, _review_value(p), PAYMENTS,
-                       error_class=eff.review_class.value)  # fmt: skip
+        for review in eff.review:
+            self._review(ctx, p, review, eff.review_class.value, cause, occurred_at)
+
+    def _count(self, ctx: ProcessorContext, p: Payment, eff: Effects, occurred_at: int) -> None:
+        """The A/B retry experiment counts each saga once, at its end: an IN_DOUBT saga
+        taken up again gives its count back, and is counted when it ends for good."""
+        table, variant = ctx.table(EXPERIMENTS), p.retry_variant or "NONE"
+        if eff.reopened and p.counted is not None:
+            withdraw_outcome(table, variant, False, *p.counted)
+            p.counted = None
+        if eff.terminal and p.saga is not None:
+            p.counted = [p.retries, occurred_at - p.created_at]
+            record_outcome(table, variant, p.saga.state == "COMPLETED", *p.counted)
+
+    def _review(self, ctx: ProcessorContext, p: Payment, review: Review, error_class: str,
+                cause: str, occurred_at: int) -> None:  # fmt: skip
+        """One review letter. For a command given up and kept in doubt, the letter's value
+        is the SagaResume that takes it up again, so `paysaga dlq redrive` can resume it;
+        otherwise the payment record, for a human (docs/dlq.md#resuming-a-review)."""
+        key = p.payment_id.encode()
+        doubt = p.doubts.get(review.doubt) if review.doubt else None
+        if doubt is None:
+            ctx.review("saga", review.reason, key, _review_value(p), PAYMENTS,
+                       error_class=error_class)  # fmt: skip
+            return
+        fields = resume_record(p, doubt, cause, occurred_at, error_class, review.reason)
+        history = tuple((k, v.encode()) for k, v in doubt.redrive.items())
+        ctx.review("saga", review.reason, key, self.codec.encode(RESUME, fields), PAYMENTS,
+                   error_class=error_class, resume_topic=self.topics.saga_resume,
+                   history=history)  # fmt: skip
 
     def _send_status(self, ctx: ProcessorContext, p: Payment, status: dict[str, Any]) -> None:
         ctx.emit(self.topics.status, STATUS, status, key=p.payment_id.encode())

@@ -40,6 +40,13 @@ class VariantStats:
         self.retries += retries
         self.outcome_ms += max(0, outcome_ms)
 
+    def remove(self, succeeded: bool, retries: int, outcome_ms: int) -> None:
+        """Take back one `add` of the same figures (a saga counted at an end it left)."""
+        self.sagas = max(0, self.sagas - 1)
+        self.successes = max(0, self.successes - int(succeeded))
+        self.retries = max(0, self.retries - retries)
+        self.outcome_ms = max(0, self.outcome_ms - max(0, outcome_ms))
+
     def merged(self, other: VariantStats) -> VariantStats:
         return VariantStats(self.sagas + other.sagas, self.successes + other.successes,
                             self.retries + other.retries,

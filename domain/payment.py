@@ -84,6 +84,10 @@ class Outstanding(BaseModel):
     #: The class and reason of the last failure (the retry records and the DLQ say them).
     error_class: str | None = None
     reason: str | None = None
+    #: The `paysaga.redrive.*` headers of the operator's resume that took this command up
+    #: again (docs/dlq.md#resuming-a-review): a review letter written if it runs out of
+    #: retries once more carries them, so redrive's cap sees every round.
+    redrive: dict[str, str] = Field(default_factory=dict)
 
 
 class RefundRequest(BaseModel):
@@ -160,6 +164,11 @@ class Payment(BaseModel):
     saga: SagaState | None = None
     outstanding: dict[str, Outstanding] = Field(default_factory=dict)
     refunds: dict[str, RefundRequest] = Field(default_factory=dict)
+    #: Commands whose retries ran out with their outcome unknown or not yet done (a saga
+    #: IN_DOUBT, a refund IN_DOUBT, a settlement given up): kept by idempotency key, so a
+    #: late answer or an operator's resume takes them up again with the same key
+    #: (docs/retries.md#in-doubt-is-not-the-end).
+    doubts: dict[str, Outstanding] = Field(default_factory=dict)
     #: Capture and cancel request keys -> fingerprint (idempotent requests).
     requests: dict[str, str] = Field(default_factory=dict)
     #: Due times currently in the table's timer indexes (so they can be moved or cleared).
@@ -172,6 +181,9 @@ class Payment(BaseModel):
     retry_variant: str | None = None
     #: Commands sent again so far (the experiments' average retry count).
     retries: int = 0
+    #: What the experiments table counted when the saga ended ([retries, outcome ms]), so
+    #: an IN_DOUBT saga taken up again takes its count back and is counted once, at its end.
+    counted: list[int] | None = None
     version: int = 0
     created_at: int
     updated_at: int

@@ -124,6 +124,16 @@ class ScheduledRetry:
     reason: str
 
 
+@dataclass(frozen=True)
+class Review:
+    """One reason for manual review (a DLQ record). `doubt`: the idempotency key of the
+    command kept in `Payment.doubts` that an operator's resume would take up again (None:
+    nothing to resume, the saga decided)."""
+
+    reason: str
+    doubt: str | None = None
+
+
 @dataclass
 class Effects:
     """What one input did: commands to send and what the status record should say."""
@@ -133,7 +143,7 @@ class Effects:
     step: str | None = None
     terminal: bool = False
     #: Reasons for manual review (a DLQ record each).
-    review: list[str] = field(default_factory=list)
+    review: list[Review] = field(default_factory=list)
     #: The input was refused (status REJECTED and the DLQ); nothing was applied.
     rejected: str | None = None
     replay: bool = False
@@ -146,6 +156,9 @@ class Effects:
     review_class: ErrorClass = ErrorClass.UNKNOWN
     #: The outcome of the gateway call this answer answers (None: not such an answer).
     call_ok: bool | None = None
+    #: An IN_DOUBT saga was taken up again (a resume, or a late answer): it had ended, so
+    #: what was counted at its end is taken back.
+    reopened: bool = False
 
     @property
     def changed(self) -> bool:
@@ -384,10 +397,11 @@ class Orchestrator:
         eff.notes.append(f"{saga.kind} saga {state.lower()}: {saga.reason}")
         self._finish(p, eff, state)
 
-    def _in_doubt(self, p: Payment, eff: Effects, reason: str) -> None:
+    def _in_doubt(self, p: Payment, eff: Effects, reason: str,
+                  doubt: Outstanding | None = None) -> None:  # fmt: skip
         saga = p.saga
         assert saga is not None
-        eff.review.append(reason)
+        self._review(p, eff, reason, doubt)
         eff.notes.append(reason)
         if not saga.finished:
             saga.reason = reason
@@ -445,6 +459,10 @@ class Orchestrator:
         before the first change, and `apply_transition` undoes its own on refusal.
         """
         o = self.find(p, outcome.command_id)
+        if o is None:
+            doubt = self._find_doubt(p, outcome.command_id)
+            if doubt is not None and doubt.service == service:
+                return self._late_answer(p, doubt, service, outcome, now)
         if o is None and self._settled_late(p, service, outcome):
             apply_transition(p, outcome)  # may raise InvalidTransition
             return p, Effects(
@@ -524,7 +542,7 @@ class Orchestrator:
                 refund.state = "DONE"
                 eff.notes.append(f"refunded {outcome.amount_minor}")
         elif failed:  # post: settlement
-            eff.review.append(f"settlement failed: {outcome.reason}")
+            eff.review.append(Review(f"settlement failed: {outcome.reason}"))
             eff.notes.append(f"settlement failed: {outcome.reason}")
         else:
             eff.notes.append("settled")
@@ -541,18 +559,97 @@ class Orchestrator:
             if o.role == "request":
                 refund = p.refunds[_request_key(p, o)]
                 refund.state, refund.reason = "IN_DOUBT", why
-            eff.review.append(why)
+            self._review(p, eff, why, o)
             eff.notes.append(why)
             return
         if cls is ErrorClass.UNKNOWN or o.role == "compensation":
-            self._in_doubt(p, eff, why)
+            self._in_doubt(p, eff, why, o)
             return
-        eff.review.append(why)
+        eff.review.append(Review(why))
         failure = GatewayOutcome(kind="FAILED", event_id="", occurred_at=now, step=o.step,
                                  reason=why, retryable=True)  # fmt: skip
         if o.service == "payment" and o.role == "action":
             apply_transition(p, failure)  # like a decline: nothing was authorized
         self._settle_answer(p, eff, o, True, failure, now)
+
+    # ---- in doubt: late answers and resumes (docs/retries.md#in-doubt-is-not-the-end) --
+    @staticmethod
+    def _review(p: Payment, eff: Effects, reason: str, doubt: Outstanding | None) -> None:
+        """A reason for review; with `doubt`, the command given up is kept in the payment,
+        so a late answer or an operator's resume can take it up again."""
+        if doubt is not None:
+            doubt.deadline = 0
+            p.doubts[doubt.idempotency_key] = doubt
+        eff.review.append(Review(reason, None if doubt is None else doubt.idempotency_key))
+
+    def _reopen(self, p: Payment, eff: Effects, o: Outstanding) -> None:
+        """The doubted command `o` is outstanding again, with a fresh retry budget, and what
+        waited for it waits again: the refund, or the saga it had put IN_DOUBT."""
+        del p.doubts[o.idempotency_key]
+        p.outstanding[o.idempotency_key] = o
+        o.retries, o.error_class, o.reason = 0, None, None
+        saga = p.saga
+        if o.role == "request":
+            refund = p.refunds[_request_key(p, o)]
+            refund.state, refund.reason = "PENDING", None
+        elif (
+            o.role in ("action", "compensation") and saga is not None and (saga.state == "IN_DOUBT")
+        ):
+            saga.state = "RUNNING" if o.role == "action" else "COMPENSATING"
+            eff.reopened = True
+
+    def resume(self, p: Payment, key: str, attempt: int, inquiries: int, now: int,
+               redrive: dict[str, str] | None = None) -> Effects:  # fmt: skip
+        """An operator's resume of a command given up (a redriven review letter,
+        docs/dlq.md#resuming-a-review): the same key, a fresh retry budget, and first an
+        inquiry where the gateway may have acted (the other services get the command
+        again, which they deduplicate by key). Applied once: only while the command is in
+        the very doubt the letter describes (`attempt`, `inquiries`); otherwise the
+        effects say `replay` and the payment is unchanged."""
+        o = p.doubts.get(key)
+        if o is None or (o.attempt, o.inquiries) != (attempt, inquiries):
+            return Effects(
+                replay=True,
+                notes=[f"resume of {key}: not in doubt any more (resumed already, or answered)"],
+            )
+        eff = Effects(step=o.step)
+        self._reopen(p, eff, o)
+        o.redrive = dict(redrive or {})
+        o.next_inquiry = o.service == "payment"  # the gateway may have acted: ask first
+        self._retry_now(p, eff, o, now)
+        eff.notes[-1] = f"resumed by an operator: {eff.commands[-1].action} sent with the same key"
+        return eff
+
+    def _find_doubt(self, p: Payment, cmd_id: str | None) -> Outstanding | None:
+        """The command given up that `cmd_id` is an attempt of (an inquiry's answer is not:
+        "never seen" after the saga gave up is for the operator, not a reason to resend)."""
+        if cmd_id is None:
+            return None
+        for o in p.doubts.values():
+            if any(command_id(o.idempotency_key, a) == cmd_id for a in range(1, o.attempt + 1)):
+                return o
+        return None
+
+    def _late_answer(self, p: Payment, o: Outstanding, service: str, outcome: GatewayOutcome,
+                     now: int) -> tuple[Payment, Effects]:  # fmt: skip
+        """The answer to a command given up, arriving after all: the doubt is resolved by
+        it, as if it had come in time. A failure that says "try again" resolves nothing
+        (an operator resumes with `paysaga dlq redrive`). Refused, `p` is unchanged."""
+        if gateway_failed(outcome.kind, outcome.retryable, outcome.code):
+            raise Unmatched(f"{outcome.kind} (retryable) answers {o.action}, given up: "
+                            "resume it with `paysaga dlq redrive`")  # fmt: skip
+        before = p.model_copy(deep=True)
+        reopened = Effects()
+        self._reopen(p, reopened, o)
+        try:
+            p, eff = self._answered(p, o, service, outcome, now)
+        except InvalidTransition:
+            for name in type(p).model_fields:
+                setattr(p, name, getattr(before, name))
+            raise
+        eff.reopened = reopened.reopened
+        eff.notes.insert(0, f"late answer to {o.action}, given up before: no longer in doubt")
+        return p, eff
 
     def _settled_late(self, p: Payment, service: str, outcome: GatewayOutcome) -> bool:
         """A SETTLED answering one of this payment's SETTLE attempts after the saga gave up

@@ -162,3 +162,17 @@ class PaymentRequest(Envelope):
             raise ValueError("an amount needs its currency")
         validate_amount(v, currency)
         return v
+
+
+class SagaResume(Envelope):
+    """An operator's resume of a saga command given up (paysaga.saga.resume): what
+    `paysaga dlq redrive` sends for a review letter (docs/dlq.md#resuming-a-review)."""
+
+    idempotency_key: Key
+    service: Id
+    action: Id
+    step: Id
+    attempt: StrictInt
+    inquiries: StrictInt
+    error_class: Id
+    reason: Annotated[str, Field(max_length=1000)]

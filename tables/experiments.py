@@ -11,6 +11,7 @@ shares: the batch's transaction keeps one changelog record per key, not one per 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from paysaga.domain.experiments import VariantStats
 from paysaga.tables.transaction import TableTransaction
@@ -18,14 +19,24 @@ from paysaga.tables.transaction import TableTransaction
 EXPERIMENTS = "experiments"
 
 
-def record_outcome(table: TableTransaction, variant: str, succeeded: bool, retries: int,
-                   outcome_ms: int) -> None:  # fmt: skip
-    """Count one ended saga of `variant`."""
+def _update(table: TableTransaction, variant: str, change: Callable[[VariantStats], None]) -> None:
     key = variant.encode()
     raw = table.get(key)
     stats = VariantStats() if raw is None else VariantStats.from_dict(json.loads(raw))
-    stats.add(succeeded, retries, outcome_ms)
+    change(stats)
     table.set(key, json.dumps(stats.to_dict(), separators=(",", ":")).encode())
+
+
+def record_outcome(table: TableTransaction, variant: str, succeeded: bool, retries: int,
+                   outcome_ms: int) -> None:  # fmt: skip
+    """Count one ended saga of `variant`."""
+    _update(table, variant, lambda s: s.add(succeeded, retries, outcome_ms))
+
+
+def withdraw_outcome(table: TableTransaction, variant: str, succeeded: bool, retries: int,
+                     outcome_ms: int) -> None:  # fmt: skip
+    """Take back one count of `record_outcome` (an IN_DOUBT saga taken up again)."""
+    _update(table, variant, lambda s: s.remove(succeeded, retries, outcome_ms))
 
 
 def merge_partitions(latest: dict[tuple[int, bytes], bytes]) -> dict[str, VariantStats]:

@@ -76,6 +76,10 @@ class Topics:
         #: Stream-time ticks of the idle policy (written by the live application, read back
         #: as input; a replay reads the live ones).
         self.stream_time = inp + "paysaga.stream-time"
+        #: Operators' resumes of saga commands given up (SagaResume, written by `paysaga dlq
+        #: redrive` from review letters; docs/dlq.md#resuming-a-review): recorded input, so
+        #: a replay reads the live ones.
+        self.saga_resume = inp + "paysaga.saga.resume"
         #: payment.initiated re-keyed by idempotency scope (merchant_id, idempotency_key)
         #: with paysaga's partitioner (internal): where the idempotency table decides.
         self.initiated_repartition = prefix + "paysaga.payment.initiated.repartition"
@@ -108,7 +112,7 @@ class Topics:
         """The topics other systems write and this deployment only reads."""
         return (self.initiated, self.requests, self.authorized, self.captured, self.failed,
                 self.reversed, self.settled, self.inventory_events, self.shipping_events,
-                self.bank_statements, self.stream_time)  # fmt: skip
+                self.bank_statements, self.stream_time, self.saga_resume)  # fmt: skip
 
     def retry(self, level: int) -> str:
         """Where the retries scheduled at `level` (1-based) are recorded (docs/retries.md)."""
@@ -176,6 +180,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             for level in range(1, settings.retry_policy().levels + 1)
         ),
         TopicSpec(t.breaker, "BreakerTransition", key="task partition", retention_ms=audit),
+        TopicSpec(t.saga_resume, "SagaResume (redriven review letters)", retention_ms=audit),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
         TopicSpec(
             t.dlq_quarantine,

@@ -38,6 +38,9 @@ H_ATTEMPTS = "paysaga.attempts"
 H_FAILED_AT = "paysaga.failed_at"
 H_FIRST_FAILED_AT = "paysaga.first_failed_at"
 H_LAST_FAILED_AT = "paysaga.last_failed_at"
+#: On a review record that can be taken up again: the topic its value (an input that
+#: resumes it) goes to when redriven. Absent: a human decides, nothing to re-inject.
+H_RESUME_TOPIC = "paysaga.resume.topic"
 #: Prefix of the input record's own headers on a dead letter.
 ORIGINAL_PREFIX = "paysaga.original."
 
@@ -90,6 +93,8 @@ class DeadLetter:
     failed_at: int = field(default_factory=now_ms)
     #: An earlier failure of this same input, if any (a poison record's first attempt).
     earlier_failure: int | None = None
+    #: A review record's resume topic (`H_RESUME_TOPIC`).
+    resume_topic: str | None = None
 
     def __post_init__(self) -> None:
         if self.error_class is not None and self.error_class not in ERROR_CLASSES:
@@ -128,6 +133,8 @@ class DeadLetter:
             (H_LAST_FAILED_AT, last),
             (H_FAILED_AT, last),
         ]
+        if self.resume_topic:
+            ours.append((H_RESUME_TOPIC, self.resume_topic.encode()))
         carried = [(k, v) for k, v in self.input_headers if k.startswith(REDRIVE_PREFIX)]
         kept = [
             (ORIGINAL_PREFIX + k, v)

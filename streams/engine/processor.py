@@ -319,13 +319,20 @@ class ProcessorContext:
         value: bytes,
         source: str,
         error_class: str | None = None,
+        *,
+        resume_topic: str | None = None,
+        history: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
         """A dead-letter record for manual review that no single input caused (a timer's).
 
-        Its offset is -1: there is no input to re-inject, so `paysaga dlq redrive` leaves it
-        to a human."""
+        Its offset is -1: there is no input to re-inject. Without `resume_topic`,
+        `paysaga dlq redrive` leaves it to a human; with one, `value` is an input that takes
+        the reviewed work up again, and a redrive sends it there (docs/dlq.md#headers).
+        `history`: the `paysaga.redrive.*` headers of an earlier redrive this review
+        continues, carried forward like a redriven input's, so the redrive cap counts it."""
         letter = DeadLetter(kind, self._runtime.redact(reason), source, self.partition, -1, 1,
-                            error_class, failed_at=self._runtime.wall_clock_ms())  # fmt: skip
+                            error_class, history, self._runtime.wall_clock_ms(),
+                            resume_topic=resume_topic)  # fmt: skip
         self.send(self._runtime.dlq_topic, key, value, letter.headers())
 
 

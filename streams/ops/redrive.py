@@ -57,6 +57,7 @@ from paysaga.streams.engine.deadletter import (
     H_REDRIVE_COUNT,
     H_REDRIVE_DLQ,
     H_REDRIVE_ID,
+    H_RESUME_TOPIC,
     H_TOPIC,
     default_error_class,
     now_ms,
@@ -106,6 +107,14 @@ class Letter:
     first_failed_at: int | None
     last_failed_at: int | None
     redrive_count: int
+    #: A review record that can be taken up again: where its value goes (None: not one).
+    resume_topic: str | None = None
+
+    @property
+    def target(self) -> str:
+        """The topic a redrive sends this letter to: its input's source topic, or the
+        resume topic of a review record (docs/dlq.md#resuming-a-review)."""
+        return self.resume_topic or self.source.topic
 
     @property
     def ref(self) -> str:
@@ -142,7 +151,7 @@ def letter_of(record: ConsumerRecord) -> Letter:
         error_class=h.get(H_ERROR_CLASS) or default_error_class(kind), source=source,
         origin=origin if H_ORIGIN_TOPIC in h else source,
         first_failed_at=last if first is None else first, last_failed_at=last,
-        redrive_count=_int(h, H_REDRIVE_COUNT) or 0,
+        redrive_count=_int(h, H_REDRIVE_COUNT) or 0, resume_topic=h.get(H_RESUME_TOPIC) or None,
     )  # fmt: skip
 
 
@@ -232,7 +241,7 @@ class Action(StrEnum):
     FILTERED = "filtered out"
     #: The ledger names it: sent (or quarantined) by an earlier run.
     DONE = "skipped (already done)"
-    #: A review record (offset -1): no input caused it, nothing to re-inject.
+    #: A review record (offset -1) without a resume: the saga decided, a human reviews.
     REVIEW = "not redrivable (review)"
     QUARANTINE = "quarantined"
     #: Its source topic does not exist (any more): it cannot be sent.
@@ -270,11 +279,11 @@ def decide(
         return Step(letter, Action.FILTERED)
     if letter.ref in ledger:
         return Step(letter, Action.DONE)
-    if letter.source.offset < 0:
+    if letter.source.offset < 0 and letter.resume_topic is None:
         return Step(letter, Action.REVIEW)
     if letter.redrive_count >= max_redrives:
         return Step(letter, Action.QUARANTINE)
-    count = partitions.get(letter.source.topic, 0)
+    count = partitions.get(letter.target, 0)
     if count <= 0:
         return Step(letter, Action.UNSENDABLE)
     return Step(letter, Action.REDRIVE, target_partition(letter, count))
@@ -517,7 +526,7 @@ class Sender:
         letter, at = step.letter, now_ms()
         if step.action is Action.REDRIVE:
             assert step.partition is not None
-            topic, part = letter.source.topic, step.partition
+            topic, part = letter.target, step.partition
             headers = redrive_headers(letter, self.topics.dlq)
         else:
             topic, part = self.topics.dlq_quarantine, letter.partition % self.quarantine_partitions
@@ -606,7 +615,7 @@ async def run_redrive(
         ledger = ledger_of(await read_all(settings.bootstrap, topics.dlq_redrives))
         letters = [letter_of(r) for r in await read_all(settings.bootstrap, topics.dlq)]
         counts = await partition_counts(
-            settings.bootstrap, {le.source.topic for le in letters} | {topics.dlq_quarantine}
+            settings.bootstrap, {le.target for le in letters} | {topics.dlq_quarantine}
         )
         steps = plan(letters, options.filters, ledger, counts, options.max_redrives)
         if producer is None:
@@ -616,7 +625,7 @@ async def run_redrive(
         for s in steps:
             if s.action is Action.UNSENDABLE:
                 outcome.add(FAILED, s.letter.kind)
-                print(f"error: cannot send {s.letter.ref}: no topic {s.letter.source.topic!r}",
+                print(f"error: cannot send {s.letter.ref}: no topic {s.letter.target!r}",
                       file=err)  # fmt: skip
             elif s.action not in (Action.REDRIVE, Action.QUARANTINE):
                 outcome.add(s.action.value, s.letter.kind)

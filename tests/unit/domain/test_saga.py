@@ -653,7 +653,7 @@ def test_in_doubt_before_authorization_is_not_canceled(kind: str, silent: str) -
     while only(p).action != silent:
         p, _ = answer(orch, p, only(p))
     eff = silence(orch, p, only(p).idempotency_key)[-1]
-    assert eff.terminal and eff.review and f"{silent} given up after 9 retries" in eff.review[0]
+    assert eff.terminal and f"{silent} given up after 9 retries" in eff.review[0].reason
     assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
     assert p.status is S.INITIATED and p.authorized_minor == 0
     status = published(p, eff, S.INITIATED)
@@ -898,7 +898,7 @@ def test_transient_failures_retry_by_level_with_the_variant_delays() -> None:
     sends = [c for eff in effs for c in eff.commands if c.action == "AUTHORIZE"]
     assert [c.attempt for c in sends] == list(range(2, 11)) and p.retries == 9
     last = effs[-1]
-    assert last.terminal and last.review and "AUTHORIZE given up after 9 retries" in last.review[0]
+    assert last.terminal and "AUTHORIZE given up after 9 retries" in last.review[0].reason
     assert last.review_class.value == "transient"
     assert p.saga is not None and p.saga.state == "FAILED" and p.status is S.FAILED
 
@@ -980,7 +980,7 @@ def test_exhausted_timeouts_put_the_saga_in_doubt() -> None:
     assert (
         eff.terminal
         and eff.review
-        and "AUTHORIZE given up after 9 retries (unknown)" in (eff.review[0])
+        and "AUTHORIZE given up after 9 retries (unknown)" in eff.review[0].reason
     )
     assert eff.review_class.value == "unknown"
     assert p.saga is not None and p.saga.state == "IN_DOUBT" and not p.outstanding
@@ -1002,8 +1002,10 @@ def test_exhausted_refund_timeout_is_reviewed_without_ending_anything() -> None:
     p, _ = answer(orch, p, by_action(p, "SETTLE"))
     [c] = orch.request_refund(p, "r1", "fp", 100, T0).commands
     eff = silence(orch, p, c.idempotency_key)[-1]
-    assert eff.review == ["REFUND given up after 9 retries (unknown): no answer to INQUIRE "
-                          "within 10000 ms; outcome unknown"]  # fmt: skip
+    assert [r.reason for r in eff.review] == [
+        "REFUND given up after 9 retries (unknown): no answer to INQUIRE within 10000 ms; "
+        "outcome unknown"]  # fmt: skip
+    assert [r.doubt for r in eff.review] == [c.idempotency_key]
     assert p.saga is not None
     assert not eff.terminal and not p.outstanding and p.saga.state == "COMPLETED"
     assert p.refunds["r1"].state == "IN_DOUBT" and p.refund_pending_minor == 100
@@ -1074,7 +1076,8 @@ def test_a_settlement_the_gateway_reports_after_the_saga_gave_up_still_settles()
                           command_id=command_id(first.idempotency_key, 1),
                           amount_minor=1000)  # fmt: skip
     p, eff = orch.on_outcome(p, "payment", late, T0 + 5_000)
-    assert p.status is S.SETTLED and "after the saga stopped waiting" in eff.notes[0]
+    assert p.status is S.SETTLED and "given up before: no longer in doubt" in eff.notes[0]
+    assert not p.doubts and not p.outstanding and "settled" in eff.notes
     other = GatewayOutcome(kind="SETTLED", event_id="ev-x", occurred_at=T0, amount_minor=1000,
                            command_id=command_id("pay-other:settle:post", 1))  # fmt: skip
     with pytest.raises(Unmatched):

@@ -75,10 +75,11 @@ def letter(
     carried: tuple = (),
     original: tuple = (("trace", b"t1"),),
     key: bytes | None = b"pay_1",
+    resume_topic: str | None = None,
 ) -> Letter:
     dl = DeadLetter(kind, "why", topic, source_partition, source_offset,
                     error_class=error_class, input_headers=(*original, *carried),
-                    failed_at=at)  # fmt: skip
+                    failed_at=at, resume_topic=resume_topic)  # fmt: skip
     return letter_of(record(partition, offset, dl.headers(), key=key))
 
 
@@ -165,6 +166,24 @@ def test_the_plan_decides_in_order_filter_ledger_review_cap_topic() -> None:
     # One fewer redrive and the capped letter is redriven; a cap of 0 quarantines everything.
     assert plan([letters[3]], Filters(), {}, PARTS, 4)[0].action is Action.REDRIVE
     assert plan([letters[5]], Filters(), {}, PARTS, 0)[0].action is Action.QUARANTINE
+
+
+def test_a_review_with_a_resume_goes_to_its_resume_topic_on_its_task_partition() -> None:
+    """A saga given up in doubt: its review letter's value is the resume, sent to the resume
+    topic (the letter's source is the payments table, offset -1). Capped like any letter."""
+    resume = "t.paysaga.saga.resume"
+    review = letter(0, 7, kind="saga", topic="payments", source_partition=2, source_offset=-1,
+                    original=(), resume_topic=resume)  # fmt: skip
+    assert (review.target, review.source.topic) == (resume, "payments")
+    [step] = plan([review], Filters(), {}, {**PARTS, resume: 3})
+    assert (step.action, step.partition) == (Action.REDRIVE, 2)
+    [gone] = plan([review], Filters(), {}, PARTS)  # no resume topic: created by topics create
+    assert gone.action is Action.UNSENDABLE
+    capped = letter(0, 8, kind="saga", topic="payments", source_offset=-1, original=(),
+                    resume_topic=resume, carried=((H_REDRIVE_COUNT, b"3"),))  # fmt: skip
+    assert plan([capped], Filters(), {}, {resume: 3})[0].action is Action.QUARANTINE
+    h = dict(redrive_headers(review, "t.payment.dlq"))
+    assert h[H_REDRIVE_COUNT] == b"1" and h[H_ORIGIN_TOPIC] == b"payments"
 
 
 def test_the_default_cap_is_three_redrives() -> None:
