@@ -45,6 +45,38 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def paysaga(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The `paysaga` command as an operator runs it: a subprocess with `settings`' env."""
+    return subprocess.run(
+        [sys.executable, "-m", "paysaga.streams.ops.cli", *args], env=settings_env(settings),
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def redrive(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    """`paysaga dlq redrive ARGS`; whatever its exit status, never a traceback."""
+    done = paysaga(settings, "dlq", "redrive", *args)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def produce(settings: Settings, topic: str, items: list[tuple[Any, ...]]) -> list[Any]:
+    """Send (key, value, headers, partition) tuples; returns their metadata."""
+
+    async def go() -> list[Any]:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, value, key=key, headers=headers,
+                                           partition=part)
+                       for key, value, headers, part in items]  # fmt: skip
+            return list(await asyncio.gather(*futures))
+        finally:
+            await producer.stop()
+
+    return asyncio.run(go())
+
+
 def isolated_settings(bootstrap: str, state: Path, name: str, **overrides: Any) -> Settings:
     """Settings for one test: its own topic prefix, app id, state dir and web port."""
     from paysaga.streams.app.net import free_port

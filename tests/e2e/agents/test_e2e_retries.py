@@ -14,9 +14,10 @@ import pytest
 
 from paysaga.domain.retry import RetryPolicy
 from paysaga.streams.app.topics import create_topics
+from paysaga.streams.engine.deadletter import H_ERROR_CLASS, H_REDRIVE_ID, H_RESUME_TOPIC
 from tests.saga_support import World
 from tests.samples import initiated
-from tests.support import WorkerProcess, isolated_settings, wait_for
+from tests.support import WorkerProcess, isolated_settings, paysaga, produce, redrive, wait_for
 
 _seq = iter(range(50_000, 60_000))
 #: One variant, short levels: 0.3 s, 0.6 s, 0.9 s, then a long 300 s level.
@@ -134,20 +135,13 @@ def test_a_payment_waiting_at_the_long_level_holds_up_nobody(world: World) -> No
 def test_the_experiments_report_counts_every_ended_saga(world: World) -> None:
     """`paysaga experiments report`, as an operator runs it, from the committed changelog:
     the sagas the tests above ended, with their success rate and retries."""
-    import subprocess
-    import sys
-
-    from tests.support import settings_env
-
     ended = [s for s in world.statuses() if s["terminal"]]
     ok = sum(s["saga_state"] == "COMPLETED" for s in ended)
     retries = sum(s["retries"] for s in ended)
     assert ended and ok < len(ended)  # a decline is among them
 
     def report() -> str | None:
-        r = subprocess.run([sys.executable, "-m", "paysaga.streams.ops.cli", "experiments",
-                            "report"], env=settings_env(world.settings), capture_output=True,
-                           text=True, timeout=120, check=False)  # fmt: skip
+        r = paysaga(world.settings, "experiments", "report")
         assert r.returncode == 0, r.stderr
         return r.stdout if f"{len(ended)} ended sagas" in r.stdout else None
 
@@ -181,6 +175,68 @@ def test_exhausted_retries_land_in_the_dlq_with_every_header(broker, tmp_path: P
                      "paysaga.attempts"):  # fmt: skip
             assert name in h, name
         assert [r["level"] for r in world.retries(pid)] == [1, 2]
+    finally:
+        worker.kill()
+
+
+def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
+    broker, tmp_path: Path
+) -> None:
+    """The gateway is silent through every level: the saga ends IN_DOUBT and its review
+    letter names the resume topic. After the fix, `paysaga dlq redrive` resumes it: one
+    inquiry, the gateway replays what it recorded, the saga completes. Redriven again, the
+    ledger skips it; with its ledger entry deleted, the copy is sent and changes nothing."""
+    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "resume",
+                                 command_timeout_ms=1_000, punctuate_ms=100,
+                                 retry_attempts="1,1", retry_variants="X:1:100,200")  # fmt: skip
+    asyncio.run(create_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        world = World(settings)
+        t = world.t
+        p = world.initiate(request())
+        pid = p["payment_id"]
+        auth = world.wait_command(pid, "AUTHORIZE")  # and silence: nothing is answered
+        world.wait_status(pid, "in doubt", lambda s: s["saga_state"] == "IN_DOUBT")
+        [letter] = wait_for(lambda: world._read(t.dlq), 30, what="the review letter")
+        h = {k: v.decode() for k, v in letter.headers}
+        assert (h[H_RESUME_TOPIC], h[H_ERROR_CLASS]) == (t.saga_resume, "unknown")
+        asked = [c["command_type"] for c in world.commands(pid)].count("INQUIRE")
+
+        dry = redrive(settings, "--dry-run", "--kind", "saga")
+        assert "would be: redriven 1" in dry.stdout, dry.stdout + dry.stderr
+        run = redrive(settings, "--kind", "saga")
+        assert run.returncode == 0 and "redriven 1, skipped (already done) 0" in run.stdout, (
+            run.stdout + run.stderr)  # fmt: skip
+        inquiry = world.wait_command(pid, "INQUIRE", n=asked + 1)
+        assert inquiry["idempotency_key"] == auth["idempotency_key"]
+        world.answer(auth, "AUTHORIZED")  # the gateway had acted: it replays its outcome
+        world.answer(world.wait_command(pid, "CAPTURE"), "CAPTURED")
+        world.wait_status(
+            pid, "completed", lambda s: s["terminal"] and s["saga_state"] == "COMPLETED"
+        )
+
+        again = redrive(settings, "--kind", "saga")
+        assert "redriven 0, skipped (already done) 1" in again.stdout, again.stdout
+        # An operator deletes the ledger entry (a tombstone) and redrives once more: the
+        # same resume is delivered a second time, and the saga applies it once.
+        produce(settings, t.dlq_redrives, [(f"{letter.partition}:{letter.offset}".encode(),
+                                            None, [], 0)])  # fmt: skip
+        third = redrive(settings, "--kind", "saga")
+        assert "redriven 1, skipped (already done) 0" in third.stdout, third.stdout
+        world.wait_status(
+            pid,
+            "the second resume's replay status",
+            lambda s: s["replay"] and "not in doubt any more" in (s["reason"] or ""),
+        )
+        copies = [r for r in world._read(t.saga_resume)]
+        assert len(copies) == 2 and len({dict(r.headers)[H_REDRIVE_ID] for r in copies}) == 1
+        sent = [c["command_type"] for c in world.commands(pid)]
+        assert (sent.count("AUTHORIZE"), sent.count("INQUIRE"), sent.count("CAPTURE")) == (
+            1, asked + 1, 1)  # fmt: skip
+        ends = [s["saga_state"] for s in world.statuses(pid) if s["terminal"]]
+        assert ends == ["IN_DOUBT", "COMPLETED"]
+        never_early(world, pid)
     finally:
         worker.kill()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 from aiokafka import AIOKafkaProducer
 
@@ -13,14 +11,7 @@ from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, topic_specs
 from tests.samples import initiated
-from tests.support import WorkerProcess, settings_env, wait_for
-
-
-def paysaga(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "paysaga.streams.ops.cli", *args], env=settings_env(settings),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+from tests.support import WorkerProcess, paysaga, wait_for
 
 
 def test_topics_create_twice_is_idempotent(settings: Settings) -> None:

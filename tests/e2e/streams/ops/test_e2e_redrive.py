@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from paysaga.domain.payment import derived_id
@@ -50,23 +50,10 @@ from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.ops.redrive import H_QUARANTINE_DLQ
 from tests.saga_support import World, new_id
 from tests.samples import initiated
-from tests.support import settings_env, wait_for
+from tests.support import paysaga, produce, redrive, settings_env, wait_for
 
 BAD = b"\xff\x00 not avro at all"
 MINE = [("trace-id", b"abc"), ("hop", b"1"), ("hop", b"2")]
-
-
-def paysaga(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "paysaga.streams.ops.cli", *args], env=settings_env(settings),
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-
-
-def redrive(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    done = paysaga(settings, "dlq", "redrive", *args)
-    assert "Traceback" not in done.stderr, done.stderr
-    return done
 
 
 def letters(settings: Settings) -> list[ConsumerRecord]:
@@ -92,23 +79,6 @@ def end_offsets(settings: Settings) -> dict[TopicPartition, int]:
             return dict(await c.end_offsets(tps))
         finally:
             await c.stop()
-
-    return asyncio.run(go())
-
-
-def produce(settings: Settings, topic: str, items: list[tuple[Any, ...]]) -> list[Any]:
-    """Send (key, value, headers, partition) tuples; returns their metadata."""
-
-    async def go() -> list[Any]:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
-        await producer.start()
-        try:
-            futures = [await producer.send(topic, value, key=key, headers=headers,
-                                           partition=part)
-                       for key, value, headers, part in items]  # fmt: skip
-            return list(await asyncio.gather(*futures))
-        finally:
-            await producer.stop()
 
     return asyncio.run(go())
 
