@@ -183,9 +183,10 @@ def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
     broker, tmp_path: Path
 ) -> None:
     """The gateway is silent through every level: the saga ends IN_DOUBT and its review
-    letter names the resume topic. After the fix, `paysaga dlq redrive` resumes it: one
-    inquiry, the gateway replays what it recorded, the saga completes. Redriven again, the
-    ledger skips it; with its ledger entry deleted, the copy is sent and changes nothing."""
+    letter names the resume topic. After the fix, `paysaga dlq redrive` resumes it, and the
+    worker is SIGKILLed and restarted while the resume is read: it is applied once, the
+    gateway replays what it recorded, the saga completes. Redriven again, the ledger skips
+    it; with its ledger entry deleted, the copy is sent and changes nothing."""
     settings = isolated_settings(broker.bootstrap, tmp_path / "state", "resume",
                                  command_timeout_ms=1_000, punctuate_ms=100,
                                  retry_attempts="1,1", retry_variants="X:1:100,200")  # fmt: skip
@@ -208,6 +209,8 @@ def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
         run = redrive(settings, "--kind", "saga")
         assert run.returncode == 0 and "redriven 1, skipped (already done) 0" in run.stdout, (
             run.stdout + run.stderr)  # fmt: skip
+        worker.kill()  # the resume is on its topic, read or not: a crash now loses nothing
+        worker.start()
         inquiry = world.wait_command(pid, "INQUIRE", n=asked + 1)
         assert inquiry["idempotency_key"] == auth["idempotency_key"]
         world.answer(auth, "AUTHORIZED")  # the gateway had acted: it replays its outcome
@@ -231,9 +234,19 @@ def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
         )
         copies = [r for r in world._read(t.saga_resume)]
         assert len(copies) == 2 and len({dict(r.headers)[H_REDRIVE_ID] for r in copies}) == 1
-        sent = [c["command_type"] for c in world.commands(pid)]
-        assert (sent.count("AUTHORIZE"), sent.count("INQUIRE"), sent.count("CAPTURE")) == (
-            1, asked + 1, 1)  # fmt: skip
+        commands = world.commands(pid)
+        sent = [c["command_type"] for c in commands]
+        assert (sent.count("AUTHORIZE"), sent.count("CAPTURE")) == (1, 1)
+        assert len({c["command_id"] for c in commands}) == len(commands)  # none sent twice
+        # inquiries after the resume: one, and another only if it went unanswered past its
+        # deadline while the worker restarted; never one after the saga completed
+        assert sent.count("INQUIRE") >= asked + 1
+        [capture] = [c for c in commands if c["command_type"] == "CAPTURE"]
+        assert all(c["_offset"] < capture["_offset"] for c in commands
+                   if c["command_type"] == "INQUIRE")  # fmt: skip
+        resumed = [s for s in world.statuses(pid)
+                   if "resumed by an operator" in (s["reason"] or "")]  # fmt: skip
+        assert len(resumed) == 1
         ends = [s["saga_state"] for s in world.statuses(pid) if s["terminal"]]
         assert ends == ["IN_DOUBT", "COMPLETED"]
         never_early(world, pid)
