@@ -9,11 +9,17 @@ PYTHON ?= python3
 # typecheck/paysaga/ (symlinks to the top-level folders); the settings are [tool.mypy].
 TYPECHECK := $(VENV)/bin/mypy -p paysaga -p tests
 
-# Java 17 and Maven run the local Apache Kafka node; install them if the machine lacks them.
+# Java 17 and Maven run the local Apache Kafka node, promtool checks the alert rules; install
+# them if the machine lacks them.
 system-deps:
 	@if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q openjdk-17-jdk-headless maven; \
 	  else echo "paysaga needs java (17+) and mvn: install them (apt-get install openjdk-17-jdk-headless maven)"; exit 1; fi; \
+	fi
+	@# promtool (Debian's prometheus package) checks the alert rules and /metrics in the tests.
+	@if ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "paysaga's tests need promtool: install it (apt-get install prometheus)"; exit 1; fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -26,6 +26,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
+from paysaga.agents.metrics import INTAKE_DECISIONS
 from paysaga.agents.outputs import STATUS, compact_json, conflict_status
 from paysaga.domain.idempotency import Decision, KeyRecord, decide, fingerprint, scope_key
 from paysaga.domain.payment import Payment, initiate, status_event
@@ -150,6 +151,7 @@ def add_intake(
         decision, new = decide(stored, fp, event.payment_id, event.event_id,
                                event.occurred_at, ttl_ms)  # fmt: skip
         key = event.payment_id.encode()
+        ctx.count(INTAKE_DECISIONS.name, decision.value.lower())
         if decision is Decision.CONFLICT:
             assert stored is not None
             ctx.emit(topics.status, STATUS, conflict_status(event, stored.payment_id), key=key)

@@ -18,6 +18,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
+from paysaga.agents.metrics import RECON_DISCREPANCIES
 from paysaga.agents.rekey import forward, source_of
 from paysaga.domain.reconciliation import (
     Candidate,
@@ -398,6 +399,7 @@ class ReconAgent:
                 "revision": s.revision, "status": status, "movement_id": d.movement_id,
                 "line_key": d.line_key, "bank_currency": d.bank_currency,
             }, key=key)  # fmt: skip
+            ctx.count(RECON_DISCREPANCIES.name, d.category.value, status)
 
 
 def _by_id(d: Discrepancy) -> str:

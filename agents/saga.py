@@ -20,6 +20,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, ValidationError
 
+from paysaga.agents import metrics as m
 from paysaga.agents.intake import H_INTAKE, IntakeStep, Rejected
 from paysaga.agents.outputs import (
     BREAKER_TRANSITION,
@@ -39,6 +40,7 @@ from paysaga.domain.card import redact
 from paysaga.domain.idempotency import fingerprint
 from paysaga.domain.lifecycle import GatewayOutcome, InvalidTransition
 from paysaga.domain.payment import Payment, derived_id, initiate, status_event
+from paysaga.domain.retry import answer_result
 from paysaga.domain.saga import Command, Effects, Orchestrator, Review, Unmatched
 from paysaga.schemas import events as ev
 from paysaga.schemas.codec import AvroCodec, DecodeError
@@ -226,6 +228,7 @@ class SagaAgent:
             return
         payment = initiate(event)
         effects = self.orch.start(payment, event.saga.value, ctx.wall_clock_ms())
+        ctx.count(m.PAYMENTS_STARTED.name, event.saga.value, payment.retry_variant or "NONE")
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, None)
 
     def _answer(self, ctx: ProcessorContext, event: Any, current: Payment, source: Source) -> None:
@@ -241,7 +244,24 @@ class SagaAgent:
         payment.record(event.event_id, type(event).__name__, event.occurred_at)
         if effects.call_ok is not None:  # it answered the gateway call awaited now
             self._record_calls(ctx, (effects.call_ok,))
+        if source.service == "payment":
+            self._count_answer(ctx, payment, outcome, previous)
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, previous)
+
+    @staticmethod
+    def _count_answer(ctx: ProcessorContext, p: Payment, outcome: GatewayOutcome,
+                      previous: str) -> None:  # fmt: skip
+        """The gateway's applied answer, for the decline and error rates and the latencies
+        from request to authorization and from capture to settlement (event time)."""
+        kind = outcome.kind
+        result = answer_result(kind, outcome.retryable, outcome.code)
+        ctx.count(m.GATEWAY_ANSWERS.name, *m.answer_labels(kind, outcome.step, result))
+        if p.status.value == previous:
+            return
+        if kind == "AUTHORIZED":
+            ctx.observe(m.REQUEST_TO_AUTHORIZED.name, (outcome.occurred_at - p.created_at) / 1000)
+        elif kind == "SETTLED" and p.captured_at is not None:
+            ctx.observe(m.SETTLEMENT_LAG.name, (outcome.occurred_at - p.captured_at) / 1000)
 
     def _request(self, ctx: ProcessorContext, event: ev.PaymentRequest, current: Payment) -> None:
         if event.merchant_id != current.merchant_id:
@@ -367,9 +387,12 @@ class SagaAgent:
             topic = self.command_topics[command.service]
             fields = command_record(p, command, cause, occurred_at)
             ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key, timestamp=sent_at)
+            ctx.count(m.COMMANDS_SENT.name, command.service, command.action)
         for retry in eff.retries:
             ctx.emit(self.topics.retry(retry.level), RETRY,
                      retry_record(p, retry, cause, occurred_at), key=key)  # fmt: skip
+            ctx.count(m.RETRIES_SCHEDULED.name, str(retry.level), retry.variant,
+                      retry.error_class.value)  # fmt: skip
         if eff.settlement is not None:  # to the merchant's batch (docs/settlement.md)
             fields = command_record(p, eff.settlement, cause, occurred_at)
             ctx.emit(self.topics.settlement_requests, COMMAND_SCHEMAS["payment"], fields,
@@ -389,9 +412,12 @@ class SagaAgent:
         if eff.reopened and p.counted is not None:
             withdraw_outcome(table, variant, False, *p.counted)
             p.counted = None
+            ctx.count(m.SAGAS_REOPENED.name, variant)
         if eff.terminal and p.saga is not None:
             p.counted = [p.retries, occurred_at - p.created_at]
             record_outcome(table, variant, p.saga.state == "COMPLETED", *p.counted)
+            ctx.count(m.SAGAS_ENDED.name, p.saga.kind, p.saga.state, variant)
+            ctx.count(m.SAGA_RETRIES.name, variant, n=p.retries)
 
     def _review(self, ctx: ProcessorContext, p: Payment, review: Review, error_class: str,
                 cause: str, occurred_at: int) -> None:  # fmt: skip
@@ -500,6 +526,7 @@ class SagaAgent:
             return seq
         seq += 1
         held = self.breakers.held(table)
+        ctx.count(m.BREAKER_TRANSITIONS.name, t.to_state.value)
         log.warning("task %d: gateway breaker %s -> %s (%s); %d payments held", ctx.partition,
                     t.from_state.value, t.to_state.value, t.reason, held)  # fmt: skip
         ctx.emit(self.topics.breaker, BREAKER_TRANSITION,

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from paysaga.agents.metrics import COMMANDS_SENT
 from paysaga.domain.settlement import LagStats, Member, SettlementPolicy, batch_id
 from paysaga.schemas.codec import AvroCodec, DecodeError
 from paysaga.streams.app.topics import Topics
@@ -121,6 +122,7 @@ class SettlementAgent:
         for e in entries:
             ctx.emit(self.topics.commands, COMMAND, e.command,
                      key=e.member.payment_id.encode(), timestamp=due)  # fmt: skip
+        ctx.count(COMMANDS_SENT.name, "payment", "SETTLE", n=len(entries))
         summary.submitted = True
         book.put_summary(bid, summary)
         book.put_lag(merchant, book.lag(merchant).merged(waits))

@@ -52,8 +52,8 @@ def transition(payment: Payment, outcome: GatewayOutcome) -> Payment:
 
 
 #: Every field `apply_transition` may set: scalars, so undoing a refused outcome is cheap.
-_MOVED = ("status", "authorized_minor", "authorized_at", "captured_minor", "released_minor",
-          "voided_minor", "refunded_minor", "refund_pending_minor")  # fmt: skip
+_MOVED = ("status", "authorized_minor", "authorized_at", "captured_minor", "captured_at",
+          "released_minor", "voided_minor", "refunded_minor", "refund_pending_minor")  # fmt: skip
 
 
 def apply_transition(p: Payment, outcome: GatewayOutcome) -> None:
@@ -94,6 +94,7 @@ def _apply(p: Payment, outcome: GatewayOutcome) -> None:
             raise InvalidTransition(f"capture of {amount} exceeds the {room} authorized")
         p.status = S.CAPTURED
         p.captured_minor += amount
+        p.captured_at = outcome.occurred_at
         p.released_minor = p.authorized_minor - p.captured_minor  # partial capture: release
     elif kind == "VOIDED":
         _require(status is S.AUTHORIZED, kind, status)

@@ -159,6 +159,8 @@ class Payment(BaseModel):
     #: Amount of the capture to send (manual capture: from the request; else authorized).
     capture_minor: int | None = None
     authorized_at: int | None = None
+    #: Event time of the (first) capture: where the settlement lag is measured from.
+    captured_at: int | None = None
     #: Event time after which an uncaptured authorization is voided (manual capture).
     auth_expires_at: int | None = None
     saga: SagaState | None = None

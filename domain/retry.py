@@ -48,6 +48,17 @@ def gateway_failed(kind: str, retryable: bool, code: str | None) -> bool:
     return kind == "FAILED" and retryable and code != NEVER_SEEN
 
 
+def answer_result(kind: str, retryable: bool, code: str | None) -> str:
+    """What a gateway answer says, for the decline and gateway-error rates: `ok`,
+    `declined` (a permanent failure), `error` (it could not act: `gateway_failed`), or
+    `never_seen` (an inquiry about a key it never got)."""
+    if kind != "FAILED":
+        return "ok"
+    if code == NEVER_SEEN:
+        return "never_seen"
+    return "error" if gateway_failed(kind, retryable, code) else "declined"
+
+
 @dataclass(frozen=True)
 class Variant:
     """One retry strategy: its share of customers (a weight) and its delay per level."""

@@ -19,6 +19,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic
 from paysaga.streams.app.topology import load_topology
 from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine, StartAt
+from paysaga.streams.engine.metrics import MetricSink
 from paysaga.tables.store import StoreManager, StoreOptions
 
 
@@ -50,6 +51,7 @@ def create_engine(
     settings: Settings,
     start: dict[TopicPartition, StartAt] | None = None,
     stop: dict[TopicPartition, int] | None = None,
+    metrics: MetricSink | None = None,
 ) -> ExactlyOnceEngine:
     """The engine running `settings.topology`; `start` and `stop` bound a replay's input
     (docs/architecture.md#replay-hooks)."""
@@ -70,7 +72,7 @@ def create_engine(
         start=start or {},
         stop=stop or {},
     )
-    return ExactlyOnceEngine(config, topology, store_manager(settings))
+    return ExactlyOnceEngine(config, topology, store_manager(settings), metrics)
 
 
 def create_app(settings: Settings) -> Paysaga:
@@ -91,8 +93,11 @@ def create_app(settings: Settings) -> Paysaga:
         autodiscover=False,
     )
     app.producer_only = True  # no Faust consumer group: the engine owns consumption
-    engine = create_engine(settings)
+    from paysaga.streams.ops.metrics import PrometheusSink, WorkerCollector
     from paysaga.streams.ops.web import register_views
 
-    register_views(app, settings, engine)
+    sink = PrometheusSink()
+    engine = create_engine(settings, metrics=sink)
+    sink.registry.register(WorkerCollector(engine, settings.breaker_config()))
+    register_views(app, settings, engine, sink.registry)
     return Paysaga(settings, app, engine)

@@ -28,6 +28,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, RecordMetadata, TopicPartition
 
+from paysaga.streams.engine.metrics import COMMIT_SECONDS
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.engine.processor import Output
 from paysaga.streams.engine.state import EngineState
@@ -104,6 +105,7 @@ async def commit(
     st["offsets_seconds"] += t1 - t0
     st["send_seconds"] += t2 - t1
     st["commit_seconds"] += t3 - t2
+    state.metrics.observe(COMMIT_SECONDS, (), t3 - t0)
     # Committed: now (and only now) the local state may reflect the batch.
     for name, table_txn, tp in changelog:
         task.stores[name].apply(table_txn.changes, last_offsets[tp])

@@ -24,6 +24,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from paysaga.streams.engine.commit import settle
 from paysaga.streams.engine.config import EngineConfig
+from paysaga.streams.engine.metrics import MemorySink
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.engine.processor import Output, TimerClock
 from paysaga.streams.engine.runner import TaskRunner
@@ -126,11 +127,18 @@ class TopologyTestDriver:
             outputs: list[Output] = []
             if self.runner.run_wall_clock(task, txn, outputs):
                 self._commit(task, txn, [], task.stream_time)
-                task.attempt_committed()
+                task.attempt_committed(self.state.metrics)
                 self._drain(self._feed_back(self._emit(outputs)))
         return self.emitted[first:]
 
     # ---- what tests read ----------------------------------------------------------------
+    @property
+    def metrics(self) -> MemorySink:
+        """The committed figures the agents counted (streams/engine/metrics.py)."""
+        sink = self.state.metrics
+        assert isinstance(sink, MemorySink)
+        return sink
+
     def outputs(self, topic: str | None = None) -> list[OutputRecord]:
         return [r for r in self.emitted if topic is None or r.topic == topic]
 
@@ -192,7 +200,7 @@ class TopologyTestDriver:
             if stream_time is not None:
                 break
         self._commit(task, txn, records, stream_time)
-        task.attempt_committed()
+        task.attempt_committed(self.state.metrics)
         return self._emit(outputs)
 
     def _commit(self, task: Task, txn: TaskTransaction, records: list[ConsumerRecord],

@@ -21,6 +21,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from paysaga.streams.engine.config import EngineConfig
 from paysaga.streams.engine.manager import TaskManager
+from paysaga.streams.engine.metrics import MetricSink
 from paysaga.streams.engine.recovery import Recovery
 from paysaga.streams.engine.runner import TaskRunner
 from paysaga.streams.engine.state import EngineState
@@ -45,8 +46,9 @@ class ExactlyOnceEngine(mode.Service):
     """Consume, process and produce with exactly-once semantics (docs/exactly-once.md)."""
 
     def __init__(
-        self, config: EngineConfig, topology: Topology, stores: StoreManager, **kwargs: Any
-    ) -> None:
+        self, config: EngineConfig, topology: Topology, stores: StoreManager,
+        metrics: MetricSink | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         sources = topology.sources
         if config.tick_topic is not None:
             sources = sorted({*sources, config.tick_topic})
@@ -55,6 +57,8 @@ class ExactlyOnceEngine(mode.Service):
             config=config, topology=topology, stores=stores, routes=topology.by_source(),
             runtime=topology.runtime(config.dlq_topic, config.redact), tables=topology.tables,
         )  # fmt: skip
+        if metrics is not None:
+            self.shared.metrics = metrics
         self.recovery = Recovery(self.shared)
         self.manager = TaskManager(self.shared, self.recovery)
         self.runner = TaskRunner(self.shared, self.manager)
@@ -76,6 +80,11 @@ class ExactlyOnceEngine(mode.Service):
     @property
     def stats(self) -> dict[str, float]:
         return self.shared.stats
+
+    @property
+    def metrics(self) -> MetricSink:
+        """Where committed figures go (streams/engine/metrics.py)."""
+        return self.shared.metrics
 
     @property
     def assigned(self) -> bool:

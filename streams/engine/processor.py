@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.structs import ConsumerRecord
 
 from paysaga.streams.engine.deadletter import DeadLetter
+from paysaga.streams.engine.metrics import DEAD_LETTERS, Report
 from paysaga.tables.timers import KeyedTimers
 from paysaga.tables.windows import Window, Windows, WindowStore
 
@@ -204,6 +205,7 @@ class ProcessorContext:
     __slots__ = (
         "_agent",
         "_clocks",
+        "_metrics",
         "_outputs",
         "_runtime",
         "_txn",
@@ -222,9 +224,11 @@ class ProcessorContext:
         runtime: ContextRuntime,
         clocks: dict[str, TimerClock],
         stream_time: int,
+        metrics: list[Report] | None = None,
     ) -> None:
         self._txn = txn
         self._outputs = outputs
+        self._metrics: list[Report] = [] if metrics is None else metrics
         self._runtime = runtime
         self._clocks = clocks
         self._agent: Agent | None = None
@@ -290,6 +294,15 @@ class ProcessorContext:
         out = (topic, key, value, headers, self.index, ts if ts >= 0 else None, partition)
         self._outputs.append(out)
 
+    # ---- figures (streams/engine/metrics.py) --------------------------------------------
+    def count(self, name: str, *labels: str, n: float = 1) -> None:
+        """Add `n` to counter `name` for these label values, once this attempt commits."""
+        self._metrics.append((False, name, labels, n))
+
+    def observe(self, name: str, value: float, *labels: str) -> None:
+        """Observe `value` in histogram `name` for these label values, once committed."""
+        self._metrics.append((True, name, labels, value))
+
     def dead_letter(
         self,
         kind: str,
@@ -310,6 +323,7 @@ class ProcessorContext:
                             attempts, error_class, tuple(r.headers or ()),
                             self._runtime.wall_clock_ms(), first_failed_at)  # fmt: skip
         self.send(self._runtime.dlq_topic, r.key, r.value, letter.headers())
+        self.count(DEAD_LETTERS, kind)
 
     def review(
         self,
@@ -334,6 +348,7 @@ class ProcessorContext:
                             error_class, history, self._runtime.wall_clock_ms(),
                             resume_topic=resume_topic)  # fmt: skip
         self.send(self._runtime.dlq_topic, key, value, letter.headers())
+        self.count(DEAD_LETTERS, kind)
 
 
 class ContextRuntime:

@@ -204,7 +204,7 @@ class TaskRunner:
                     return True  # a punctuation bug: logged; the next tick tries again
                 if not outputs and not any(True for _ in txn.changed()):
                     task.failure = None  # the timers ran cleanly (and nothing was due)
-                    task.attempt_committed()
+                    task.attempt_committed(s.metrics)
                     return True
                 stream_time = task.stream_time
             else:
@@ -214,7 +214,7 @@ class TaskRunner:
                 stream_time = ran
             try:
                 await commit(s, task, txn, outputs, records, stream_time)
-                task.attempt_committed()
+                task.attempt_committed(s.metrics)
                 task.failure = None
                 return True
             except FENCED_ERRORS:
@@ -259,7 +259,7 @@ class TaskRunner:
     # ---- records ------------------------------------------------------------------------
     def context(self, task: Task, txn: TaskTransaction, outputs: list[Output]) -> ProcessorContext:
         return ProcessorContext(txn, outputs, task.partition, self.runtime, task.clocks,
-                                task.stream_time)  # fmt: skip
+                                task.stream_time, task.pending_metrics)  # fmt: skip
 
     def run_records(
         self, task: Task, txn: TaskTransaction, outputs: list[Output], records: list[ConsumerRecord]

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from paysaga.streams.engine.config import EngineConfig
+from paysaga.streams.engine.metrics import MemorySink, MetricSink
 from paysaga.streams.engine.processor import Agent, ContextRuntime
 from paysaga.streams.engine.task import Task
 from paysaga.streams.engine.topology import Topology
@@ -62,6 +63,8 @@ class EngineState:
     #: Set when a task was fenced: the fetch loop makes the worker rejoin the group.
     rejoin: str | None = None
     stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0))
+    #: Where committed figures go (`ProcessorContext.count`, streams/engine/metrics.py).
+    metrics: MetricSink = field(default_factory=MemorySink)
 
     def inputs(self, partitions: set[int]) -> list[TopicPartition]:
         """The assigned input partitions of these task numbers."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from paysaga.streams.engine.metrics import MetricSink, Report, flush
 from paysaga.streams.engine.processor import TimerClock
 from paysaga.tables.store import PartitionStore
 
@@ -81,6 +82,8 @@ class Task:
     #: it commits (`attempt_committed`): an aborted attempt must leave no trace here.
     pending_wall: dict[str, float] = field(default_factory=dict)
     pending_tick_write: float | None = None
+    #: What the attempt's agents counted (`ProcessorContext.count`), for the sink on commit.
+    pending_metrics: list[Report] = field(default_factory=list)
     _attempt_open: bool = False
 
     def queued(self) -> int:
@@ -96,9 +99,11 @@ class Task:
         self._attempt_open = True
         self.pending_wall.clear()
         self.pending_tick_write = None
+        self.pending_metrics.clear()
 
-    def attempt_committed(self) -> None:
+    def attempt_committed(self, sink: MetricSink) -> None:
         self._attempt_open = False
+        flush(self.pending_metrics, sink)
         self.wall_runs.update(self.pending_wall)
         if self.pending_tick_write is not None:
             self.last_tick_write = self.pending_tick_write

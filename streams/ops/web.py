@@ -15,10 +15,12 @@ from typing import Any
 
 import faust
 from faust.web import Request, Response, View
+from prometheus_client import CollectorRegistry
 
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.partitioner import partition_for
+from paysaga.streams.ops.metrics import CONTENT_TYPE, generate
 from paysaga.tables.breaker import BREAKER, describe
 from paysaga.tables.payments import PAYMENTS
 
@@ -43,8 +45,9 @@ def check_web_settings(settings: Settings) -> None:
         )
 
 
-def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine) -> None:
-    """Register /health, /ready and /payments/{payment_id}/ on `app`."""
+def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine,
+                   registry: CollectorRegistry | None = None) -> None:  # fmt: skip
+    """Register /health, /ready, /metrics and /payments/{payment_id}/ on `app`."""
     check_web_settings(settings)
     token = settings.web_token
     breaker_config = settings.breaker_config()
@@ -86,6 +89,18 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
             if store is not None:
                 out[str(partition)] = describe(store.get, breaker_config)
         return out
+
+    @app.page("/metrics")
+    class Metrics(View):
+        """Prometheus text exposition (streams/ops/metrics.py); token-guarded like the
+        other views (a Prometheus scrape config sends it as `authorization`)."""
+
+        async def get(self, request: Request) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            if registry is None:
+                return self.json({"error": "no metrics registry"}, status=404)
+            return self.bytes(generate(registry), content_type=CONTENT_TYPE)
 
     @app.page("/payments/{payment_id}/")
     class PaymentView(View):
