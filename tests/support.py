@@ -132,21 +132,29 @@ class WorkerProcess:
         code, _ = self.get("/ready/")
         return code == 200
 
-    def get(self, path: str) -> tuple[int, Any]:
+    def fetch(self, path: str, auth: bool = True) -> tuple[int, bytes]:
+        """GET `path` (with the web token unless `auth` is False): status and body; 0 when
+        the worker does not answer."""
         req = urllib.request.Request(self.base_url + path)
-        if self.settings.web_token:
+        if auth and self.settings.web_token:
             req.add_header("Authorization", f"Bearer {self.settings.web_token}")
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, json.loads(resp.read())
+                return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
-            body = exc.read()
-            try:
-                return exc.code, json.loads(body) if body else None
-            except ValueError:
-                return exc.code, body.decode(errors="replace")
-        except (OSError, ValueError):
+            return exc.code, exc.read()
+        except OSError:
+            return 0, b""
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """GET a JSON view: status and parsed body (an error's text when not JSON)."""
+        code, body = self.fetch(path)
+        if code == 0:
             return 0, None
+        try:
+            return code, json.loads(body) if body else None
+        except ValueError:
+            return (0, None) if code < 400 else (code, body.decode(errors="replace"))
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

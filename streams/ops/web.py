@@ -100,7 +100,8 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
                 return resp
             if registry is None:
                 return self.json({"error": "no metrics registry"}, status=404)
-            return self.bytes(generate(registry), content_type=CONTENT_TYPE)
+            # aiohttp refuses a charset in `content_type`; Prometheus' type names one
+            return self.bytes(generate(registry), headers={"Content-Type": CONTENT_TYPE})
 
     @app.page("/payments/{payment_id}/")
     class PaymentView(View):
