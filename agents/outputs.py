@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from paysaga.domain.breaker import Transition
+from paysaga.domain.card import redact
 from paysaga.domain.payment import Outstanding, Payment, derived_id
 from paysaga.domain.saga import Command, ScheduledRetry
 from paysaga.schemas.models import PaymentInitiated
@@ -95,7 +96,7 @@ def resume_record(p: Payment, o: Outstanding, cause: str, occurred_at: int, erro
         "occurred_at": occurred_at, "payment_id": p.payment_id, "correlation_id": p.order_id,
         "causation_id": cause, "idempotency_key": key, "service": o.service,
         "action": o.action, "step": o.step, "attempt": o.attempt, "inquiries": o.inquiries,
-        "error_class": error_class, "reason": reason[:1000],
+        "error_class": error_class, "reason": redact(reason)[:1000],
     }  # fmt: skip
 
 

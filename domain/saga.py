@@ -635,8 +635,10 @@ class Orchestrator:
         """The answer to a command given up, arriving after all: the doubt is resolved by
         it, as if it had come in time. A failure that says "try again" resolves nothing
         (an operator resumes with `paysaga dlq redrive`). Refused, `p` is unchanged."""
-        if gateway_failed(outcome.kind, outcome.retryable, outcome.code):
-            raise Unmatched(f"{outcome.kind} (retryable) answers {o.action}, given up: "
+        inquiry = outcome.step == INQUIRY_STEP or outcome.code == NEVER_SEEN
+        if inquiry or gateway_failed(outcome.kind, outcome.retryable, outcome.code):
+            why = outcome.code or "retryable"
+            raise Unmatched(f"{outcome.kind} ({why}) answers {o.action}, given up: "
                             "resume it with `paysaga dlq redrive`")  # fmt: skip
         before = p.model_copy(deep=True)
         reopened = Effects()

@@ -168,7 +168,9 @@ class SagaResume(Envelope):
     """An operator's resume of a saga command given up (paysaga.saga.resume): what
     `paysaga dlq redrive` sends for a review letter (docs/dlq.md#resuming-a-review)."""
 
-    idempotency_key: Key
+    #: A command's key: `<payment_id>:<step>:<role>`, or a refund's `<payment_id>:refund:`
+    #: plus upstream's own key (up to 255): longer than an upstream `Key`.
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=400)]
     service: Id
     action: Id
     step: Id

@@ -337,7 +337,8 @@ class ProcessorContext:
         resume_topic: str | None = None,
         history: tuple[tuple[str, bytes], ...] = (),
     ) -> None:
-        """A dead-letter record for manual review that no single input caused (a timer's).
+        """A dead-letter record for manual review, about state rather than about the input
+        being processed (a timer's, or a decision an answer led to).
 
         Its offset is -1: there is no input to re-inject. Without `resume_topic`,
         `paysaga dlq redrive` leaves it to a human; with one, `value` is an input that takes

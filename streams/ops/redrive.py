@@ -358,7 +358,7 @@ def ledger_of(records: Iterable[ConsumerRecord]) -> dict[str, dict[str, Any]]:
 
 # ---- reporting --------------------------------------------------------------------------
 def by_kind_and_topic(steps: Iterable[Step]) -> Counter[tuple[Action, str, str]]:
-    return Counter((s.action, s.letter.kind, s.letter.source.topic) for s in steps)
+    return Counter((s.action, s.letter.kind, s.letter.target) for s in steps)
 
 
 def render_plan(steps: Sequence[Step], out: TextIO) -> None:

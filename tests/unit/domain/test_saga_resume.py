@@ -210,3 +210,34 @@ def test_a_step_failed_after_transient_retries_keeps_no_doubt() -> None:
     orch.start(p, "PAYMENT", T0)
     eff = transient_until_given_up(orch, p, only(p).idempotency_key)[-1]
     assert [r.doubt for r in eff.review] == [None] and not p.doubts
+
+
+def test_an_inquiry_shaped_answer_carrying_an_attempts_id_resolves_nothing() -> None:
+    """A "never seen" that names an attempt (not an inquiry) of a command given up: the
+    gateway says it did nothing, which is for the operator; the doubt stays as it was."""
+    orch, p, doubt, _ = in_doubt()
+    odd = GatewayOutcome(kind="FAILED", event_id="ev-odd", occurred_at=T0, step=INQUIRY_STEP,
+                         command_id=command_id(doubt.idempotency_key, 1), code=NEVER_SEEN,
+                         reason="never seen", retryable=True)  # fmt: skip
+    before = snapshot(p)
+    with pytest.raises(Unmatched, match="never_seen"):
+        orch.on_outcome(p, "payment", odd, T0)
+    assert snapshot(p) == before
+
+
+def test_the_resume_of_a_refund_with_a_long_upstream_key_is_valid_input() -> None:
+    """A refund command's key is the payment id, `:refund:` and upstream's key (up to
+    255): its resume must pass the saga's own input validation."""
+    from paysaga.agents.outputs import resume_record
+    from paysaga.schemas.events import SagaResume
+
+    orch, p = completed()
+    p, _ = answer(orch, p, by_action(p, "SETTLE"))
+    long_key = "k" * 255
+    [c] = orch.request_refund(p, long_key, "fp", 100, T0).commands
+    silence(orch, p, c.idempotency_key)
+    record = resume_record(p, p.doubts[c.idempotency_key], "cause", T0, "unknown",
+                           "card 4242 4242 4242 4242 in a reason")  # fmt: skip
+    resume = SagaResume.model_validate(record)
+    assert resume.idempotency_key == c.idempotency_key and len(c.idempotency_key) > 255
+    assert "4242 4242" not in resume.reason  # reasons are redacted like the headers
