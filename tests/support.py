@@ -135,16 +135,21 @@ class WorkerProcess:
     def fetch(self, path: str, auth: bool = True) -> tuple[int, bytes]:
         """GET `path` (with the web token unless `auth` is False): status and body; 0 when
         the worker does not answer."""
+        code, body, _ = self.request(path, auth)
+        return code, body
+
+    def request(self, path: str, auth: bool = True) -> tuple[int, bytes, dict[str, str]]:
+        """GET `path`: status, body and response headers (0 when nobody answers)."""
         req = urllib.request.Request(self.base_url + path)
         if auth and self.settings.web_token:
             req.add_header("Authorization", f"Bearer {self.settings.web_token}")
         try:
             with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, resp.read()
+                return resp.status, resp.read(), dict(resp.headers.items())
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+            return exc.code, exc.read(), dict(exc.headers.items())
         except OSError:
-            return 0, b""
+            return 0, b"", {}
 
     def get(self, path: str) -> tuple[int, Any]:
         """GET a JSON view: status and parsed body (an error's text when not JSON)."""

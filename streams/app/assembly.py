@@ -52,6 +52,7 @@ def create_engine(
     start: dict[TopicPartition, StartAt] | None = None,
     stop: dict[TopicPartition, int] | None = None,
     metrics: MetricSink | None = None,
+    endpoint: str | None = None,
 ) -> ExactlyOnceEngine:
     """The engine running `settings.topology`; `start` and `stop` bound a replay's input
     (docs/architecture.md#replay-hooks)."""
@@ -71,6 +72,7 @@ def create_engine(
         write_ticks=settings.input_topic_prefix in (None, settings.topic_prefix),
         start=start or {},
         stop=stop or {},
+        endpoint=endpoint,
     )
     return ExactlyOnceEngine(config, topology, store_manager(settings), metrics)
 
@@ -97,7 +99,7 @@ def create_app(settings: Settings) -> Paysaga:
     from paysaga.streams.ops.web import register_views
 
     sink = PrometheusSink()
-    engine = create_engine(settings, metrics=sink)
+    engine = create_engine(settings, metrics=sink, endpoint=settings.web_endpoint)
     sink.registry.register(WorkerCollector(engine, settings.breaker_config()))
     register_views(app, settings, engine, sink.registry)
     return Paysaga(settings, app, engine)

@@ -43,6 +43,13 @@ class Settings(BaseModel):
     web_host: str = Field("127.0.0.1", description="web views bind address (loopback)")
     web_port: int = Field(6066, ge=0, le=65535, description="0 picks a free port")
     web_token: str | None = Field(None, description="bearer token required off loopback")
+    web_advertised: str | None = Field(
+        None, description="host:port other workers reach this one's views at (forwarded "
+        "queries, Kafka Streams' application.server); None: web_host:web_port",
+    )  # fmt: skip
+    web_forward_timeout_ms: int = Field(
+        2_000, ge=1, description="how long a view waits for the worker it forwarded to"
+    )
     processing_guarantee: Literal["exactly_once"] = Field(
         "exactly_once", description="paysaga's engine: outputs, changelog, offsets in one txn"
     )
@@ -134,6 +141,11 @@ class Settings(BaseModel):
     def _breaker(cls, v: str) -> str:
         BreakerConfig.parse(v, BREAKER_DEFAULTS)  # or ValueError, naming the bad part
         return v
+
+    @property
+    def web_endpoint(self) -> str:
+        """Where other workers forward queries for this worker's tasks."""
+        return self.web_advertised or f"{self.web_host}:{self.web_port}"
 
     def breaker_config(self) -> BreakerConfig:
         return BreakerConfig.parse(self.breaker, BREAKER_DEFAULTS)

@@ -66,6 +66,10 @@ class EngineConfig:
     #: Where input partitions stop: records at or past the offset are never processed, and
     #: a task whose inputs all reached their stop idles (`ExactlyOnceEngine.finished`).
     stop: dict[TopicPartition, int] = field(default_factory=dict)
+    #: Where this worker answers queries (host:port), sent in its group metadata so every
+    #: member learns which endpoint owns each task (streams/engine/assignor.py). None: the
+    #: plain range assignor, and no owner map.
+    endpoint: str | None = None
 
     @property
     def group(self) -> str:

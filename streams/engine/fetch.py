@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from paysaga.streams.engine.assignor import HostAwareAssignor
 from paysaga.streams.engine.config import EngineConfig
 from paysaga.streams.engine.manager import TaskManager
 from paysaga.streams.engine.metrics import MetricSink
@@ -36,6 +37,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.engine = engine
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.engine.forget_owners()  # a rebalance: the old map may be wrong from now on
         await self.engine.release({tp.partition for tp in revoked})
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -59,6 +61,8 @@ class ExactlyOnceEngine(mode.Service):
         )  # fmt: skip
         if metrics is not None:
             self.shared.metrics = metrics
+        #: Learns which endpoint owns each task from the group (None: no endpoint given).
+        self.assignor = None if config.endpoint is None else HostAwareAssignor(config.endpoint)
         self.recovery = Recovery(self.shared)
         self.manager = TaskManager(self.shared, self.recovery)
         self.runner = TaskRunner(self.shared, self.manager)
@@ -80,6 +84,19 @@ class ExactlyOnceEngine(mode.Service):
     @property
     def stats(self) -> dict[str, float]:
         return self.shared.stats
+
+    def owner(self, partition: int) -> str | None:
+        """The endpoint that owns task `partition` in the group's current generation, from
+        the group's own assignment (streams/engine/assignor.py). None while a rebalance is
+        on (the map is forgotten at revocation), when the group agreed on the plain range
+        protocol, or without an endpoint."""
+        if self.assignor is None or not self.shared.assigned or self.shared.rejoin:
+            return None
+        return self.assignor.owners.get(partition)
+
+    def forget_owners(self) -> None:
+        if self.assignor is not None:
+            self.assignor.owners = {}
 
     @property
     def metrics(self) -> MetricSink:
@@ -154,7 +171,11 @@ class ExactlyOnceEngine(mode.Service):
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            partition_assignment_strategy=(RangePartitionAssignor,),
+            # With an endpoint, the host-aware protocol first; plain range too, so a group
+            # with an older member still agrees on one (and then has no owner map).
+            partition_assignment_strategy=(RangePartitionAssignor,)
+            if self.assignor is None
+            else (self.assignor, RangePartitionAssignor),
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             max_poll_interval_ms=600_000,
             session_timeout_ms=config.session_timeout_ms,

@@ -1,4 +1,6 @@
-"""Operator web views over the tables (Faust web), answering for the partitions this worker owns.
+"""Operator web views over the tables (Faust web), answered by any worker: a keyed view is
+served by the worker that owns its task, forwarded there once, or 503 while it moves
+(streams/ops/routing.py).
 
 Payment data is not public: the server binds to loopback by default, Faust's built-in
 `/table` dumps are off, and when `PAYSAGA_WEB_TOKEN` is set every view but `/health`
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import faust
 from faust.web import Request, Response, View
@@ -21,8 +24,16 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.ops.metrics import CONTENT_TYPE, generate
+from paysaga.streams.ops.routing import (
+    H_HOP,
+    H_PARTITION,
+    H_SERVED_BY,
+    Forwarder,
+    unavailable,
+)
 from paysaga.tables.breaker import BREAKER, describe
 from paysaga.tables.payments import PAYMENTS
+from paysaga.tables.store import PartitionStore
 
 
 class WebConfigError(ValueError):
@@ -51,6 +62,32 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     check_web_settings(settings)
     token = settings.web_token
     breaker_config = settings.breaker_config()
+    me = settings.web_endpoint
+    forwarder = Forwarder(me, settings.web_forward_timeout_ms)
+
+    async def close_forwarder(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await forwarder.close()
+
+    app.on_before_shutdown.connect(close_forwarder)
+
+    async def keyed(view: View, request: Request, key: bytes, table: str,
+                    answer: Callable[[PartitionStore], Response]) -> Response:  # fmt: skip
+        """Answer a view of `key` from the worker that owns its task: here, from committed
+        local state; else one hop to the owner the group says; else 503 (streams/ops/
+        routing.py). The answer names the partition and the worker that served it."""
+        partition = partition_for(key, settings.partitions)
+        store = engine.store(table, partition)
+        if store is not None:
+            resp = answer(store)
+            resp.headers[H_PARTITION], resp.headers[H_SERVED_BY] = str(partition), me
+            return resp
+        owner = engine.owner(partition)
+        if request.headers.get(H_HOP) or owner is None or owner == me:
+            why = (f"task {partition} is moving between workers (a rebalance or a restore)"
+                   if owner != me else f"task {partition} is being restored here")  # fmt: skip
+            status, body, headers = unavailable(partition, why)
+            return view.json(body, status=status, headers=headers)
+        return cast(Response, await forwarder.forward(request, owner, partition))
 
     def denied(view: View, request: Request) -> Response | None:
         if not token:
@@ -109,13 +146,12 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
             if (resp := denied(self, request)) is not None:
                 return resp
             key = payment_id.encode()
-            partition = partition_for(key, settings.partitions)
-            store = engine.store(PAYMENTS, partition)
-            if store is None:
-                # Another worker owns this partition (cross-worker routing: not yet).
-                body = {"error": "not owned by this worker", "partition": partition}
-                return self.json(body, status=421)
-            value = store.get(key)
-            if value is None:
-                return self.json({"error": "not found", "payment_id": payment_id}, status=404)
-            return self.bytes(value, content_type="application/json")
+
+            def answer(store: PartitionStore) -> Response:
+                value = store.get(key)
+                if value is None:
+                    return self.json({"error": "not found", "payment_id": payment_id},
+                                     status=404)  # fmt: skip
+                return self.bytes(value, content_type="application/json")
+
+            return await keyed(self, request, key, PAYMENTS, answer)
