@@ -1,7 +1,11 @@
 """`make run`: broker, topics, worker, simulators and producer together, with live progress.
 
-Ctrl-C (or SIGTERM) stops everything this command started, in reverse order; a broker that
-was already running before is left running.
+Ctrl-C (or SIGTERM, SIGHUP) stops everything this command started, in reverse order; a
+broker that was already running before is left running. Whatever the output is connected
+to: under `make run | tee run.log`, Ctrl-C kills `tee` too, and a print to its dead pipe
+must not cut the shutdown short (it used to, leaving the broker, the worker and the
+simulators running). The live view is the worker's own `/metrics`
+(streams/ops/dashboard.py).
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0, sig: int = signal.SIGTE
         proc.wait()
 
 
+def say(*parts: object) -> None:
+    """Print, unless whoever read our output is gone (a dead pipe); then stdout goes to
+    /dev/null, so neither this shutdown nor the interpreter's exit trips over it again."""
+    try:
+        print(*parts, flush=True)
+    except (BrokenPipeError, OSError):
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+
+
 def _wait_http(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -59,13 +74,13 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
              outage_every_ms: int = 0, outage_ms: int = 0) -> int:  # fmt: skip
     broker = LocalBroker(broker_dir, port)
     owned_broker = broker.pid() is None
-    print(f"starting the local Kafka broker on 127.0.0.1:{port} ...", flush=True)
-    took = broker.up()
-    print(f"broker ready in {took:.1f}s (log {broker.log_file})")
+    say(f"starting the local Kafka broker on 127.0.0.1:{port} ...")
+    took = broker.up(log=say)
+    say(f"broker ready in {took:.1f}s (log {broker.log_file})")
     web_port = settings.web_port or free_port()
     settings = settings.model_copy(update={"bootstrap": broker.bootstrap, "web_port": web_port})
     result = asyncio.run(create_topics(settings))
-    print(f"topics: {sum(v == 'created' for v in result.values())} created, {len(result)} total")
+    say(f"topics: {sum(v == 'created' for v in result.values())} created, {len(result)} total")
     logs = Path(settings.data_dir)
     logs.mkdir(parents=True, exist_ok=True)
     env = {
@@ -88,6 +103,7 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
         worker = _spawn(["worker"], env, logs / "worker.log")
         procs.append(worker)
@@ -95,41 +111,37 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         if not _wait_http(base + "/health/", 60):
             print(f"error: worker did not come up; see {logs / 'worker.log'}", file=sys.stderr)
             return 1
-        print(
-            f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
-            f"(worker log {logs / 'worker.log'})"
-        )
+        say(f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
+            f"{base}/metrics  (worker log {logs / 'worker.log'})")  # fmt: skip
         outage = ["--outage-every-ms", str(outage_every_ms), "--outage-ms", str(outage_ms)]
         for service in ("gateway", "inventory", "shipping", "bank"):
             extra = outage if service == "gateway" and outage_ms > 0 else []
             procs.append(_spawn(["simulate", service, *extra], env, logs / f"sim-{service}.log"))
         if outage_ms > 0:
-            print(f"the gateway has an outage of {outage_ms / 1000:.0f}s every "
-                  f"{outage_every_ms / 1000:.0f}s (503s): watch the retries, the breaker "
-                  "open and close, and the DLQ")  # fmt: skip
-        print("simulators up: card gateway, inventory, shipping, the bank's statement feed "
-              f"(logs {logs}/sim-*.log)")  # fmt: skip
+            say(f"the gateway has an outage of {outage_ms / 1000:.0f}s every "
+                f"{outage_every_ms / 1000:.0f}s (503s): watch the retries, the breaker "
+                "open and close, and the DLQ")  # fmt: skip
+        say("simulators up: card gateway, inventory, shipping, the bank's statement feed "
+            f"(logs {logs}/sim-*.log)")  # fmt: skip
         producer = _spawn(
             ["produce", "--count", str(count), "--rate", str(rate), "--invalid-rate", "0.002"],
             env,
             logs / "producer.log",
         )
         procs.append(producer)
-        print(
-            f"producing {count} payments at {rate:.0f}/s; live outcomes below "
-            "(Ctrl-C stops everything)",
-            flush=True,
-        )
-        from paysaga.streams.ops.inspection import watch
+        say(f"producing {count} payments at {rate:.0f}/s; live view below "
+            "(Ctrl-C stops everything)")  # fmt: skip
+        from paysaga.streams.ops.dashboard import run_dashboard
 
-        asyncio.run(watch(settings))
-    except KeyboardInterrupt:
+        run_dashboard(base, settings.web_token, out=sys.stdout)
+    except (KeyboardInterrupt, BrokenPipeError):
         pass
     finally:
-        print("\nstopping ...", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        say("\nstopping ...")
         for proc in reversed(procs):
             _stop(proc)
         if owned_broker:
             broker.down()
-        print("stopped")
+        say("stopped")
     return 0

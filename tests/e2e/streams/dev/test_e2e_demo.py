@@ -1,0 +1,77 @@
+"""`make run` as a new user runs it, with its output piped to `tee`: the live view is one
+plain line per interval (no TTY), under 160 columns; and Ctrl-C (SIGINT to the whole
+foreground process group, `tee` included) stops everything the demo started: the broker,
+the worker, the simulators and the producer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from paysaga.streams.app.net import free_port
+from paysaga.streams.dev.broker import LocalBroker
+from tests.support import wait_for
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+
+
+def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    broker_dir = tmp_path / "broker"
+    demo = [sys.executable, "-m", "paysaga.streams.ops.cli", "demo", "--count", "100000",
+            "--rate", "50", "--broker-port", str(free_port()), "--broker-data-dir",
+            str(broker_dir), "--data-dir", str(tmp_path / "data"), "--web-port",
+            str(free_port()), "--outage-ms", "0"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
+    shell = subprocess.Popen(["bash", "-c", " ".join(demo) + f" 2>&1 | tee {log}"], env=env,
+                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+
+        def live() -> list[str] | None:
+            lines = log.read_text().splitlines() if log.exists() else []
+            after = lines[next((i for i, x in enumerate(lines) if "live view below" in x),
+                               len(lines)) + 1:]  # fmt: skip
+            return after if len([x for x in after if "rec/s" in x]) >= 2 else None
+
+        lines = wait_for(live, 150, what=f"the demo's live lines ({log})")
+        assert all(len(x) < 160 for x in lines), lines
+        [python] = [p for p in _children(shell.pid)
+                    if "demo" in Path(f"/proc/{p}/cmdline").read_text()]  # fmt: skip
+        started = _children(python)
+        broker_pid = LocalBroker(broker_dir, 0).pid()
+        assert broker_pid is not None and len(started) >= 6  # worker, 4 simulators, producer
+        os.killpg(shell.pid, signal.SIGINT)  # the terminal's Ctrl-C: tee dies with the rest
+        everything = started | {broker_pid, python}
+        wait_for(lambda: not any(_alive(p) for p in everything), 90,
+                 what="every process the demo started to exit")  # fmt: skip
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(30)
+        leftover = LocalBroker(broker_dir, 0).pid()
+        if leftover is not None and _alive(leftover):
+            os.kill(leftover, signal.SIGKILL)
