@@ -9,19 +9,30 @@ the alert rules' business: every figure here is a count, or a histogram in secon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from paysaga.domain.reconciliation import DISCREPANCIES
+from paysaga.streams.engine.deadletter import PERMANENT_KINDS
 from paysaga.streams.engine.metrics import COMMIT_SECONDS, DEAD_LETTERS
+
+#: The label value `variant` takes: the configured retry strategies (the sink is told them).
+VARIANTS = "<variants>"
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One figure: a counter, or a histogram (with `buckets`, in seconds)."""
+    """One figure: a counter, or a histogram (with `buckets`, in seconds).
+
+    `known`: the values each label can take, where they are known in advance. The sink
+    creates every such series at zero, so the first event of a kind is an increase that
+    `increase()` and `rate()` see (a series that first appears at 1 shows no increase, and
+    an alert on "any discrepancy" would miss the first one a worker finds)."""
 
     name: str
     help: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    known: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def histogram(self) -> bool:
@@ -30,12 +41,13 @@ class Metric:
 
 PAYMENTS_STARTED = Metric(
     "paysaga_payments_started", "Payments whose saga started, by saga and retry variant.",
-    ("saga", "variant"),
+    ("saga", "variant"), known={"saga": ("PAYMENT", "ORDER"), "variant": (VARIANTS,)},
 )  # fmt: skip
 INTAKE_DECISIONS = Metric(
     "paysaga_intake_decisions",
     "Payment requests by idempotency decision: new, replay (same key and body), conflict.",
     ("decision",),
+    known={"decision": ("new", "replay", "conflict")},
 )
 COMMANDS_SENT = Metric(
     "paysaga_commands_sent", "Commands sent to a service (INQUIRE: asked about an unanswered key).",
@@ -46,21 +58,26 @@ GATEWAY_ANSWERS = Metric(
     "Gateway answers applied, by step and result: ok, declined (a permanent failure), "
     "error (the gateway could not act: retried), never_seen (an inquiry's answer).",
     ("step", "result"),
-)
+    known={"step": ("authorize", "capture", "void", "refund", "settle", "inquire"),
+           "result": ("ok", "declined", "error", "never_seen")},
+)  # fmt: skip
 SAGAS_ENDED = Metric(
     "paysaga_sagas_ended",
     "Sagas that ended, by saga, state (COMPLETED, COMPENSATED, FAILED, IN_DOUBT) and variant.",
     ("saga", "state", "variant"),
-)
+    known={"saga": ("PAYMENT", "ORDER"),
+           "state": ("COMPLETED", "COMPENSATED", "FAILED", "IN_DOUBT"), "variant": (VARIANTS,)},
+)  # fmt: skip
 SAGAS_REOPENED = Metric(
     "paysaga_sagas_reopened", "IN_DOUBT sagas taken up again (a late answer or a resume).",
-    ("variant",),
+    ("variant",), known={"variant": (VARIANTS,)},
 )  # fmt: skip
 SAGA_RETRIES = Metric(
     "paysaga_saga_retries",
-    "Commands sent again by sagas that ended, by variant (over sagas ended: the average).",
-    ("variant",),
-)
+    "Commands sent again (attempt 2 and later), by variant: over sagas ended, the average "
+    "retry count.",
+    ("variant",), known={"variant": (VARIANTS,)},
+)  # fmt: skip
 RETRIES_SCHEDULED = Metric(
     "paysaga_retries_scheduled", "Retries scheduled, by level, variant and error class.",
     ("level", "variant", "error_class"),
@@ -82,9 +99,11 @@ RECON_DISCREPANCIES = Metric(
     "paysaga_reconciliation_discrepancies",
     "Reconciliation discrepancy records written, by kind and status (OPEN, RESOLVED).",
     ("kind", "status"),
-)
+    known={"kind": tuple(c.value for c in DISCREPANCIES), "status": ("OPEN", "RESOLVED")},
+)  # fmt: skip
 #: The engine's own, declared here beside the agents' so `/metrics` knows them all.
-ENGINE_DEAD_LETTERS = Metric(DEAD_LETTERS, "Dead letters written, by kind.", ("kind",))
+ENGINE_DEAD_LETTERS = Metric(DEAD_LETTERS, "Dead letters written, by kind.", ("kind",),
+                             known={"kind": (*sorted(PERMANENT_KINDS), "saga")})  # fmt: skip
 ENGINE_COMMIT_SECONDS = Metric(
     COMMIT_SECONDS, "Seconds from a batch's offsets send to its transaction committed.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),

@@ -388,6 +388,8 @@ class SagaAgent:
             fields = command_record(p, command, cause, occurred_at)
             ctx.emit(topic, COMMAND_SCHEMAS[command.service], fields, key=key, timestamp=sent_at)
             ctx.count(m.COMMANDS_SENT.name, command.service, command.action)
+            if command.attempt > 1 and command.action != "INQUIRE":  # sent again
+                ctx.count(m.SAGA_RETRIES.name, p.retry_variant or "NONE")
         for retry in eff.retries:
             ctx.emit(self.topics.retry(retry.level), RETRY,
                      retry_record(p, retry, cause, occurred_at), key=key)  # fmt: skip
@@ -417,7 +419,6 @@ class SagaAgent:
             p.counted = [p.retries, occurred_at - p.created_at]
             record_outcome(table, variant, p.saga.state == "COMPLETED", *p.counted)
             ctx.count(m.SAGAS_ENDED.name, p.saga.kind, p.saga.state, variant)
-            ctx.count(m.SAGA_RETRIES.name, variant, n=p.retries)
 
     def _review(self, ctx: ProcessorContext, p: Payment, review: Review, error_class: str,
                 cause: str, occurred_at: int) -> None:  # fmt: skip

@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> Paysaga:
     from paysaga.streams.ops.metrics import PrometheusSink, WorkerCollector
     from paysaga.streams.ops.web import register_views
 
-    sink = PrometheusSink()
+    sink = PrometheusSink(tuple(v.name for v in settings.retry_policy().variants))
     engine = create_engine(settings, metrics=sink, endpoint=settings.web_endpoint)
     sink.registry.register(WorkerCollector(engine, settings.breaker_config()))
     register_views(app, settings, engine, sink.registry)

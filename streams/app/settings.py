@@ -7,6 +7,7 @@ defaults; the CLI overlays its options on top of what the environment says.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from paysaga.domain.breaker import BreakerConfig
 from paysaga.domain.retry import DEFAULT_ATTEMPTS, DEFAULT_VARIANTS, RetryPolicy
+from paysaga.streams.engine.assignor import is_endpoint
 
 ENV_PREFIX = "PAYSAGA_"
 DAY_MS = 24 * 3600 * 1000
@@ -142,10 +144,25 @@ class Settings(BaseModel):
         BreakerConfig.parse(v, BREAKER_DEFAULTS)  # or ValueError, naming the bad part
         return v
 
+    @field_validator("web_advertised")
+    @classmethod
+    def _advertised(cls, v: str | None) -> str | None:
+        if v is not None and not is_endpoint(v):
+            raise ValueError(f"web_advertised {v!r}: expected host:port")
+        return v
+
     @property
     def web_endpoint(self) -> str:
-        """Where other workers forward queries for this worker's tasks."""
-        return self.web_advertised or f"{self.web_host}:{self.web_port}"
+        """Where other workers forward queries for this worker's tasks: `web_advertised`;
+        else the bind address, or this machine's hostname when bound to every interface
+        (0.0.0.0 is nobody's address: in a container, the hostname is what its peers
+        resolve)."""
+        if self.web_advertised:
+            return self.web_advertised
+        host = self.web_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"{host}:{self.web_port}"
 
     def breaker_config(self) -> BreakerConfig:
         return BreakerConfig.parse(self.breaker, BREAKER_DEFAULTS)

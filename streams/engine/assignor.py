@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from aiokafka.cluster import ClusterMetadata
@@ -28,12 +30,22 @@ from aiokafka.coordinator.protocol import (
 log = logging.getLogger(__name__)
 
 
+#: host:port, the host a name or an address ([v6] in brackets): nothing a URL could be
+#: bent with (no user, path, query or scheme), since views forward requests there.
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):([0-9]{1,5})$")
+
+
+def is_endpoint(text: str) -> bool:
+    match = _ENDPOINT.match(text)
+    return match is not None and 0 < int(match.group(2)) <= 65535
+
+
 def _endpoint_of(metadata: ConsumerProtocolMemberMetadata) -> str | None:
     try:
         endpoint = json.loads(metadata.user_data or b"{}").get("endpoint")
     except (ValueError, AttributeError):
         return None
-    return endpoint if isinstance(endpoint, str) and endpoint else None
+    return endpoint if isinstance(endpoint, str) and is_endpoint(endpoint) else None
 
 
 class HostAwareAssignor(RangePartitionAssignor):
@@ -57,14 +69,19 @@ class HostAwareAssignor(RangePartitionAssignor):
         self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         base = super().assign(cluster, members)
-        owners: dict[int, str] = {}
+        claims: defaultdict[int, set[str | None]] = defaultdict(set)
         for member, a in base.items():
             endpoint = _endpoint_of(members[member])
-            if endpoint is None:
-                continue
             for _topic, partitions in a.assignment:
                 for p in partitions:
-                    owners.setdefault(p, endpoint)
+                    claims[p].add(endpoint)
+        # A task is one member's only when every topic's partition p went to it (members
+        # subscribed alike, topics co-partitioned): otherwise nobody is named, and views
+        # answer 503 rather than send a query to half an owner.
+        owners = {p: next(iter(e)) for p, e in claims.items() if len(e) == 1 and None not in e}
+        split = sorted(p for p, e in claims.items() if len(e) > 1)
+        if split:
+            log.warning("tasks %s are split between members: no owner named for them", split)
         body = json.dumps({"owners": {str(p): e for p, e in sorted(owners.items())}}).encode()
         return {m: ConsumerProtocolMemberAssignment(a.version, a.assignment, body)
                 for m, a in base.items()}  # fmt: skip

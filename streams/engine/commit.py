@@ -28,7 +28,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, RecordMetadata, TopicPartition
 
-from paysaga.streams.engine.metrics import COMMIT_SECONDS
+from paysaga.streams.engine.metrics import COMMIT_SECONDS, flush
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.engine.processor import Output
 from paysaga.streams.engine.state import EngineState
@@ -101,6 +101,9 @@ async def commit(
     t2 = time.monotonic()
     await producer.commit_transaction()
     t3 = time.monotonic()
+    # Committed: its figures stand whatever happens next (a local write failing below
+    # rebuilds the task, and must not lose them).
+    flush(task.pending_metrics, state.metrics)
     st = state.stats
     st["offsets_seconds"] += t1 - t0
     st["send_seconds"] += t2 - t1

@@ -162,6 +162,14 @@ class ExactlyOnceEngine(mode.Service):
         task = self.shared.tasks.get(partition)
         return None if task is None else task.stores.get(table)
 
+    def serving(self, table: str, partition: int) -> PartitionStore | None:
+        """`store`, for answering queries: only of an open task in good order (not
+        closing, not broken: its local state may lag what it committed)."""
+        task = self.shared.tasks.get(partition)
+        if task is None or task.closing or partition in self.shared.broken:
+            return None
+        return task.stores.get(table)
+
     # ---- lifecycle ----------------------------------------------------------------------
     async def on_start(self) -> None:
         config = self.shared.config

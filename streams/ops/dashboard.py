@@ -107,6 +107,12 @@ def _share(part: float, whole: float) -> float | None:
     return part / whole if whole > 0 else None
 
 
+def _nonzero(d: dict[str, float]) -> dict[str, float]:
+    """Series the worker created at zero (so Prometheus sees their first increase) are
+    noise on a screen."""
+    return {k: v for k, v in d.items() if v}
+
+
 def figures(now: Scrape, before: Scrape | None) -> Figures:
     answers = "paysaga_gateway_answers_total"
     auth = {r: now.total(answers, step="authorize", result=r) for r in ("ok", "declined")}
@@ -124,11 +130,11 @@ def figures(now: Scrape, before: Scrape | None) -> Figures:
         decline_rate=_share(auth["declined"], auth["ok"] + auth["declined"]),
         gateway_error_rate=_share(by_result.get("error", 0.0), sum(
             by_result.get(r, 0.0) for r in ("ok", "declined", "error"))),
-        sagas=now.by("paysaga_sagas_ended_total", "state"),
+        sagas=_nonzero(now.by("paysaga_sagas_ended_total", "state")),
         payments_started=now.total("paysaga_payments_started_total"),
-        retries_by_level=now.by("paysaga_retries_scheduled_total", "level"),
-        dead_letters=now.by("paysaga_dead_letters_total", "kind"),
-        discrepancies=now.by("paysaga_reconciliation_discrepancies_total", "status"),
+        retries_by_level=_nonzero(now.by("paysaga_retries_scheduled_total", "level")),
+        dead_letters=_nonzero(now.by("paysaga_dead_letters_total", "kind")),
+        discrepancies=_nonzero(now.by("paysaga_reconciliation_discrepancies_total", "status")),
         breakers=dict(sorted(breakers.items())),
         held=now.total("paysaga_breaker_held"),
         lag=now.total("paysaga_consumer_lag"),

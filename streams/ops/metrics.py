@@ -16,6 +16,7 @@ alert rules (docker/prometheus/alerts.yml) work on rates and sums across workers
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -24,7 +25,8 @@ from prometheus_client import generate_latest as _generate
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from paysaga.agents.metrics import METRICS
+from paysaga.agents.metrics import METRICS, VARIANTS
+from paysaga.agents.metrics import Metric as MetricDef
 from paysaga.domain.breaker import BreakerConfig, BreakerState
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.metrics import Labels
@@ -54,7 +56,7 @@ class PrometheusSink:
     """The engine's metric sink over its own registry (one per worker, never the global
     one), with every figure of `METRICS` declared up front."""
 
-    def __init__(self) -> None:
+    def __init__(self, variants: tuple[str, ...] = ()) -> None:
         self.registry = registry = CollectorRegistry()
         self._counters: dict[str, Counter] = {}
         self._histograms: dict[str, Histogram] = {}
@@ -63,28 +65,43 @@ class PrometheusSink:
                 self._histograms[m.name] = Histogram(m.name, m.help, m.labels, buckets=m.buckets,
                                                      registry=registry)  # fmt: skip
             else:
-                self._counters[m.name] = Counter(m.name, m.help, m.labels, registry=registry)
-        self._unknown: set[str] = set()
+                counter = Counter(m.name, m.help, m.labels, registry=registry)
+                self._counters[m.name] = counter
+                for labels in known_series(m, variants):
+                    counter.labels(*labels)  # at zero, so its first increase is seen
+        self._failed: set[str] = set()
 
     def count(self, name: str, labels: Labels, n: float) -> None:
-        counter = self._counters.get(name)
-        if counter is None:
-            self._undeclared(name)
-        else:
+        try:
+            counter = self._counters[name]
             (counter.labels(*labels) if labels else counter).inc(n)
+        except Exception as exc:
+            self._failure(name, exc)
 
     def observe(self, name: str, labels: Labels, value: float) -> None:
-        histogram = self._histograms.get(name)
-        if histogram is None:
-            self._undeclared(name)
-        else:
+        try:
+            histogram = self._histograms[name]
             (histogram.labels(*labels) if labels else histogram).observe(value)
+        except Exception as exc:
+            self._failure(name, exc)
 
-    def _undeclared(self, name: str) -> None:
-        """A figure nobody declared: a bug, said once; never a reason to stop a commit."""
-        if name not in self._unknown:
-            self._unknown.add(name)
-            log.error("metric %r is not declared in paysaga.agents.metrics.METRICS", name)
+    def _failure(self, name: str, exc: Exception) -> None:
+        """An undeclared figure or a wrong label count: a bug, said once per figure; the
+        batch it describes has committed, and that stands."""
+        if name not in self._failed:
+            self._failed.add(name)
+            log.error("metric %r not recorded (%r): is it declared as used in "
+                      "paysaga.agents.metrics?", name, exc)  # fmt: skip
+
+
+def known_series(metric: MetricDef, variants: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every label set of `metric` whose values are all known in advance (`Metric.known`;
+    `VARIANTS` stands for the configured retry strategies)."""
+    if not metric.labels or any(label not in metric.known for label in metric.labels):
+        return []
+    values = [variants if metric.known[label] == (VARIANTS,) else metric.known[label]
+              for label in metric.labels]  # fmt: skip
+    return list(itertools.product(*values))
 
 
 class WorkerCollector(Collector):

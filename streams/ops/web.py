@@ -76,7 +76,7 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
         local state; else one hop to the owner the group says; else 503 (streams/ops/
         routing.py). The answer names the partition and the worker that served it."""
         partition = partition_for(key, settings.partitions)
-        store = engine.store(table, partition)
+        store = engine.serving(table, partition)
         if store is not None:
             resp = answer(store)
             resp.headers[H_PARTITION], resp.headers[H_SERVED_BY] = str(partition), me
@@ -84,7 +84,8 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
         owner = engine.owner(partition)
         if request.headers.get(H_HOP) or owner is None or owner == me:
             why = (f"task {partition} is moving between workers (a rebalance or a restore)"
-                   if owner != me else f"task {partition} is being restored here")  # fmt: skip
+                   if owner != me else f"task {partition} is not serving here yet "
+                   "(being restored or rebuilt)")  # fmt: skip
             status, body, headers = unavailable(partition, why)
             return view.json(body, status=status, headers=headers)
         return cast(Response, await forwarder.forward(request, owner, partition))

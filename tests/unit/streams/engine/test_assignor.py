@@ -61,3 +61,31 @@ def test_an_unreadable_assignment_leaves_no_map() -> None:
     out = RangePartitionAssignor.assign(cluster(), joined(a))
     a.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(out["member-0"].encode()))
     assert a.owners == {}  # the group agreed on plain range: nobody has the map
+
+
+def test_only_a_plain_host_port_is_an_endpoint() -> None:
+    from paysaga.streams.engine.assignor import is_endpoint
+
+    assert is_endpoint("worker-1:6066") and is_endpoint("10.0.0.7:80") and is_endpoint("[::1]:9")
+    for bad in ("u@h:1", "h:1/x", "h:1?q", "http://h:1", "h", "h:0", "h:70000", ":80"):
+        assert not is_endpoint(bad), bad
+    a = HostAwareAssignor("127.0.0.1:7001")
+    members = joined(a)
+    members["odd"] = ConsumerProtocolMemberMetadata(0, TOPICS, b'{"endpoint": "evil/x?:1"}')
+    out = a.assign(cluster(4), members)
+    a.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(out["member-0"].encode()))
+    assert set(a.owners.values()) == {"127.0.0.1:7001"}
+
+
+def test_a_task_split_between_members_has_no_owner() -> None:
+    """A member subscribed to fewer topics: range assigns each topic on its own, so
+    partition 1 of one topic and of the other can go to different members."""
+    a, b = HostAwareAssignor("127.0.0.1:7001"), HostAwareAssignor("127.0.0.1:7002")
+    members = {"m1": ConsumerProtocol.METADATA.decode(a.metadata(TOPICS).encode()),
+               "m2": ConsumerProtocol.METADATA.decode(b.metadata(TOPICS[:1]).encode())}  # fmt: skip
+    out = a.assign(cluster(3), members)
+    a.on_assignment(ConsumerProtocol.ASSIGNMENT.decode(out["m1"].encode()))
+    by_topic = {m: dict(x.assignment) for m, x in out.items()}
+    for p, owner in a.owners.items():
+        holders = {m for m, t in by_topic.items() for parts in t.values() if p in parts}
+        assert len(holders) == 1, (p, owner, holders)

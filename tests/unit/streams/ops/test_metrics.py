@@ -188,3 +188,30 @@ def test_the_dashboard_and_the_rules_use_only_metrics_that_exist(tmp_path: Path)
     }
     (tmp_path / "dashboard-rules.yml").write_text(json.dumps(recording))  # JSON is YAML
     assert "SUCCESS" in promtool("check", "rules", "dashboard-rules.yml", cwd=tmp_path)
+
+
+def test_known_series_start_at_zero_and_a_bad_figure_never_raises() -> None:
+    """The first discrepancy a worker finds must be an increase Prometheus sees."""
+    sink = PrometheusSink(("CONTROL", "TEST_A"))
+    text = generate(sink.registry).decode()
+    assert ('paysaga_reconciliation_discrepancies_total{kind="MISSING_IN_BANK",status="OPEN"}'
+            " 0.0") in text  # fmt: skip
+    assert 'paysaga_dead_letters_total{kind="saga"} 0.0' in text
+    assert 'paysaga_sagas_ended_total{saga="ORDER",state="IN_DOUBT",variant="TEST_A"} 0.0' in text
+    sink.count(m.GATEWAY_ANSWERS.name, ("authorize",), 1)  # one label short: logged, not raised
+    sink.observe(m.SETTLEMENT_LAG.name, ("extra",), 1.0)
+    assert 'paysaga_gateway_answers_total{result="ok",step="authorize"} 0.0' in generate(
+        sink.registry).decode()  # fmt: skip
+
+
+def test_a_retry_is_counted_when_it_is_sent(world: DriverWorld) -> None:
+    p = world.initiate(initiated(1, seed=903, saga="PAYMENT", items=[], capture_mode="AUTOMATIC",
+                                 occurred_at=T0)[0])  # fmt: skip
+    pid = p["payment_id"]
+    world.answer(world.wait_command(pid, "AUTHORIZE"), "FAILED", code="gateway_unavailable",
+                 reason="503", retryable=True)  # fmt: skip
+    c = world.driver.metrics.counts
+    assert sum(n for (name, _), n in c.items() if name == m.SAGA_RETRIES.name) == 0
+    world.driver.advance_wall_clock(5_000)  # the level-1 retry falls due and is sent
+    assert world.wait_command(pid, "AUTHORIZE", n=2)["attempt"] == 2
+    assert sum(n for (name, _), n in c.items() if name == m.SAGA_RETRIES.name) == 1
