@@ -44,6 +44,7 @@ from paysaga.streams.dev.upstream import (
     produce,
     upstream_producer,
 )
+from paysaga.streams.dev.views_bench import run_views, views_summary
 from paysaga.streams.engine.partitioner import partition_for
 
 PIPELINES = ("baseline", "faust", "paysaga")
@@ -73,6 +74,8 @@ class BenchOptions:
     #: Captures held open in reconciliation's state, for its memory (0 skips it).
     recon_open: int = 0
     retries_waiting: int = 0
+    #: Seconds of payment views asked of two workers under load (0 skips them).
+    views_seconds: float = 0.0
 
 
 @dataclass
@@ -344,6 +347,9 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
             n = opts.retries_waiting
             results["retries"] = await run_retries_waiting(n, bootstrap, run, work,
                                                            opts.partitions, codec)  # fmt: skip
+        if opts.views_seconds > 0:
+            results["views"] = await run_views(opts.views_seconds, bootstrap, run, work,
+                                               opts.partitions, codec)  # fmt: skip
         if opts.recon_open > 0:
             results["recon"] = await run_recon_open(opts.recon_open, bootstrap, run, work,
                                                     opts.partitions, codec)  # fmt: skip
@@ -391,6 +397,8 @@ def summary(results: dict[str, Any]) -> str:
         lines.append(recon_summary(results["recon"]))
     if "retries" in results:
         lines.append(retries_summary(results["retries"]))
+    if "views" in results:
+        lines.append(views_summary(results["views"]))
     if "restore" in results:
         r = results["restore"]
         lines.append(

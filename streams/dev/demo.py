@@ -49,6 +49,22 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0, sig: int = signal.SIGTE
         proc.wait()
 
 
+def _stop_all(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM each (in the order given), then wait for all within one deadline, and
+    SIGKILL whoever is left: a slow one does not hold up the others' stop."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def say(*parts: object) -> None:
     """Print, unless whoever read our output is gone (a dead pipe); then stdout goes to
     /dev/null, so neither this shutdown nor the interpreter's exit trips over it again."""
@@ -102,8 +118,10 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
+    # SIGINT too: started from a shell's background job, a process inherits SIGINT ignored,
+    # and Python then never raises KeyboardInterrupt; the demo must stop on Ctrl-C anyway.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         worker = _spawn(["worker"], env, logs / "worker.log")
         procs.append(worker)
@@ -139,8 +157,7 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         say("\nstopping ...")
-        for proc in reversed(procs):
-            _stop(proc)
+        _stop_all(list(reversed(procs)))
         if owned_broker:
             broker.down()
         say("stopped")

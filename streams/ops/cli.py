@@ -310,7 +310,7 @@ def _bench(args: argparse.Namespace) -> int:
         saga_upstream_key=args.saga_upstream_key,
         saga_partitions=args.saga_partitions or None,
         profile=Path(args.profile) if args.profile else None, recon_open=args.recon_open,
-        retries_waiting=args.retries_waiting,
+        retries_waiting=args.retries_waiting, views_seconds=args.views_seconds,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="captures held open in reconciliation, for its memory (0 skips)")  # fmt: skip
     _env_opt(p, "--retries-waiting", "PAYSAGA_BENCH_RETRIES_WAITING", 0, int,
              help="payments with a retry scheduled at once, for its memory (0 skips)")  # fmt: skip
+    _env_opt(p, "--views-seconds", "PAYSAGA_BENCH_VIEWS_SECONDS", 0.0, float,
+             help="seconds of payment views asked of two workers under load (0 skips)")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 

@@ -7,8 +7,10 @@ configurable (`PAYSAGA_RETRY_VARIANTS`), except in the test of the real 1 s leve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +42,21 @@ def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     worker = WorkerProcess(settings, tmp / "worker.log").start()
     yield World(settings)
     worker.kill()
+
+
+@contextlib.contextmanager
+def own_worker(broker, tmp_path: Path, name: str,
+               **overrides: Any) -> Iterator[tuple[World, WorkerProcess]]:  # fmt: skip
+    """A worker of its own (topics, settings) for a test that needs other settings than
+    the module's; SIGKILLed at the end."""
+    settings = isolated_settings(broker.bootstrap, tmp_path / "state", name, punctuate_ms=100,
+                                 **overrides)  # fmt: skip
+    asyncio.run(create_topics(settings))
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        yield World(settings), worker
+    finally:
+        worker.kill()
 
 
 def never_early(world: World, pid: str) -> None:
@@ -153,13 +170,8 @@ def test_the_experiments_report_counts_every_ended_saga(world: World) -> None:
 
 
 def test_exhausted_retries_land_in_the_dlq_with_every_header(broker, tmp_path: Path) -> None:
-    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "exhaust",
-                                 command_timeout_ms=5_000, punctuate_ms=100,
-                                 retry_attempts="1,1", retry_variants="X:1:100,200")  # fmt: skip
-    asyncio.run(create_topics(settings))
-    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-    try:
-        world = World(settings)
+    with own_worker(broker, tmp_path, "exhaust", command_timeout_ms=5_000,
+                    retry_attempts="1,1", retry_variants="X:1:100,200") as (world, _):  # fmt: skip
         p = world.initiate(request())
         pid = p["payment_id"]
         for n in range(1, 4):
@@ -175,8 +187,6 @@ def test_exhausted_retries_land_in_the_dlq_with_every_header(broker, tmp_path: P
                      "paysaga.attempts"):  # fmt: skip
             assert name in h, name
         assert [r["level"] for r in world.retries(pid)] == [1, 2]
-    finally:
-        worker.kill()
 
 
 def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
@@ -187,13 +197,9 @@ def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
     worker is SIGKILLed and restarted while the resume is read: it is applied once, the
     gateway replays what it recorded, the saga completes. Redriven again, the ledger skips
     it; with its ledger entry deleted, the copy is sent and changes nothing."""
-    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "resume",
-                                 command_timeout_ms=1_000, punctuate_ms=100,
-                                 retry_attempts="1,1", retry_variants="X:1:100,200")  # fmt: skip
-    asyncio.run(create_topics(settings))
-    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-    try:
-        world = World(settings)
+    with own_worker(broker, tmp_path, "resume", command_timeout_ms=1_000, retry_attempts="1,1",
+                    retry_variants="X:1:100,200") as (world, worker):  # fmt: skip
+        settings = world.settings
         t = world.t
         p = world.initiate(request())
         pid = p["payment_id"]
@@ -250,20 +256,14 @@ def test_a_saga_given_up_in_doubt_is_resumed_by_a_redrive_exactly_once(
         ends = [s["saga_state"] for s in world.statuses(pid) if s["terminal"]]
         assert ends == ["IN_DOUBT", "COMPLETED"]
         never_early(world, pid)
-    finally:
-        worker.kill()
 
 
 def test_the_real_one_second_level(broker, tmp_path: Path) -> None:
     """The default CONTROL strategy's first level, 1 s, measured from the records."""
-    settings = isolated_settings(broker.bootstrap, tmp_path / "state", "onesec",
-                                 retry_variants="CONTROL:1:1000,5000,30000,300000",
-                                 punctuate_ms=100)  # fmt: skip
-    assert RetryPolicy.parse(settings.retry_attempts, settings.retry_variants).levels == 4
-    asyncio.run(create_topics(settings))
-    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
-    try:
-        world = World(settings)
+    with own_worker(broker, tmp_path, "onesec",
+                    retry_variants="CONTROL:1:1000,5000,30000,300000") as (world, _):  # fmt: skip
+        settings = world.settings
+        assert RetryPolicy.parse(settings.retry_attempts, settings.retry_variants).levels == 4
         p = world.initiate(request())
         pid = p["payment_id"]
         world.answer(world.wait_command(pid, "AUTHORIZE"), "FAILED", code="gateway_unavailable",
@@ -275,5 +275,3 @@ def test_the_real_one_second_level(broker, tmp_path: Path) -> None:
         # scheduled when the failure was processed: the send came a second or more later
         failure_seen = r["due_at"] - 1000
         assert second["_timestamp"] - failure_seen >= 1000
-    finally:
-        worker.kill()

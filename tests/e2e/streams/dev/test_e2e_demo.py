@@ -31,6 +31,21 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _terminal_like() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _describe(pids: set[int]) -> str:
+    out = []
+    for p in sorted(pids):
+        if _alive(p):
+            try:
+                out.append(f"{p}: {Path(f'/proc/{p}/cmdline').read_bytes()[:120]!r}")
+            except OSError:
+                continue
+    return "; ".join(out)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -47,8 +62,11 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
             str(broker_dir), "--data-dir", str(tmp_path / "data"), "--web-port",
             str(free_port()), "--outage-ms", "0"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
+    # As from a terminal: SIGINT not ignored (a test run in a background job inherits it
+    # ignored, and so would tee), the pipeline its own process group.
     shell = subprocess.Popen(["bash", "-c", " ".join(demo) + f" 2>&1 | tee {log}"], env=env,
-                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                             stdout=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=_terminal_like)  # fmt: skip
     try:
 
         def live() -> list[str] | None:
@@ -66,8 +84,11 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
         assert broker_pid is not None and len(started) >= 6  # worker, 4 simulators, producer
         os.killpg(shell.pid, signal.SIGINT)  # the terminal's Ctrl-C: tee dies with the rest
         everything = started | {broker_pid, python}
-        wait_for(lambda: not any(_alive(p) for p in everything), 90,
-                 what="every process the demo started to exit")  # fmt: skip
+        try:
+            wait_for(lambda: not any(_alive(p) for p in everything), 90,
+                     what="every process the demo started to exit")  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still alive: {_describe(everything)}") from None
     finally:
         if shell.poll() is None:
             os.killpg(shell.pid, signal.SIGKILL)

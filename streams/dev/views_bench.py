@@ -1,0 +1,86 @@
+"""`paysaga bench --views-seconds N`: how fast a payment view answers under load, asked of
+its owner and asked of the other worker (one forwarded hop).
+
+Two workers share the tasks of one application; the three simulators answer; upstream
+sends payments at the offered rate (the `make run` load by default, 500/s) while a client
+asks both workers for payments already sent, at a fixed rate. Each answer says whether it
+was forwarded (`X-Paysaga-Forwarded-By`), so the samples split into "owner" and
+"forwarded"; a 404 (asked before the saga stored it) or a 503 (never expected here: no
+rebalance) is counted, not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from paysaga.schemas.codec import AvroCodec
+from paysaga.streams.app.topics import Topics
+from paysaga.streams.dev.measure import percentile
+from paysaga.streams.dev.saga_bench import SagaRig
+from paysaga.streams.dev.upstream import UpstreamConfig, generate, produce
+from paysaga.streams.ops.routing import H_FORWARDED_BY
+
+
+def _figures(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": percentile(samples, 0.50), "p95_ms": percentile(samples, 0.95),
+            "p99_ms": percentile(samples, 0.99), "samples": len(samples)}  # fmt: skip
+
+
+async def run_views(seconds: float, bootstrap: str, run: str, work: Path, partitions: int,
+                    codec: AvroCodec, rate: float = 500.0,
+                    queries_per_s: float = 200.0) -> dict[str, Any]:  # fmt: skip
+    rig = SagaRig(bootstrap, f"{run}-views.", work / "views", partitions, workers=2)
+    await rig.prepare()
+    rig.start()
+    try:
+        await rig.ready()
+        cfg = UpstreamConfig(count=int(rate * seconds), seed=2031, manual_capture_rate=0.0)
+        ids = [e["payment_id"] for e in generate(cfg)]
+        names = Topics(rig.settings.topic_prefix)
+        started = time.monotonic()
+        sender = asyncio.create_task(produce(bootstrap, codec, cfg, rate=rate,
+                                             topic=names.initiated, progress=False))  # fmt: skip
+        samples: dict[str, list[float]] = {"owner": [], "forwarded": []}
+        codes: Counter[int] = Counter()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            n = 0
+            while not sender.done() or n == 0:
+                sent = int((time.monotonic() - started) * rate)  # about how many went out
+                if sent > 50:
+                    pid = ids[(n * 7919) % max(1, sent - 50)]  # one sent a while ago
+                    port = rig.ports[n % 2]
+                    t0 = time.perf_counter()
+                    async with http.get(f"http://127.0.0.1:{port}/payments/{pid}/") as resp:
+                        await resp.read()
+                        ms = (time.perf_counter() - t0) * 1000
+                        codes[resp.status] += 1
+                        if resp.status == 200:
+                            hop = "forwarded" if H_FORWARDED_BY in resp.headers else "owner"
+                            samples[hop].append(ms)
+                n += 1
+                await asyncio.sleep(1 / queries_per_s)  # the client's pace, not a wait
+        await sender
+    finally:
+        rig.stop()
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "codes": dict(codes),
+        **{hop: _figures(s) for hop, s in samples.items()},
+    }
+
+
+def views_summary(r: dict[str, Any]) -> str:
+    rows = [f"payment views while {r['rate']:.0f} payments/s flow through two workers "
+            f"({r['seconds']:.0f} s; answers {dict(sorted(r['codes'].items()))}):"]  # fmt: skip
+    for hop in ("owner", "forwarded"):
+        f = r[hop]
+        rows.append(f"  {hop:<10} p50 {f['p50_ms']:.1f} ms, p95 {f['p95_ms']:.1f} ms, "
+                    f"p99 {f['p99_ms']:.1f} ms ({f['samples']} answers)")  # fmt: skip
+    return "\n".join(rows)
