@@ -76,6 +76,8 @@ class BenchOptions:
     retries_waiting: int = 0
     #: Seconds of payment views asked of two workers under load (0 skips them).
     views_seconds: float = 0.0
+    #: Payments/s offered while the views are asked (`make run`'s default rate).
+    views_rate: float = 500.0
 
 
 @dataclass
@@ -349,7 +351,7 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                                            opts.partitions, codec)  # fmt: skip
         if opts.views_seconds > 0:
             results["views"] = await run_views(opts.views_seconds, bootstrap, run, work,
-                                               opts.partitions, codec)  # fmt: skip
+                                               opts.partitions, codec, opts.views_rate)  # fmt: skip
         if opts.recon_open > 0:
             results["recon"] = await run_recon_open(opts.recon_open, bootstrap, run, work,
                                                     opts.partitions, codec)  # fmt: skip

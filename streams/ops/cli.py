@@ -311,6 +311,7 @@ def _bench(args: argparse.Namespace) -> int:
         saga_partitions=args.saga_partitions or None,
         profile=Path(args.profile) if args.profile else None, recon_open=args.recon_open,
         retries_waiting=args.retries_waiting, views_seconds=args.views_seconds,
+        views_rate=args.views_rate,
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
              help="payments with a retry scheduled at once, for its memory (0 skips)")  # fmt: skip
     _env_opt(p, "--views-seconds", "PAYSAGA_BENCH_VIEWS_SECONDS", 0.0, float,
              help="seconds of payment views asked of two workers under load (0 skips)")  # fmt: skip
+    _env_opt(p, "--views-rate", "PAYSAGA_BENCH_VIEWS_RATE", 500.0, float,
+             help="payments/s offered while the views are asked")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 
