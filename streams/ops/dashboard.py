@@ -153,12 +153,13 @@ def _counts(d: dict[str, float]) -> str:
 def plain_line(f: Figures) -> str:
     """One line for a pipe or a log file, kept under 160 columns."""
     p95 = "-" if f.p95_authorized_s is None else f"{1000 * f.p95_authorized_s:.0f}ms"
+    # the open-ended parts (counts by kind) last: a long line loses only their tail
     parts = [
-        f"{f.records_per_s:.0f} rec/s", f"{f.started_per_s:.0f} pay/s", f"p95 auth {p95}",
-        f"decl {_pct(f.decline_rate)}", f"gw err {_pct(f.gateway_error_rate)}",
-        f"sagas {_counts(f.sagas)}", f"retry {_counts(f.retries_by_level)}",
-        f"DLQ {_counts(f.dead_letters)}", f"lag {f.lag:.0f}",
+        f"{f.records_per_s:.0f} rec/s", f"{f.started_per_s:.0f} pay/s", f"lag {f.lag:.0f}",
+        f"p95 auth {p95}", f"decl {_pct(f.decline_rate)}", f"gw err {_pct(f.gateway_error_rate)}",
         "breaker " + ("".join(s[0] for s in f.breakers.values()) or "-"),
+        f"retry {_counts(f.retries_by_level)}", f"DLQ {_counts(f.dead_letters)}",
+        f"sagas {_counts(f.sagas)}",
     ]  # fmt: skip
     return "  ".join(parts)[:159]
 
