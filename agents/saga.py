@@ -51,7 +51,12 @@ from paysaga.streams.engine import BadRecord, ProcessorContext, PunctuationType,
 from paysaga.streams.engine.deadletter import REDRIVE_PREFIX
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.tables.breaker import BREAKER, GATEWAY, BreakerStore
-from paysaga.tables.experiments import EXPERIMENTS, record_outcome, withdraw_outcome
+from paysaga.tables.experiments import (
+    EXPERIMENTS,
+    record_outcome,
+    record_start,
+    withdraw_outcome,
+)
 from paysaga.tables.payments import PAYMENTS, PaymentCache
 from paysaga.tables.transaction import TableTransaction
 
@@ -228,7 +233,9 @@ class SagaAgent:
             return
         payment = initiate(event)
         effects = self.orch.start(payment, event.saga.value, ctx.wall_clock_ms())
-        ctx.count(m.PAYMENTS_STARTED.name, event.saga.value, payment.retry_variant or "NONE")
+        variant = payment.retry_variant or "NONE"
+        ctx.count(m.PAYMENTS_STARTED.name, event.saga.value, variant)
+        record_start(ctx.table(EXPERIMENTS), variant)
         self._commit(ctx, payment, effects, event.event_id, event.occurred_at, None)
 
     def _answer(self, ctx: ProcessorContext, event: Any, current: Payment, source: Source) -> None:

@@ -32,6 +32,8 @@ class VariantStats:
     successes: int = 0
     retries: int = 0
     outcome_ms: int = 0
+    #: Sagas of the variant that started (ended or not): `running` are not in the sample.
+    started: int = 0
 
     def add(self, succeeded: bool, retries: int, outcome_ms: int) -> None:
         """Count one ended saga (a negative time, from a clock skew upstream, counts 0)."""
@@ -47,17 +49,29 @@ class VariantStats:
         self.retries = max(0, self.retries - retries)
         self.outcome_ms = max(0, self.outcome_ms - max(0, outcome_ms))
 
+    def start(self) -> None:
+        self.started += 1
+
+    @property
+    def running(self) -> int:
+        """Started and not ended: outside the sample. A variant with longer delays defers
+        more of its outcomes, so comparing ended sagas while many run is censored."""
+        return max(0, self.started - self.sagas)
+
     def merged(self, other: VariantStats) -> VariantStats:
         return VariantStats(self.sagas + other.sagas, self.successes + other.successes,
-                            self.retries + other.retries,
-                            self.outcome_ms + other.outcome_ms)  # fmt: skip
+                            self.retries + other.retries, self.outcome_ms + other.outcome_ms,
+                            self.started + other.started)  # fmt: skip
 
     def to_dict(self) -> dict[str, int]:
-        return {"n": self.sagas, "ok": self.successes, "r": self.retries, "ms": self.outcome_ms}
+        return {"n": self.sagas, "ok": self.successes, "r": self.retries, "ms": self.outcome_ms,
+                "s": self.started}  # fmt: skip
 
     @classmethod
     def from_dict(cls, raw: dict[str, int]) -> VariantStats:
-        return cls(int(raw["n"]), int(raw["ok"]), int(raw["r"]), int(raw["ms"]))
+        """`s` (started) is absent from values written before it was counted: 0."""
+        return cls(int(raw["n"]), int(raw["ok"]), int(raw["r"]), int(raw["ms"]),
+                   int(raw.get("s", 0)))  # fmt: skip
 
     @property
     def success_rate(self) -> float | None:

@@ -27,6 +27,11 @@ def _update(table: TableTransaction, variant: str, change: Callable[[VariantStat
     table.set(key, json.dumps(stats.to_dict(), separators=(",", ":")).encode())
 
 
+def record_start(table: TableTransaction, variant: str) -> None:
+    """Count one started saga of `variant` (the report says how many have not ended)."""
+    _update(table, variant, VariantStats.start)
+
+
 def record_outcome(table: TableTransaction, variant: str, succeeded: bool, retries: int,
                    outcome_ms: int) -> None:  # fmt: skip
     """Count one ended saga of `variant`."""

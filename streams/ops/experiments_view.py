@@ -47,8 +47,9 @@ def render_report(stats: dict[str, VariantStats], control: str, out: TextIO) -> 
         console.print("no ended sagas counted yet: the experiment has no sample")
         return 0
     table = Table(title=f"retry experiment: {total} ended sagas")
-    for col in ("variant", "sagas", "success rate", "95% CI", "avg retries", "avg time to "
-                "outcome", "vs " + control, "95% CI of the difference", "significant"):  # fmt: skip
+    for col in ("variant", "sagas", "running", "success rate", "95% CI", "avg retries",
+                "avg time to outcome", "vs " + control, "95% CI of the difference",
+                "significant"):  # fmt: skip
         table.add_column(col, justify="left" if col == "variant" else "right")
     base = stats.get(control)
     notes = []
@@ -71,7 +72,8 @@ def render_report(stats: dict[str, VariantStats], control: str, out: TextIO) -> 
                             f"{100 * abs(cmp.difference):.2f} pp)")
                 )  # fmt: skip
         avg_ms = s.avg_outcome_ms
-        table.add_row(name, str(s.sagas), _pct(s.success_rate), f"[{_pct(lo)}, {_pct(hi)}]",
+        table.add_row(name, str(s.sagas), str(s.running), _pct(s.success_rate),
+                      f"[{_pct(lo)}, {_pct(hi)}]",
                       "-" if s.avg_retries is None else f"{s.avg_retries:.3f}",
                       "-" if avg_ms is None else f"{avg_ms / 1000:.2f} s", diff, ci,
                       sig)  # fmt: skip
@@ -80,4 +82,11 @@ def render_report(stats: dict[str, VariantStats], control: str, out: TextIO) -> 
         console.print(f"no {control} sagas yet: nothing to compare against", highlight=False)
     for note in notes:
         console.print(note, highlight=False)
+    running = sum(s.running for s in stats.values())
+    if running:
+        console.print(
+            f"{running} sagas have started and not ended: every figure is over ended sagas "
+            "only, and a variant with longer delays defers more of its outcomes, so a "
+            "difference now may be censoring, not the strategy; read significance once "
+            "they have ended", highlight=False)  # fmt: skip
     return 0

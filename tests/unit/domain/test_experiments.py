@@ -87,3 +87,24 @@ def test_report_without_a_control_sample_compares_nothing(control: str) -> None:
     out = io.StringIO()
     render_report({"TEST_A": VariantStats(10, 9)}, control, out)
     assert "nothing to compare against" in out.getvalue()
+
+
+def test_sagas_still_running_are_shown_and_warned_about() -> None:
+    """The sample is ended sagas; a started one not ended yet is outside it (censored)."""
+    s = VariantStats()
+    for _ in range(5):
+        s.start()
+    s.add(True, 0, 10)
+    assert (s.started, s.running) == (5, 4)
+    assert VariantStats.from_dict({"n": 1, "ok": 1, "r": 0, "ms": 10}).started == 0  # older
+    assert VariantStats.from_dict(s.to_dict()) == s
+    s.remove(True, 0, 10)  # an IN_DOUBT end taken back: running again
+    assert s.running == 5
+    out = io.StringIO()
+    render_report({"CONTROL": VariantStats(100, 90, 0, 10, started=130),
+                   "TEST_A": VariantStats(50, 49, 0, 5, started=50)}, "CONTROL", out)  # fmt: skip
+    text = out.getvalue()
+    assert "30 sagas have started and not ended" in text and "censoring" in text
+    calm = io.StringIO()
+    render_report({"CONTROL": VariantStats(100, 90, 0, 10, started=100)}, "CONTROL", calm)
+    assert "not ended" not in calm.getvalue()
