@@ -64,6 +64,7 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
     # As from a terminal: SIGINT not ignored (a test run in a background job inherits it
     # ignored, and so would tee), the pipeline its own process group.
+    started: set[int] = set()
     shell = subprocess.Popen(["bash", "-c", " ".join(demo) + f" 2>&1 | tee {log}"], env=env,
                              stdout=subprocess.DEVNULL, start_new_session=True,
                              preexec_fn=_terminal_like)  # fmt: skip
@@ -79,7 +80,7 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
         assert all(len(x) < 160 for x in lines), lines
         [python] = [p for p in _children(shell.pid)
                     if "demo" in Path(f"/proc/{p}/cmdline").read_text()]  # fmt: skip
-        started = _children(python)
+        started |= _children(python)
         broker_pid = LocalBroker(broker_dir, 0).pid()
         assert broker_pid is not None and len(started) >= 6  # worker, 4 simulators, producer
         os.killpg(shell.pid, signal.SIGINT)  # the terminal's Ctrl-C: tee dies with the rest
@@ -90,6 +91,11 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still alive: {_describe(everything)}") from None
     finally:
+        # A failure must not leave the demo's processes (each in its own session) running
+        # and eating the CPU of the tests after this one.
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
         if shell.poll() is None:
             os.killpg(shell.pid, signal.SIGKILL)
         shell.wait(30)
