@@ -138,13 +138,14 @@ class WorkerProcess:
         code, body, _ = self.request(path, auth)
         return code, body
 
-    def request(self, path: str, auth: bool = True) -> tuple[int, bytes, dict[str, str]]:
+    def request(self, path: str, auth: bool = True,
+                timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """GET `path`: status, body and response headers (0 when nobody answers)."""
         req = urllib.request.Request(self.base_url + path)
         if auth and self.settings.web_token:
             req.add_header("Authorization", f"Bearer {self.settings.web_token}")
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read(), dict(resp.headers.items())
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), dict(exc.headers.items())
