@@ -17,7 +17,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["REDACTED", "contains_pan", "looks_like_pan", "luhn_valid", "pan_spans", "redact"]
+__all__ = ["CARD_DATA_NAMES", "REDACTED", "card_data_paths", "contains_pan", "looks_like_pan",
+           "luhn_valid", "pan_spans", "redact"]  # fmt: skip
 
 REDACTED = "[REDACTED-PAN]"
 
@@ -134,3 +135,38 @@ def redact(text: str) -> str:
         last = end
     parts.append(text[last:])
     return "".join(parts)
+
+
+#: Names under which a request may carry raw card data (normalised: lower case, letters
+#: and digits only): a card number, its security code or its expiry. The payments API
+#: refuses a body holding any of them, whatever the value, since it takes a card token.
+CARD_DATA_NAMES = frozenset({
+    "number", "cardnumber", "pan", "primaryaccountnumber", "accountnumber",
+    "cvc", "cvv", "cvc2", "cvv2", "cid", "csc", "securitycode", "cardsecuritycode",
+    "exp", "expmonth", "expyear", "expiry", "expirydate", "expiration", "expirationdate",
+    "expirationmonth", "expirationyear",
+})  # fmt: skip
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def card_data_paths(value: object, path: str = "") -> list[str]:
+    """The paths (`card.number`, `items.0.cvc`) of every key in a JSON value that names
+    raw card data, and of every string that is itself a card number, in document order.
+    Paths name keys only, never values."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if _norm(str(k)) in CARD_DATA_NAMES:
+                found.append(here if not contains_pan(here) else redact(here))
+            else:
+                found.extend(card_data_paths(v, here))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found.extend(card_data_paths(v, f"{path}.{i}" if path else str(i)))
+    elif isinstance(value, str) and looks_like_pan(value):
+        found.append(path or "body")
+    return found

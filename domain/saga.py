@@ -374,7 +374,7 @@ class Orchestrator:
         if step.compensation == "VOID":
             return p.authorized_minor - p.captured_minor - p.released_minor - p.voided_minor
         if step.compensation == "REFUND":
-            return p.captured_minor - p.refunded_minor - p.refund_pending_minor
+            return refundable(p)
         return 0
 
     def _next_compensation(self, p: Payment, eff: Effects, now: int) -> None:
@@ -748,15 +748,12 @@ class Orchestrator:
         eff = Effects(step=CAPTURE.name)
         if self._idempotent(p.requests.get(key), fingerprint, eff):
             return eff
+        if (refused := capture_refusal(p, amount)) is not None:
+            eff.rejected = refused
+            return eff
         saga = p.saga
-        if saga is None or not saga.awaiting_request:
-            eff.rejected = (f"no authorization awaits capture (status {p.status.value}, "
-                            f"saga {None if saga is None else saga.state})")  # fmt: skip
-            return eff
+        assert saga is not None
         amount = p.authorized_minor if amount is None else amount
-        if not 0 < amount <= p.authorized_minor:
-            eff.rejected = f"capture of {amount} is not within the {p.authorized_minor} authorized"
-            return eff
         p.requests[key] = fingerprint
         p.capture_minor, saga.awaiting_request = amount, False
         eff.notes.append(f"capture of {amount} requested")
@@ -767,9 +764,8 @@ class Orchestrator:
         eff = Effects(step=CAPTURE.name)
         if self._idempotent(p.requests.get(key), fingerprint, eff):
             return eff
-        saga = p.saga
-        if saga is None or not saga.awaiting_request:
-            eff.rejected = "only an authorization awaiting capture can be cancelled"
+        if (refused := cancel_refusal(p)) is not None:
+            eff.rejected = refused
             return eff
         p.requests[key] = fingerprint
         self._compensate(p, eff, "cancelled by request", now)
@@ -781,15 +777,10 @@ class Orchestrator:
         known = p.refunds.get(key)
         if self._idempotent(None if known is None else known.fingerprint, fingerprint, eff):
             return eff
-        saga = p.saga
-        room = p.captured_minor - p.refunded_minor - p.refund_pending_minor
-        if saga is None or saga.state != "COMPLETED" or p.captured_minor == 0:
-            eff.rejected = f"nothing captured to refund (status {p.status.value})"
+        if (refused := refund_refusal(p, amount)) is not None:
+            eff.rejected = refused
             return eff
-        amount = room if amount is None else amount
-        if not 0 < amount <= room:
-            eff.rejected = f"refund of {amount} exceeds the {room} refundable"
-            return eff
+        amount = refundable(p) if amount is None else amount
         p.refunds[key] = RefundRequest(fingerprint=fingerprint, amount_minor=amount)
         p.refund_pending_minor += amount
         self._send(p, eff, "payment", "REFUND", "refund", "request", amount,
@@ -798,8 +789,47 @@ class Orchestrator:
         return eff
 
 
+def capture_refusal(p: Payment, amount: int | None) -> str | None:
+    """Why a capture request of `amount` (None: all authorized) would be refused now, or
+    None. The saga decides with it, and the payments API asks it before writing a request
+    (streams/ops/api.py), so the two cannot disagree on committed state."""
+    saga = p.saga
+    if saga is None or not saga.awaiting_request:
+        return (f"no authorization awaits capture (status {p.status.value}, "
+                f"saga {None if saga is None else saga.state})")  # fmt: skip
+    amount = p.authorized_minor if amount is None else amount
+    if not 0 < amount <= p.authorized_minor:
+        return f"capture of {amount} is not within the {p.authorized_minor} authorized"
+    return None
+
+
+def cancel_refusal(p: Payment) -> str | None:
+    """Why a cancel request would be refused now, or None (see `capture_refusal`)."""
+    if p.saga is None or not p.saga.awaiting_request:
+        return "only an authorization awaiting capture can be cancelled"
+    return None
+
+
+def refundable(p: Payment) -> int:
+    """Captured money not yet refunded nor promised to a refund in flight."""
+    return p.captured_minor - p.refunded_minor - p.refund_pending_minor
+
+
+def refund_refusal(p: Payment, amount: int | None) -> str | None:
+    """Why a refund of `amount` (None: all refundable) would be refused now, or None."""
+    saga = p.saga
+    if saga is None or saga.state != "COMPLETED" or p.captured_minor == 0:
+        return f"nothing captured to refund (status {p.status.value})"
+    room = refundable(p)
+    amount = room if amount is None else amount
+    if not 0 < amount <= room:
+        return f"refund of {amount} exceeds the {room} refundable"
+    return None
+
+
 __all__ = [
     "HELD", "INQUIRING", "SAGAS", "SENT", "WAITING", "Command", "Effects", "InvalidTransition",
     "Orchestrator", "SagaDefinition", "SagaPolicy", "ScheduledRetry", "Step", "Unmatched",
-    "command_id", "inquiry_id",
+    "cancel_refusal", "capture_refusal", "command_id", "inquiry_id", "refund_refusal",
+    "refundable",
 ]  # fmt: skip

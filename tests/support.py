@@ -141,7 +141,18 @@ class WorkerProcess:
     def request(self, path: str, auth: bool = True,
                 timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """GET `path`: status, body and response headers (0 when nobody answers)."""
-        req = urllib.request.Request(self.base_url + path)
+        return self.call("GET", path, auth=auth, timeout=timeout)
+
+    def call(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None, auth: bool = True,
+             timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
+        """`method path` with `body` as JSON (bytes as they are): status, body and response
+        headers (0 when nobody answers)."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers=headers or {})  # fmt: skip
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
         if auth and self.settings.web_token:
             req.add_header("Authorization", f"Bearer {self.settings.web_token}")
         try:

@@ -52,6 +52,10 @@ class Settings(BaseModel):
     web_forward_timeout_ms: int = Field(
         2_000, ge=1, description="how long a view waits for the worker it forwarded to"
     )
+    api_max_wait_ms: int = Field(
+        30_000, ge=0, le=600_000,
+        description="the longest `?wait=MS` a payments API write may ask for (docs/api.md)",
+    )  # fmt: skip
     processing_guarantee: Literal["exactly_once"] = Field(
         "exactly_once", description="paysaga's engine: outputs, changelog, offsets in one txn"
     )

@@ -12,10 +12,19 @@ body and has open multi-worker bugs, faust-streaming #514; this does not use it.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+
+from paysaga.streams.engine import ExactlyOnceEngine
+from paysaga.streams.engine.partitioner import partition_for
+from paysaga.tables.store import PartitionStore
+
+JSON = "application/json"
 
 #: Which task partition answered, and which worker (its endpoint).
 H_PARTITION = "X-Paysaga-Partition"
@@ -40,6 +49,27 @@ def unavailable(partition: int, why: str) -> tuple[int, dict[str, Any], dict[str
     return 503, body, {"Retry-After": str(RETRY_AFTER_S), H_PARTITION: str(partition)}
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A keyed read's answer, wherever it was served: status, body and headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def response(self) -> web.Response:
+        return web.Response(body=self.body, status=self.status, headers=self.headers)
+
+
+def unavailable_answer(partition: int, why: str, **extra: str) -> Answer:
+    status, body, headers = unavailable(partition, why)
+    headers.update(extra)
+    return Answer(status, json.dumps(body).encode(), {**headers, "Content-Type": JSON})
+
+
 class Forwarder:
     """One hop to the owner: the method, headers and body go with the request, within a
     timeout, over one pooled HTTP session per worker."""
@@ -54,26 +84,67 @@ class Forwarder:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
-    async def forward(self, request: Any, owner: str, partition: int) -> web.Response:
-        req = cast(web.Request, request)
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers[H_HOP] = "1"
-        body = await req.read()
-        url = f"http://{owner}{req.path_qs}"
+    async def send(self, method: str, owner: str, path_qs: str, headers: dict[str, str],
+                   body: bytes, partition: int) -> Answer:  # fmt: skip
+        """`method path_qs` on `owner`, marked as a hop: its answer, or a 503 that says the
+        owner did not answer."""
+        headers = {**headers, H_HOP: "1"}
         try:
-            async with self._client().request(req.method, url, headers=headers,
-                                              data=body or None) as resp:  # fmt: skip
+            async with self._client().request(
+                method, f"http://{owner}{path_qs}", headers=headers, data=body or None
+            ) as resp:
                 payload = await resp.read()
                 passed = {h: resp.headers[h] for h in _PASSED_BACK if h in resp.headers}
                 passed[H_FORWARDED_BY] = self.endpoint
-                return web.Response(body=payload, status=resp.status, headers=passed)
+                return Answer(resp.status, payload, passed)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            status, out, hdrs = unavailable(
-                partition, f"the owner {owner} did not answer: {type(exc).__name__}"
-            )
-            hdrs[H_FORWARDED_BY] = self.endpoint
-            return web.json_response(out, status=status, headers=hdrs)
+            why = f"the owner {owner} did not answer: {type(exc).__name__}"
+            return unavailable_answer(partition, why, **{H_FORWARDED_BY: self.endpoint})
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
+
+
+#: Renders a keyed view from the owner's committed state: (status, JSON body).
+Render = Callable[[PartitionStore], tuple[int, bytes]]
+
+
+class Router:
+    """Reads a key's view where its task lives: here, from committed local state; else one
+    hop to the owner the group names; else 503. Views and the payments API both read
+    through it, so they agree on where a key is served and on what "moving" means."""
+
+    def __init__(self, engine: ExactlyOnceEngine, partitions: int, endpoint: str,
+                 forwarder: Forwarder, token: str | None) -> None:  # fmt: skip
+        self.engine, self.partitions, self.me = engine, partitions, endpoint
+        self.forwarder, self.token = forwarder, token
+
+    def partition(self, key: bytes) -> int:
+        return partition_for(key, self.partitions)
+
+    async def read(self, key: bytes, table: str, render: Render, path: str,
+                   request: Any | None = None) -> Answer:  # fmt: skip
+        """The view of `key` in `table`. `request` is the client's, forwarded as it came
+        when the owner is elsewhere; without one (the API reading state), a GET of `path`
+        with this worker's token goes there instead."""
+        partition = self.partition(key)
+        store = self.engine.serving(table, partition)
+        if store is not None:
+            status, body = render(store)
+            return Answer(status, body, {"Content-Type": JSON, H_PARTITION: str(partition),
+                                         H_SERVED_BY: self.me})  # fmt: skip
+        owner = self.engine.owner(partition)
+        hop = request is not None and bool(request.headers.get(H_HOP))
+        if hop or owner is None or owner == self.me:
+            why = (f"task {partition} is moving between workers (a rebalance or a restore)"
+                   if owner != self.me else f"task {partition} is not serving here yet "
+                   "(being restored or rebuilt)")  # fmt: skip
+            return unavailable_answer(partition, why)
+        if request is not None:
+            req = cast(web.Request, request)
+            headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return await self.forwarder.send(req.method, owner, req.path_qs, headers,
+                                             await req.read(), partition)  # fmt: skip
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return await self.forwarder.send("GET", owner, path, auth, b"", partition)

@@ -14,26 +14,31 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CollectorRegistry
 
+from paysaga.schemas.codec import AvroCodec
+from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.engine import ExactlyOnceEngine
-from paysaga.streams.engine.partitioner import partition_for
+from paysaga.streams.ops.api import ApiWriter, PaymentsApi, Reply
 from paysaga.streams.ops.metrics import CONTENT_TYPE, generate
-from paysaga.streams.ops.routing import (
-    H_HOP,
-    H_PARTITION,
-    H_SERVED_BY,
-    Forwarder,
-    unavailable,
+from paysaga.streams.ops.openapi import openapi
+from paysaga.streams.ops.routing import Answer, Forwarder, Router
+from paysaga.streams.ops.state_views import (
+    idempotency_key,
+    idempotency_path,
+    payment_key,
+    payment_path,
+    render_idempotency,
+    render_payment,
 )
 from paysaga.tables.breaker import BREAKER, describe
+from paysaga.tables.idempotency import IDEMPOTENCY
 from paysaga.tables.payments import PAYMENTS
-from paysaga.tables.store import PartitionStore
 
 
 class WebConfigError(ValueError):
@@ -56,39 +61,37 @@ def check_web_settings(settings: Settings) -> None:
         )
 
 
+def page(app: faust.App, *paths: str) -> Callable[[type[View]], type[View]]:
+    """Register one view under each of `paths` (`/ready` and `/ready/`: both are asked)."""
+
+    def decorate(view: type[View]) -> type[View]:
+        app.page(paths[0])(view)
+        for n, path in enumerate(paths[1:], 1):
+            app.page(path)(type(f"{view.__name__}{n}", (view,), {}))
+        return view
+
+    return decorate
+
+
 def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine,
                    registry: CollectorRegistry | None = None) -> None:  # fmt: skip
-    """Register /health, /ready, /metrics and /payments/{payment_id}/ on `app`."""
+    """Register the operator views, /metrics, /openapi.json and the payments API on `app`
+    (docs/operations.md#web-views, docs/api.md)."""
     check_web_settings(settings)
     token = settings.web_token
     breaker_config = settings.breaker_config()
     me = settings.web_endpoint
     forwarder = Forwarder(me, settings.web_forward_timeout_ms)
+    router = Router(engine, settings.partitions, me, forwarder, token)
+    writer = ApiWriter(settings.bootstrap)
+    api = PaymentsApi(settings, router, writer, AvroCodec(SchemaRegistry()))
+    spec = openapi()
 
-    async def close_forwarder(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    async def close_clients(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await forwarder.close()
+        await writer.close()
 
-    app.on_before_shutdown.connect(close_forwarder)
-
-    async def keyed(view: View, request: Request, key: bytes, table: str,
-                    answer: Callable[[PartitionStore], Response]) -> Response:  # fmt: skip
-        """Answer a view of `key` from the worker that owns its task: here, from committed
-        local state; else one hop to the owner the group says; else 503 (streams/ops/
-        routing.py). The answer names the partition and the worker that served it."""
-        partition = partition_for(key, settings.partitions)
-        store = engine.serving(table, partition)
-        if store is not None:
-            resp = answer(store)
-            resp.headers[H_PARTITION], resp.headers[H_SERVED_BY] = str(partition), me
-            return resp
-        owner = engine.owner(partition)
-        if request.headers.get(H_HOP) or owner is None or owner == me:
-            why = (f"task {partition} is moving between workers (a rebalance or a restore)"
-                   if owner != me else f"task {partition} is not serving here yet "
-                   "(being restored or rebuilt)")  # fmt: skip
-            status, body, headers = unavailable(partition, why)
-            return view.json(body, status=status, headers=headers)
-        return cast(Response, await forwarder.forward(request, owner, partition))
+    app.on_before_shutdown.connect(close_clients)
 
     def denied(view: View, request: Request) -> Response | None:
         if not token:
@@ -96,14 +99,21 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
         given = request.headers.get("Authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return None
-        return view.json({"error": "unauthorized"}, status=401)
+        return view.json({"error": "unauthorized", "code": "unauthorized"}, status=401)
 
-    @app.page("/health/")
+    def answer(view: View, a: Answer) -> Response:
+        return view.bytes(a.body, status=a.status, headers=a.headers)
+
+    def reply(view: View, r: Reply) -> Response:
+        return view.bytes(r.body.model_dump_json().encode(), status=r.status,
+                          headers={"Content-Type": "application/json", **r.headers})  # fmt: skip
+
+    @page(app, "/health", "/health/")
     class Health(View):
         async def get(self, request: Request) -> Response:
             return self.json({"status": "ok"})
 
-    @app.page("/ready/")
+    @page(app, "/ready", "/ready/")
     class Ready(View):
         async def get(self, request: Request) -> Response:
             if (resp := denied(self, request)) is not None:
@@ -128,7 +138,7 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
                 out[str(partition)] = describe(store.get, breaker_config)
         return out
 
-    @app.page("/metrics")
+    @page(app, "/metrics", "/metrics/")
     class Metrics(View):
         """Prometheus text exposition (streams/ops/metrics.py); token-guarded like the
         other views (a Prometheus scrape config sends it as `authorization`)."""
@@ -141,18 +151,61 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
             # aiohttp refuses a charset in `content_type`; Prometheus' type names one
             return self.bytes(generate(registry), headers={"Content-Type": CONTENT_TYPE})
 
-    @app.page("/payments/{payment_id}/")
+    @page(app, "/openapi.json")
+    class OpenApi(View):
+        async def get(self, request: Request) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            return self.json(spec)
+
+    @page(app, "/payments/{payment_id}", "/payments/{payment_id}/")
     class PaymentView(View):
         async def get(self, request: Request, payment_id: str) -> Response:
             if (resp := denied(self, request)) is not None:
                 return resp
-            key = payment_id.encode()
+            a = await router.read(payment_key(payment_id), PAYMENTS, render_payment(payment_id),
+                                  payment_path(payment_id), request)  # fmt: skip
+            return answer(self, a)
 
-            def answer(store: PartitionStore) -> Response:
-                value = store.get(key)
-                if value is None:
-                    return self.json({"error": "not found", "payment_id": payment_id},
-                                     status=404)  # fmt: skip
-                return self.bytes(value, content_type="application/json")
+    @page(app, "/idempotency/{merchant_id}/{key}")
+    class IdempotencyView(View):
+        async def get(self, request: Request, merchant_id: str, key: str) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            a = await router.read(idempotency_key(merchant_id, key), IDEMPOTENCY,
+                                  render_idempotency(merchant_id, key),
+                                  idempotency_path(merchant_id, key), request)  # fmt: skip
+            return answer(self, a)
 
-            return await keyed(self, request, key, PAYMENTS, answer)
+    @page(app, "/v1/payments")
+    class Payments(View):
+        async def post(self, request: Request) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            return reply(self, await api.create(request.headers, await request.read(),
+                                                request.query))  # fmt: skip
+
+    @page(app, "/v1/payments/{payment_id}")
+    class OnePayment(View):
+        async def get(self, request: Request, payment_id: str) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            return reply(self, await api.get(payment_id))
+
+    def operation(op: Any) -> type[View]:
+        class Operation(View):
+            async def post(self, request: Request, payment_id: str) -> Response:
+                if (resp := denied(self, request)) is not None:
+                    return resp
+                return reply(
+                    self,
+                    await api.request(
+                        op, payment_id, request.headers, await request.read(), request.query
+                    ),
+                )
+
+        Operation.__name__ = f"{op.title()}Payment"
+        return Operation
+
+    for op in ("capture", "refund", "cancel"):
+        page(app, f"/v1/payments/{{payment_id}}/{op}")(operation(op))
