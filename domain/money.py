@@ -22,6 +22,7 @@ __all__ = [
     "MoneyError",
     "currency_exponent",
     "max_amount_minor",
+    "payable_currencies",
     "validate_amount",
 ]
 
@@ -65,6 +66,11 @@ def _exponent(code: str) -> int:
     if exponent is None:
         raise MoneyError(f"currency {code!r} has no minor unit and is not payable")
     return int(exponent)
+
+
+def payable_currencies() -> list[str]:
+    """Every code `currency_exponent` accepts, sorted (the API's description lists them)."""
+    return sorted(c.code for c in Currency if c.exponent is not None and _CODE_RE.fullmatch(c.code))
 
 
 def _short(text: str) -> str:

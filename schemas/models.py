@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from paysaga.domain.card import contains_pan, looks_like_pan, redact
-from paysaga.domain.money import MoneyError, currency_exponent, validate_amount
+from paysaga.domain.money import MoneyError, currency_exponent, payable_currencies, validate_amount
 
 __all__ = [
     "STATUSES",
@@ -96,9 +96,13 @@ def _amount_in_currency(v: int, info: ValidationInfo) -> int:
 
 
 #: An ISO 4217 currency code paysaga can pay in (exponent known).
-CurrencyCode = Annotated[str, AfterValidator(_currency_code)]
+CurrencyCode = Annotated[
+    str, AfterValidator(_currency_code), Field(json_schema_extra={"enum": payable_currencies()})
+]
 #: Integer minor units of the model's `currency` (declare `currency` first).
-AmountMinor = Annotated[StrictInt, AfterValidator(_amount_in_currency)]
+AmountMinor = Annotated[
+    StrictInt, AfterValidator(_amount_in_currency), Field(json_schema_extra={"minimum": 1})
+]
 
 
 class SagaKind(StrEnum):

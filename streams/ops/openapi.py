@@ -100,20 +100,26 @@ _KEY_HEADER = {
     "description": "the client's key for this write (Stripe's semantics)",
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
 }
-_WAIT = {
-    "name": "wait",
-    "in": "query",
-    "required": False,
-    "description": "answer once the saga has (at most this many ms, api_max_wait_ms)",
-    "schema": {"type": "integer", "minimum": 0},
-}
 
 
-def _write(op: str, body: type[BaseModel], summary: str) -> dict[str, Any]:
+def _wait(max_ms: int) -> dict[str, Any]:
+    return {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "answer once the saga has, waiting at most this many ms",
+        "schema": {"type": "integer", "minimum": 0, "maximum": max_ms},
+    }
+
+
+def _write(op: str, body: type[BaseModel], summary: str, max_ms: int) -> dict[str, Any]:
+    params = [_KEY_HEADER, _wait(max_ms)]
+    if op != "create":
+        params.insert(0, _path_param("payment_id", "the payment's id"))
     return {
         "operationId": f"{op}Payment",
         "summary": summary,
-        "parameters": [_KEY_HEADER, _WAIT],
+        "parameters": params,
         "requestBody": {"required": False, "content": {"application/json": {"schema": _ref(body)}}},
         "responses": {
             "200": _json(WriteAnswer, "the saga has answered (with ?wait)"),
@@ -127,8 +133,9 @@ def _write(op: str, body: type[BaseModel], summary: str) -> dict[str, Any]:
     }
 
 
-def openapi() -> dict[str, Any]:
-    """The document: paths, and every model's JSON schema under components."""
+def openapi(max_wait_ms: int) -> dict[str, Any]:
+    """The document (`?wait` bounded by `max_wait_ms`): paths, and every model's JSON
+    schema under components."""
     _, defs = models_json_schema(
         [
             (
@@ -153,7 +160,7 @@ def openapi() -> dict[str, Any]:
             **_MOVING,
         },
     }
-    create = _write("create", CreatePayment, "create a payment (writes a PaymentInitiated)")
+    create = _write("create", CreatePayment, "create a payment (a PaymentInitiated)", max_wait_ms)
     create["operationId"] = "createPayment"
     create["responses"].pop("404")
     create["requestBody"]["required"] = True
@@ -225,20 +232,21 @@ def openapi() -> dict[str, Any]:
         "/v1/payments/{payment_id}": {"get": get_payment},
         "/v1/payments/{payment_id}/capture": {
             "post": {
-                **_write("capture", CaptureBody, "capture an authorization, all or part"),
-                "parameters": [pid, _KEY_HEADER, _WAIT],
+                **_write(
+                    "capture", CaptureBody, "capture an authorization, all or part", max_wait_ms
+                ),
             }
         },
         "/v1/payments/{payment_id}/refund": {
             "post": {
-                **_write("refund", RefundBody, "refund captured money, all or part"),
-                "parameters": [pid, _KEY_HEADER, _WAIT],
+                **_write("refund", RefundBody, "refund captured money, all or part", max_wait_ms),
             }
         },
         "/v1/payments/{payment_id}/cancel": {
             "post": {
-                **_write("cancel", CancelBody, "void an authorization awaiting capture"),
-                "parameters": [pid, _KEY_HEADER, _WAIT],
+                **_write(
+                    "cancel", CancelBody, "void an authorization awaiting capture", max_wait_ms
+                ),
             }
         },
     }

@@ -85,7 +85,7 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     router = Router(engine, settings.partitions, me, forwarder, token)
     writer = ApiWriter(settings.bootstrap)
     api = PaymentsApi(settings, router, writer, AvroCodec(SchemaRegistry()))
-    spec = openapi()
+    spec = openapi(settings.api_max_wait_ms)
 
     async def close_clients(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await forwarder.close()
