@@ -21,6 +21,7 @@ from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine.partitioner import partition_for
+from tests.support import WorkerProcess
 
 CODEC = AvroCodec(SchemaRegistry())
 
@@ -32,10 +33,12 @@ def new_id() -> str:
 class ReconWorld:
     """The gateway's captures and the bank's statement lines, as one test sends them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerProcess | None = None) -> None:
         self.settings = settings
         self.t = Topics(settings.topic_prefix)
         self.pending: list[tuple[str, bytes, bytes]] = []
+        #: The worker, for its web views (end-to-end tests that start one).
+        self.worker = worker
 
     def next_window(self, ahead_ms: int = 3_000) -> int:
         """The start of a window at least `ahead_ms` in the future."""

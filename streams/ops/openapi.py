@@ -24,6 +24,7 @@ from paysaga.streams.ops.api_models import (
     WriteAnswer,
 )
 from paysaga.streams.ops.state_views import IdempotencyView
+from paysaga.streams.ops.topic_views import DlqView, ReconWindowDetail, ReconWindows
 
 VERSION = "1"
 
@@ -93,6 +94,7 @@ def _path_param(name: str, description: str) -> dict[str, Any]:
 
 _AUTH = {"401": _json(ApiError, "a token is configured and this request did not carry it")}
 _MOVING = {"503": _json(Unavailable, "the key's task is moving or restoring: ask again")}
+_TOPICS = {"503": _json(Unavailable, "the topics cannot be read yet: ask again")}
 _KEY_HEADER = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -225,6 +227,46 @@ def openapi(max_wait_ms: int) -> dict[str, Any]:
                     "404": _json(ApiError, "never seen, or expired and purged"),
                     **_AUTH,
                     **_MOVING,
+                },
+            }
+        },
+        "/dlq": {
+            "get": {
+                "operationId": "deadLetters",
+                "summary": "dead letters by kind and class, and the latest (no payload bytes)",
+                "responses": {"200": _json(DlqView, "the DLQ"), **_AUTH, **_TOPICS},
+            }
+        },
+        "/reconciliation/{merchant_id}/{currency}": {
+            "get": {
+                "operationId": "reconWindows",
+                "summary": "a merchant's latest reconciliation windows in a currency",
+                "parameters": [
+                    _path_param("merchant_id", "the merchant"),
+                    _path_param("currency", "ISO 4217 code"),
+                ],
+                "responses": {
+                    "200": _json(ReconWindows, "the windows, newest first"),
+                    **_AUTH,
+                    **_TOPICS,
+                },
+            }
+        },
+        "/reconciliation/{merchant_id}/{currency}/{window_start}": {
+            "get": {
+                "operationId": "reconWindow",
+                "summary": "one reconciliation window, its revisions and discrepancies",
+                "parameters": [
+                    _path_param("merchant_id", "the merchant"),
+                    _path_param("currency", "ISO 4217 code"),
+                    _path_param("window_start", "epoch millis or ISO 8601"),
+                ],
+                "responses": {
+                    "200": _json(ReconWindowDetail, "the window"),
+                    "400": _json(ApiError, "window_start unreadable"),
+                    "404": _json(ApiError, "no report for this window"),
+                    **_AUTH,
+                    **_TOPICS,
                 },
             }
         },

@@ -23,11 +23,13 @@ from prometheus_client import CollectorRegistry
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.ops.api import ApiWriter, PaymentsApi, Reply
 from paysaga.streams.ops.metrics import CONTENT_TYPE, generate
 from paysaga.streams.ops.openapi import openapi
-from paysaga.streams.ops.routing import Answer, Forwarder, Router
+from paysaga.streams.ops.recon_view import parse_window_start
+from paysaga.streams.ops.routing import RETRY_AFTER_S, Answer, Forwarder, Router
 from paysaga.streams.ops.state_views import (
     idempotency_key,
     idempotency_path,
@@ -36,6 +38,7 @@ from paysaga.streams.ops.state_views import (
     render_idempotency,
     render_payment,
 )
+from paysaga.streams.ops.topic_views import DlqFold, ReconFold, TopicFollower
 from paysaga.tables.breaker import BREAKER, describe
 from paysaga.tables.idempotency import IDEMPOTENCY
 from paysaga.tables.payments import PAYMENTS
@@ -84,12 +87,31 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     forwarder = Forwarder(me, settings.web_forward_timeout_ms)
     router = Router(engine, settings.partitions, me, forwarder, token)
     writer = ApiWriter(settings.bootstrap)
-    api = PaymentsApi(settings, router, writer, AvroCodec(SchemaRegistry()))
+    codec = AvroCodec(SchemaRegistry())
+    api = PaymentsApi(settings, router, writer, codec)
     spec = openapi(settings.api_max_wait_ms)
+    names = Topics(settings.topic_prefix)
+    dlq = DlqFold()
+    dlq_follower = TopicFollower(settings.bootstrap, [names.dlq], dlq)
+    recon = ReconFold(codec, names.recon_reports)
+    recon_topics = [names.recon_reports, names.recon_discrepancies]
+    recon_follower = TopicFollower(settings.bootstrap, recon_topics, recon)
 
     async def close_clients(app: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await forwarder.close()
         await writer.close()
+        await dlq_follower.close()
+        await recon_follower.close()
+
+    async def caught_up(view: View, follower: TopicFollower) -> Response | None:
+        """None once `follower` has read everything committed; else a 503 saying why."""
+        try:
+            await follower.catch_up(settings.web_forward_timeout_ms / 1000 * 5)
+        except (TimeoutError, LookupError, OSError) as exc:
+            return view.json({"error": f"cannot read the topics yet: {exc}",
+                              "retry_after_s": RETRY_AFTER_S}, status=503,
+                             headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+        return None
 
     app.on_before_shutdown.connect(close_clients)
 
@@ -176,6 +198,45 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
                                   render_idempotency(merchant_id, key),
                                   idempotency_path(merchant_id, key), request)  # fmt: skip
             return answer(self, a)
+
+    @page(app, "/dlq", "/dlq/")
+    class DeadLetters(View):
+        async def get(self, request: Request) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            if (resp := await caught_up(self, dlq_follower)) is not None:
+                return resp
+            return self.bytes(dlq.view().model_dump_json().encode(),
+                              content_type="application/json")  # fmt: skip
+
+    @page(app, "/reconciliation/{merchant_id}/{currency}")
+    class ReconWindowsView(View):
+        async def get(self, request: Request, merchant_id: str, currency: str) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            if (resp := await caught_up(self, recon_follower)) is not None:
+                return resp
+            body = recon.windows(merchant_id, currency).model_dump_json().encode()
+            return self.bytes(body, content_type="application/json")
+
+    @page(app, "/reconciliation/{merchant_id}/{currency}/{window_start}")
+    class ReconWindowView(View):
+        async def get(self, request: Request, merchant_id: str, currency: str,
+                      window_start: str) -> Response:  # fmt: skip
+            if (resp := denied(self, request)) is not None:
+                return resp
+            try:
+                start = parse_window_start(window_start)
+            except (ValueError, OverflowError):
+                return self.json({"error": "window_start is neither epoch millis nor ISO 8601",
+                                  "code": "invalid_window_start"}, status=400)  # fmt: skip
+            if (resp := await caught_up(self, recon_follower)) is not None:
+                return resp
+            found = recon.window(merchant_id, currency, start)
+            if found is None:
+                return self.json({"error": "no report for this window", "code": "not_found"},
+                                 status=404)  # fmt: skip
+            return self.bytes(found.model_dump_json().encode(), content_type="application/json")
 
     @page(app, "/v1/payments")
     class Payments(View):

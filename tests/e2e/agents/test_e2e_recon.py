@@ -38,7 +38,7 @@ def world(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReconWor
                                  recon_retention_ms=RETENTION_MS, idle_ms=1_000)  # fmt: skip
     asyncio.run(create_topics(settings))
     worker = WorkerProcess(settings, tmp / "worker.log").start()
-    yield ReconWorld(settings)
+    yield ReconWorld(settings, worker)
     worker.kill()
 
 
@@ -141,6 +141,18 @@ def test_a_late_line_revises_the_report_and_resolves_the_missing(
     assert cli.main(["recon", "show", m, "EUR", iso, *opts]) == 0
     assert capsys.readouterr().out == shown
     assert cli.main(["recon", "show", m, "EUR", str(start + 1), *opts]) == 1
+    # The same from the worker's web views (any worker answers them alike).
+    assert world.worker is not None
+    code, listing = world.worker.get(f"/reconciliation/{m}/EUR")
+    assert code == 200 and [w["revision"] for w in listing["windows"]] == [2]
+    assert listing["windows"][0]["open_discrepancies"] == 0
+    code, window = world.worker.get(f"/reconciliation/{m}/EUR/{start}")
+    assert code == 200 and window["revisions"] == [1, 2] and window["matched_minor"] == 4200
+    assert [(d["kind"], d["status"]) for d in window["discrepancies"]] == [
+        ("MISSING_IN_BANK", "RESOLVED")]  # fmt: skip
+    assert world.worker.get(f"/reconciliation/{m}/EUR/{iso.replace('+00:00', 'Z')}")[1] == window
+    assert world.worker.get(f"/reconciliation/{m}/EUR/{start + 1}")[0] == 404
+    assert world.worker.get(f"/reconciliation/{m}/EUR/yesterday")[0] == 400
 
 
 def test_the_bank_feed_simulator_s_injections_are_found_in_their_categories(

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.ops.api import payment_id_for
 from tests.saga_support import World, new_id
-from tests.support import WorkerProcess, isolated_settings
+from tests.support import WorkerProcess, isolated_settings, wait_for
 
 TOKEN = "api-token"
 PAN = "4111111111111111"
@@ -207,3 +208,31 @@ def test_openapi_describes_every_route(env) -> None:
               "/idempotency/{merchant_id}/{key}", "/health", "/ready"}  # fmt: skip
     assert routes <= set(spec["paths"])
     assert "CreatePayment" in spec["components"]["schemas"]
+
+
+def test_dlq_view_counts_letters_and_shows_no_payload(env) -> None:
+    world, w = env
+    payload = b"\x00MARKER-PAYLOAD not avro"
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=w.settings.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(world.t.initiated, payload, key=b"bad", partition=0)
+        finally:
+            await producer.stop()
+
+    _, before = w.get("/dlq")
+    asyncio.run(send())
+
+    def grown() -> dict[str, Any] | None:
+        code, view = w.get("/dlq")
+        return view if code == 200 and view["total"] > before["total"] else None
+
+    view = wait_for(grown, 60, what="the letter in /dlq")
+    assert view["by_kind"].get("decode", 0) >= 1
+    (letter,) = [x for x in view["recent"] if x["value_bytes"] == len(payload)]
+    assert letter["topic"] == world.t.initiated and letter["error_class"]
+    assert letter["failed_at_utc"].endswith("Z")
+    _, raw, _ = w.call("GET", "/dlq")
+    assert b"MARKER-PAYLOAD" not in raw
