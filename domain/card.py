@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["CARD_DATA_NAMES", "REDACTED", "card_data_paths", "contains_pan", "looks_like_pan",
-           "luhn_valid", "pan_spans", "redact"]  # fmt: skip
+__all__ = ["CARD_DATA_NAMES", "MAX_DEPTH", "REDACTED", "TooDeep", "card_data_paths",
+           "contains_pan", "looks_like_pan", "luhn_valid", "pan_spans", "redact"]  # fmt: skip
 
 REDACTED = "[REDACTED-PAN]"
 
@@ -152,21 +152,33 @@ def _norm(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
-def card_data_paths(value: object, path: str = "") -> list[str]:
+#: How deep `card_data_paths` looks into a JSON value; deeper is refused as such (no
+#: request paysaga takes nests more than four levels).
+MAX_DEPTH = 32
+
+
+class TooDeep(ValueError):
+    """A JSON value nested deeper than `MAX_DEPTH`."""
+
+
+def card_data_paths(value: object, path: str = "", depth: int = 0) -> list[str]:
     """The paths (`card.number`, `items.0.cvc`) of every key in a JSON value that names
-    raw card data, and of every string that is itself a card number, in document order.
-    Paths name keys only, never values."""
+    raw card data, and of every string that holds a card number, in document order.
+    Paths name keys only, never values, and are redacted themselves (a key can be a card
+    number). Raises `TooDeep` past `MAX_DEPTH` levels."""
+    if depth > MAX_DEPTH:
+        raise TooDeep(f"nested deeper than {MAX_DEPTH} levels")
     found: list[str] = []
     if isinstance(value, dict):
         for k, v in value.items():
             here = f"{path}.{k}" if path else str(k)
             if _norm(str(k)) in CARD_DATA_NAMES:
-                found.append(here if not contains_pan(here) else redact(here))
+                found.append(redact(here))
             else:
-                found.extend(card_data_paths(v, here))
+                found.extend(card_data_paths(v, here, depth + 1))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            found.extend(card_data_paths(v, f"{path}.{i}" if path else str(i)))
-    elif isinstance(value, str) and looks_like_pan(value):
-        found.append(path or "body")
+            found.extend(card_data_paths(v, f"{path}.{i}" if path else str(i), depth + 1))
+    elif isinstance(value, str) and contains_pan(value):
+        found.append(redact(path) if path else "body")
     return found

@@ -154,7 +154,8 @@ class PaymentInitiated(Envelope):
     ip_address: Annotated[str, Field(max_length=64)] | None = None
     device_id: Text | None = None
     customer_email_hash: Text | None = None
-    customer_age_days: Annotated[StrictInt, Field(ge=0)] | None = None
+    #: An Avro int: 32 bits.
+    customer_age_days: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
     is_first_purchase: StrictBool = False
     shipping_country: Country | None = None
     billing_country: Country | None = None

@@ -129,8 +129,10 @@ def run_demo(settings: Settings, count: int, rate: float, port: int, broker_dir:
         if not _wait_http(base + "/health/", 60):
             print(f"error: worker did not come up; see {logs / 'worker.log'}", file=sys.stderr)
             return 1
-        say(f"worker up; web views: {base}/payments/<payment_id>/  {base}/ready/  "
-            f"{base}/metrics  (worker log {logs / 'worker.log'})")  # fmt: skip
+        say(f"worker up; web views: {base}/payments/<payment_id>  {base}/ready  "
+            f"{base}/dlq  {base}/metrics; payments API: {base}/v1/payments "
+            f"(docs/api.md, described at {base}/openapi.json)  "
+            f"(worker log {logs / 'worker.log'})")  # fmt: skip
         outage = ["--outage-every-ms", str(outage_every_ms), "--outage-ms", str(outage_ms)]
         for service in ("gateway", "inventory", "shipping", "bank"):
             extra = outage if service == "gateway" and outage_ms > 0 else []

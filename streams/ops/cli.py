@@ -181,18 +181,25 @@ def _get_json(settings: Settings, path: str) -> tuple[int, Any]:
 
 
 def _payment(args: argparse.Namespace) -> int:
-    code, body = _get_json(_settings(args), f"/payments/{args.payment_id}/")
+    """`show`: the payment as the API shows it (GET /v1/payments/{id}); `history`: the
+    inputs applied to it, oldest first, in UTC (GET /payments/{id}: the stored record)."""
+    from urllib.parse import quote
+
+    from paysaga.streams.ops.inspection import utc
+
+    pid = quote(args.payment_id, safe="")
+    settings = _settings(args)
+    code, body = _get_json(settings, f"/payments/{pid}" if args.action == "history"
+                           else f"/v1/payments/{pid}")  # fmt: skip
     if code != 200:
         print(f"error: {code} {body}", file=sys.stderr)
         return 1
     if args.action == "history":
         for entry in body.get("history", []):
-            print(
-                f"{entry['occurred_at']}  {entry['status']:<10} {entry['kind']:<20} "
-                f"{entry['event_id']}"
-            )
+            print(f"{utc(entry['occurred_at'])}  {entry['status']:<10} {entry['kind']:<20} "
+                  f"{entry['event_id']}")  # fmt: skip
     else:
-        print(json.dumps({k: v for k, v in body.items() if k != "history"}, indent=2))
+        print(json.dumps(body, indent=2))
     return 0
 
 

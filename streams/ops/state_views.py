@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel
 
+from paysaga.domain.card import redact
 from paysaga.domain.idempotency import KeyRecord, scope_key
 from paysaga.streams.ops.api_models import ApiError, utc_iso
 from paysaga.streams.ops.routing import Render
@@ -28,10 +29,20 @@ class IdempotencyView(BaseModel):
     expires_at_utc: str | None
 
 
-def not_found(what: str, **ids: str) -> tuple[int, bytes]:
-    return 404, ApiError(
-        error=f"{what} not found", code="not_found", payment_id=ids.get("payment_id")
-    ).model_dump_json().encode()
+#: The longest payment id there is (schemas/models.py `Id`).
+MAX_ID = 64
+
+
+def shown_id(payment_id: str) -> str:
+    """A payment id as an answer may echo it: bounded and redacted (a path can carry
+    anything, a card number too)."""
+    return redact(payment_id[:MAX_ID])
+
+
+def not_found(what: str, payment_id: str | None = None) -> tuple[int, bytes]:
+    shown = None if payment_id is None else shown_id(payment_id)
+    error = ApiError(error=f"{what} not found", code="not_found", payment_id=shown)
+    return 404, error.model_dump_json().encode()
 
 
 def payment_key(payment_id: str) -> bytes:

@@ -207,7 +207,7 @@ class ReconFold:
         views = collect(self.reports, self.problems)
         keys = sorted((k for k in views if k[:2] == (merchant, currency)), key=lambda k: -k[2])
         rows = [ReconWindowSummary(**summary(views[k])) for k in keys[:RECENT_WINDOWS]]
-        return ReconWindows(merchant_id=merchant, currency=currency, windows=rows)
+        return ReconWindows(merchant_id=redact(merchant), currency=redact(currency), windows=rows)
 
     def window(self, merchant: str, currency: str, start: int) -> ReconWindowDetail | None:
         v = collect(self.reports, self.problems).get((merchant, currency, start))

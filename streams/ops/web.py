@@ -79,7 +79,7 @@ def page(app: faust.App, *paths: str) -> Callable[[type[View]], type[View]]:
 def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine,
                    registry: CollectorRegistry | None = None) -> None:  # fmt: skip
     """Register the operator views, /metrics, /openapi.json and the payments API on `app`
-    (docs/operations.md#web-views, docs/api.md)."""
+    (docs/api.md, docs/operations.md#any-worker-answers)."""
     check_web_settings(settings)
     token = settings.web_token
     breaker_config = settings.breaker_config()
@@ -118,8 +118,11 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
     def denied(view: View, request: Request) -> Response | None:
         if not token:
             return None
-        given = request.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        try:
+            given = request.headers.get("Authorization", "").encode()
+        except UnicodeEncodeError:  # bytes that are no text: not the token either
+            given = b""
+        if hmac.compare_digest(given, f"Bearer {token}".encode()):
             return None
         return view.json({"error": "unauthorized", "code": "unauthorized"}, status=401)
 

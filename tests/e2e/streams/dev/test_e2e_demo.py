@@ -5,6 +5,7 @@ the worker, the simulators and the producer."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import sys
 from pathlib import Path
 
 from paysaga.streams.app.net import free_port
+from paysaga.streams.app.settings import Settings
 from paysaga.streams.dev.broker import LocalBroker
-from tests.support import wait_for
+from tests.support import WorkerProcess, wait_for
 
 
 def _children(pid: int) -> set[int]:
@@ -57,10 +59,11 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> None:
     log = tmp_path / "run.log"
     broker_dir = tmp_path / "broker"
+    web_port = free_port()
     demo = [sys.executable, "-m", "paysaga.streams.ops.cli", "demo", "--count", "100000",
             "--rate", "50", "--broker-port", str(free_port()), "--broker-data-dir",
             str(broker_dir), "--data-dir", str(tmp_path / "data"), "--web-port",
-            str(free_port()), "--outage-ms", "0"]  # fmt: skip
+            str(web_port), "--outage-ms", "0"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
     # As from a terminal: SIGINT not ignored (a test run in a background job inherits it
     # ignored, and so would tee), the pipeline its own process group.
@@ -78,6 +81,21 @@ def test_ctrl_c_under_tee_stops_everything_the_demo_started(tmp_path: Path) -> N
 
         lines = wait_for(live, 150, what=f"the demo's live lines ({log})")
         assert all(len(x) < 160 for x in lines), lines
+        shown = log.read_text()
+        assert "/v1/payments" in shown and "/openapi.json" in shown and "/dlq" in shown
+        # The API and the views answer beside the simulated traffic: a payment made through
+        # the API is authorized by the gateway simulator while the producer runs.
+        worker = WorkerProcess(Settings(web_port=web_port), tmp_path / "unused.log")
+        code, raw, _ = worker.call("POST", "/v1/payments?wait=20000", {
+            "merchant_id": "m_demo", "customer_id": "c_demo", "order_id": "ord_demo",
+            "amount_minor": 1234, "currency": "EUR", "card_token": "tok_demo_abc",
+            "country": "DE"}, {"Idempotency-Key": "demo-1"}, timeout=30)  # fmt: skip
+        made = json.loads(raw)
+        assert code == 200 and made["payment"]["status"] != "INITIATED", made
+        code, stored = worker.get(f"/payments/{made['id']}")
+        assert code == 200 and stored["amount_minor"] == 1234
+        code, dlq = worker.get("/dlq")
+        assert code == 200 and dlq["total"] >= 0
         [python] = [p for p in _children(shell.pid)
                     if "demo" in Path(f"/proc/{p}/cmdline").read_text()]  # fmt: skip
         started |= _children(python)

@@ -20,7 +20,6 @@ from aiokafka import AIOKafkaProducer
 
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import Topics, create_topics
-from paysaga.streams.ops.api import payment_id_for
 from tests.saga_support import World, new_id
 from tests.support import WorkerProcess, isolated_settings, wait_for
 
@@ -62,11 +61,21 @@ def in_background(fn: Callable[[], Any]) -> Future:
     return fut
 
 
+def command_for(world: World, order_id: str, action: str) -> dict[str, Any]:
+    """The first `action` command of the payment for `order_id` (its correlation id)."""
+
+    def probe() -> dict[str, Any] | None:
+        found = [c for c in world.commands()
+                 if c["correlation_id"] == order_id and c["command_type"] == action]  # fmt: skip
+        return found[0] if found else None
+
+    return wait_for(probe, 60, what=f"{action} for {order_id}")
+
+
 def authorized(world: World, w: WorkerProcess, key: str, doc: dict[str, Any]) -> dict[str, Any]:
     """Create with ?wait while the test, as the gateway, authorizes: the 200 answer."""
-    pid = payment_id_for(doc["merchant_id"], key)
     fut = in_background(lambda: call(w, "POST", f"/v1/payments{WAIT}", doc, key))
-    world.answer(world.wait_command(pid, "AUTHORIZE"), "AUTHORIZED")
+    world.answer(command_for(world, doc["order_id"], "AUTHORIZE"), "AUTHORIZED")
     code, answer = fut.result(60)
     assert code == 200, answer
     return answer
@@ -186,6 +195,11 @@ def test_card_data_is_refused_and_stored_nowhere(env) -> None:
         assert err["code"] in ("card_data_refused", "invalid_request"), err
     code, raw, _ = w.call("POST", "/v1/payments", body(), {"Idempotency-Key": PAN})
     assert code == 400 and PAN.encode() not in raw
+    code, raw, _ = w.call("POST", "/v1/payments/pay_x/refund", {"reason": f"card {PAN}"},
+                          {"Idempotency-Key": "pan-reason"})  # fmt: skip
+    assert code == 400 and PAN.encode() not in raw
+    code, raw, _ = w.call("GET", f"/v1/payments/{PAN}")
+    assert code == 404 and PAN.encode() not in raw
 
     # Nothing of it anywhere: no topic, no state file, no log line.
     t = Topics(w.settings.topic_prefix)

@@ -10,6 +10,7 @@ from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, topic_specs
+from paysaga.streams.ops.inspection import utc
 from tests.samples import initiated
 from tests.support import WorkerProcess, paysaga, wait_for
 
@@ -52,6 +53,7 @@ def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> No
     assert f'"amount_minor": {event["amount_minor"]}' in shown.stdout
     history = paysaga(secured, "payment", "history", pid)
     assert "INITIATED" in history.stdout and event["event_id"] in history.stdout
+    assert utc(event["occurred_at"]) in history.stdout  # UTC, not epoch millis
 
     unauthenticated = topics.model_copy(update={"web_token": None})
     denied = paysaga(unauthenticated, "payment", "show", pid)
@@ -59,7 +61,7 @@ def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> No
     # /ready/ names failing tasks and engine counters: the token guards it too. /health/
     # stays open and says nothing else.
     anonymous = WorkerProcess(unauthenticated, worker.log)  # the same port, no token
-    assert anonymous.get("/ready/") == (401, {"error": "unauthorized"})
+    assert anonymous.get("/ready/") == (401, {"error": "unauthorized", "code": "unauthorized"})
     assert anonymous.get("/health/") == (200, {"status": "ok"})
     code, body = worker.get("/ready/")
     assert code in (200, 503) and "stats" in body
