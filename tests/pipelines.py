@@ -116,6 +116,7 @@ def create_topics(settings: Settings) -> None:
         (out_b, 5, {}),
         (Topics(settings.topic_prefix).dlq, 3, {}),
         (Topics(settings.topic_prefix).stream_time, 3, {}),
+        (Topics(settings.topic_prefix).journal, 3, {}),
         (changelog_topic(settings, TOTALS), 3, compact),
         (changelog_topic(settings, WINDOWS), 3, compact),
     ]

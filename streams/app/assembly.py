@@ -19,6 +19,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic
 from paysaga.streams.app.topology import load_topology
 from paysaga.streams.engine import EngineConfig, ExactlyOnceEngine, StartAt
+from paysaga.streams.engine.config import ReplaySource
 from paysaga.streams.engine.metrics import MetricSink
 from paysaga.tables.store import StoreManager, StoreOptions
 
@@ -53,9 +54,10 @@ def create_engine(
     stop: dict[TopicPartition, int] | None = None,
     metrics: MetricSink | None = None,
     endpoint: str | None = None,
+    replay: ReplaySource | None = None,
 ) -> ExactlyOnceEngine:
-    """The engine running `settings.topology`; `start` and `stop` bound a replay's input
-    (docs/architecture.md#replay-hooks)."""
+    """The engine running `settings.topology`; `start` and `stop` bound a replay's input,
+    `replay` names the live journal it re-executes (docs/replay.md)."""
     topology = load_topology(settings)
     names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     config = EngineConfig(
@@ -73,6 +75,8 @@ def create_engine(
         start=start or {},
         stop=stop or {},
         endpoint=endpoint,
+        journal_topic=names.journal if replay is None else None,
+        replay=replay,
     )
     return ExactlyOnceEngine(config, topology, store_manager(settings), metrics)
 

@@ -106,6 +106,9 @@ class Topics:
         self.settlement_batches = prefix + "settlement.batches"
         #: The saga tasks' circuit breakers on the gateway: one record per transition.
         self.breaker = prefix + "paysaga.breaker"
+        #: What each task transaction processed: the replay's input (streams/engine/
+        #: journal.py, docs/replay.md#the-journal). Internal, kept like the audit topics.
+        self.journal = prefix + "paysaga.journal"
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -180,6 +183,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             for level in range(1, settings.retry_policy().levels + 1)
         ),
         TopicSpec(t.breaker, "BreakerTransition", key="task partition", retention_ms=audit),
+        TopicSpec(
+            t.journal,
+            "what each task transaction processed (JSON, docs/replay.md#the-journal)",
+            key="none (the task's partition)",
+            retention_ms=audit,
+        ),
         TopicSpec(t.saga_resume, "SagaResume (redriven review letters)", retention_ms=audit),
         TopicSpec(t.dlq, "original bytes + error headers", retention_ms=settings.dlq_retention_ms),
         TopicSpec(

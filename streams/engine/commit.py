@@ -28,6 +28,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, RecordMetadata, TopicPartition
 
+from paysaga.streams.engine.journal import encode as encode_entry
 from paysaga.streams.engine.metrics import COMMIT_SECONDS, flush
 from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.engine.processor import Output
@@ -62,14 +63,18 @@ async def commit(
     outputs: list[Output],
     records: list[ConsumerRecord],
     stream_time: int,
+    progress: ConsumerRecord | None = None,
 ) -> None:
-    """Commit the batch (see the module docstring); raises what the broker answered."""
+    """Commit the batch (see the module docstring); raises what the broker answered.
+
+    `progress`: a replay's journal record, whose offset is the input committed (the
+    records themselves belong to the application replayed)."""
     producer = task.producer
     assert producer is not None
     t0 = time.monotonic()
     await producer.begin_transaction()
     last: dict[tuple[str, int], int] = {}
-    for r in records:  # each partition's records are in offset order: the last wins
+    for r in records if progress is None else [progress]:  # in offset order: the last wins
         last[(r.topic, r.partition)] = r.offset
     meta = stream_time_metadata(stream_time)
     offsets = {TopicPartition(t, p): OffsetAndMetadata(o + 1, meta) for (t, p), o in last.items()}
@@ -91,6 +96,13 @@ async def commit(
             n = await partitions_of(state, producer, topic)
             part = partition_for(key, n) if key is not None else index % n
         batches.add(topic, part, key, value, headers, ts, index)
+    journal = state.config.journal_topic
+    if journal is not None:  # what this transaction processed, for a replay
+        positions = {name: at for name, store in task.stores.items()
+                     if (at := store.changelog_offset()) is not None}  # fmt: skip
+        entry = encode_entry(task.attempt_now, stream_time, records, task.poison,
+                             task.attempt_ticked, positions)  # fmt: skip
+        batches.add(journal, task.partition, None, entry, None, task.attempt_now, None)
     changelog: list[tuple[str, TableTransaction, TopicPartition]] = []
     for name, table_txn in txn.changed():
         tp = TopicPartition(state.config.changelog(name), task.partition)
@@ -112,7 +124,7 @@ async def commit(
     # Committed: now (and only now) the local state may reflect the batch.
     for name, table_txn, tp in changelog:
         task.stores[name].apply(table_txn.changes, last_offsets[tp])
-    settle(state, task, records, stream_time)
+    settle(state, task, records, stream_time, progress)
 
 
 class _Batches:
@@ -176,9 +188,10 @@ class _Batches:
         return last
 
 
-def settle(state: EngineState, task: Task, records: list[ConsumerRecord], stream_time: int) -> None:
+def settle(state: EngineState, task: Task, records: list[ConsumerRecord], stream_time: int,
+           progress: ConsumerRecord | None = None) -> None:  # fmt: skip
     """What a task knows once a batch committed: next offsets, stream time, no poison."""
-    for r in records:
+    for r in records if progress is None else [progress]:
         task.next_offsets[TopicPartition(r.topic, r.partition)] = r.offset + 1
     task.stream_time = max(task.stream_time, stream_time)
     if task.poison:

@@ -27,6 +27,16 @@ class StartAt:
             raise ValueError("StartAt needs exactly one of offset and timestamp_ms")
 
 
+@dataclass(frozen=True)
+class ReplaySource:
+    """A replay's input: another application's journal (streams/engine/journal.py). Each
+    entry's records are read from that application's topics and handed to this one's
+    agents under this one's names (`rename`: its internal topics carry its own prefix)."""
+
+    journal_topic: str
+    rename: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class EngineConfig:
     bootstrap: str
@@ -70,6 +80,12 @@ class EngineConfig:
     #: member learns which endpoint owns each task (streams/engine/assignor.py). None: the
     #: plain range assignor, and no owner map.
     endpoint: str | None = None
+    #: Where each committed transaction records what it processed, for replays
+    #: (streams/engine/journal.py). None: no journal.
+    journal_topic: str | None = None
+    #: A replay: the engine reads another application's journal instead of the topology's
+    #: sources, and re-executes each entry (docs/replay.md).
+    replay: ReplaySource | None = None
 
     @property
     def group(self) -> str:

@@ -54,6 +54,8 @@ class ExactlyOnceEngine(mode.Service):
         sources = topology.sources
         if config.tick_topic is not None:
             sources = sorted({*sources, config.tick_topic})
+        if config.replay is not None:  # a replay's one input is the live journal
+            sources = [config.replay.journal_topic]
         self.sources = sources
         self.shared = EngineState(
             config=config, topology=topology, stores=stores, routes=topology.by_source(),
@@ -204,6 +206,7 @@ class ExactlyOnceEngine(mode.Service):
         await self.release(self.shared.owned | set(self.shared.tasks))
         if self.shared.consumer is not None:
             await self.shared.consumer.stop()
+        await self.runner.close()
         await self.manager.stop()
 
     async def release(self, partitions: set[int]) -> None:

@@ -23,6 +23,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from paysaga.streams.engine.commit import FENCED_ERRORS, abort, commit
+from paysaga.streams.engine.journal import Entry, RangeReader
+from paysaga.streams.engine.journal import decode as decode_entry
 from paysaga.streams.engine.manager import TaskManager
 from paysaga.streams.engine.processor import (
     Agent,
@@ -92,7 +94,12 @@ class TaskRunner:
         self.state = state
         self.manager = manager
         self.clock: Clock = clock or SystemClock()
-        state.runtime.wall_clock_ms = self.clock.wall_ms
+        #: The wall clock of the batch being run: one value per attempt, recorded in the
+        #: journal and given back by a replay (None outside a batch: the clock itself).
+        self.now: int | None = None
+        state.runtime.wall_clock_ms = self._wall_ms
+        #: A replay's readers of the replayed application's records, per task.
+        self.readers: dict[int, RangeReader] = {}
         agents = state.topology.agents
         self.routes = state.routes
         self.runtime = state.runtime
@@ -108,8 +115,18 @@ class TaskRunner:
                             if t.type is PunctuationType.WALL_CLOCK]  # fmt: skip
         self.windows = [(a, w) for a in agents for w in a.windows]
         self.stream_work = bool(self.stream_schedules or self.stream_timers or self.windows)
-        #: Whether anything runs on the wall clock (the fetch loop's punctuation).
-        self.has_wall_work = bool(self.wall_schedules or self.wall_timers or self.writes_ticks)
+        #: Whether anything runs on the wall clock (the fetch loop's punctuation). Never in
+        #: a replay: its punctuations are the recorded ones, at their recorded places.
+        self.has_wall_work = state.config.replay is None and bool(
+            self.wall_schedules or self.wall_timers or self.writes_ticks)  # fmt: skip
+
+    def _wall_ms(self) -> int:
+        return self.now if self.now is not None else self.clock.wall_ms()
+
+    async def close(self) -> None:
+        for reader in self.readers.values():
+            await reader.close()
+        self.readers.clear()
 
     @property
     def writes_ticks(self) -> bool:
@@ -168,6 +185,9 @@ class TaskRunner:
         lists = [kept for records in lists if (kept := self._fresh(task, records))]
         if not lists:
             return
+        if self.state.config.replay is not None:
+            await self._replay(task, [r for records in lists for r in records])
+            return
         # Merge the partitions of the task by timestamp, keeping each partition's order.
         if len(lists) == 1:
             records = lists[0]
@@ -181,14 +201,41 @@ class TaskRunner:
                     return
                 await self.process_batch(task, [record])
 
+    async def _replay(self, task: Task, entries: list[ConsumerRecord]) -> None:
+        """A replay's batch: journal records of the replayed application, each re-executed
+        as the transaction it records (streams/engine/journal.py), in order."""
+        replay = self.state.config.replay
+        assert replay is not None
+        reader = self.readers.get(task.partition)
+        if reader is None:
+            reader = self.readers[task.partition] = RangeReader(self.state.config.bootstrap,
+                                                                replay.rename)  # fmt: skip
+        for record in entries:
+            if not self.state.current(task):
+                return
+            entry = decode_entry(record.value)
+            if entry.ticked is not None:
+                await self.process_batch(task, [], tick=True, replay=(entry, record))
+                continue
+            batch = await reader.batch(entry)
+            for topic, part, offset, kind, reason in entry.poison:
+                key = (reader.rename.get(topic, topic), part, offset)
+                task.poison[key] = (kind, reason, entry.now)
+            if not await self.process_batch(task, batch, replay=(entry, record)):
+                raise TaskBroken(f"a replayed batch's output was refused (journal offset "
+                                 f"{record.offset})")  # fmt: skip
+
     # ---- one batch, until it commits ----------------------------------------------------
     async def process_batch(
-        self, task: Task, records: list[ConsumerRecord], tick: bool = False
-    ) -> bool:
+        self, task: Task, records: list[ConsumerRecord], tick: bool = False,
+        replay: tuple[Entry, ConsumerRecord] | None = None,
+    ) -> bool:  # fmt: skip
         """Process and commit `records` as one transaction, retrying from committed state.
 
-        With `tick`, the batch is a wall-clock punctuation (no records). Returns False when
-        a broker-refused output cannot be tied to one input record.
+        With `tick`, the batch is a wall-clock punctuation (no records). With `replay`, the
+        journal entry it re-executes (its clock, its schedules) and the journal record,
+        whose offset is what commits. Returns False when a broker-refused output cannot be
+        tied to one input record.
         """
         s = self.state
         p = task.partition
@@ -199,21 +246,29 @@ class TaskRunner:
             task.begin_attempt()
             txn = TaskTransaction(task.stores)
             outputs: list[Output] = []
-            if tick:
-                if not self.run_wall_clock(task, txn, outputs):
-                    return True  # a punctuation bug: logged; the next tick tries again
-                if not outputs and not any(True for _ in txn.changed()):
-                    task.failure = None  # the timers ran cleanly (and nothing was due)
-                    task.attempt_committed(s.metrics)
-                    return True
-                stream_time = task.stream_time
-            else:
-                ran = self.run_records(task, txn, outputs, records)
-                if ran is None:
-                    continue  # an agent raised: that record is now poison; process again
-                stream_time = ran
+            now = self.clock.wall_ms() if replay is None else replay[0].now
+            task.attempt_now, task.attempt_ticked = now, None
+            self.now = now
             try:
-                await commit(s, task, txn, outputs, records, stream_time)
+                if tick:
+                    only = None if replay is None else replay[0].ticked
+                    if not self.run_wall_clock(task, txn, outputs, now, only):
+                        return True  # a punctuation bug: logged; the next tick tries again
+                    if replay is None and not outputs and not any(True for _ in txn.changed()):
+                        task.failure = None  # the timers ran cleanly (and nothing was due)
+                        task.attempt_committed(s.metrics)
+                        return True
+                    stream_time = task.stream_time
+                else:
+                    ran = self.run_records(task, txn, outputs, records)
+                    if ran is None:
+                        continue  # an agent raised: that record is now poison; again
+                    stream_time = ran
+            finally:
+                self.now = None
+            try:
+                progress = None if replay is None else replay[1]
+                await commit(s, task, txn, outputs, records, stream_time, progress)
                 task.attempt_committed(s.metrics)
                 task.failure = None
                 return True
@@ -447,22 +502,32 @@ class TaskRunner:
             if task.runner is None or task.runner.done():
                 task.runner = asyncio.ensure_future(self.drain(task))
 
-    def run_wall_clock(self, task: Task, txn: TaskTransaction, outputs: list[Output]) -> bool:
-        """A wall-clock punctuation: due schedules and timers, and the idle policy's tick."""
+    def run_wall_clock(self, task: Task, txn: TaskTransaction, outputs: list[Output],
+                       now: int | None = None,
+                       only: tuple[str, ...] | None = None) -> bool:  # fmt: skip
+        """A wall-clock punctuation: due schedules and timers, and the idle policy's tick.
+        `only`: a replay's, the schedules the recorded punctuation ran (and no tick)."""
         ctx = self.context(task, txn, outputs)
-        wall_ms = self.clock.wall_ms()
+        wall_ms = self.clock.wall_ms() if now is None else now
         mono = self.clock.monotonic()
+        ran = task.attempt_ticked = []
         try:
             for agent, sched in self.wall_schedules:
-                last = task.wall_runs.get(sched.name)
-                if last is not None and (mono - last) * 1000 < sched.interval_ms:
-                    continue
+                if only is not None:
+                    if sched.name not in only:
+                        continue
+                else:
+                    last = task.wall_runs.get(sched.name)
+                    if last is not None and (mono - last) * 1000 < sched.interval_ms:
+                        continue
                 task.pending_wall[sched.name] = mono
+                ran.append(sched.name)
                 ctx._agent, ctx.timestamp = agent, wall_ms
                 sched.callback(ctx, wall_ms)
                 self.state.stats["punctuations"] += 1
             self._fire_timers(task, ctx, self.wall_timers, wall_ms)
-            self._idle_tick(task, ctx, mono)
+            if only is None:
+                self._idle_tick(task, ctx, mono)
         except StoreError:
             raise  # the database, not the timer: the task is rebuilt
         except Exception as exc:

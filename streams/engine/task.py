@@ -85,6 +85,11 @@ class Task:
     #: What the attempt's agents counted (`ProcessorContext.count`), for the sink on commit.
     pending_metrics: list[Report] = field(default_factory=list)
     _attempt_open: bool = False
+    #: The wall clock of the current attempt: every agent call in it reads this one value
+    #: (`ProcessorContext.wall_clock_ms`), so a replay can give it back (the journal).
+    attempt_now: int = 0
+    #: The schedules the current wall-clock punctuation ran (None: a batch of inputs).
+    attempt_ticked: list[str] | None = None
 
     def queued(self) -> int:
         return sum(len(records) for records in self.inbox.values())

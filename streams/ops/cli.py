@@ -203,6 +203,50 @@ def _payment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """`paysaga replay ID [...]` and `paysaga replay cleanup ID` (streams/ops/replay.py)."""
+    import logging
+
+    from paysaga.streams.ops import replay as rp
+
+    live = _settings(args)
+    logging.basicConfig(level=live.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    words = args.words
+    try:
+        if words[0] == "cleanup":
+            if len(words) != 2:
+                raise rp.ReplayError("replay cleanup needs the replay ID")
+            return asyncio.run(rp.cleanup(live, words[1]))
+        if len(words) != 1:
+            raise rp.ReplayError("expected: paysaga replay ID [options], or replay cleanup ID")
+        replay_id = words[0]
+        mine = rp.replay_settings(live, replay_id)
+
+        async def go() -> int:
+            if await rp.exists(mine):
+                if not args.resume:
+                    raise rp.ReplayError(f"replay {replay_id} exists: --resume to finish it, "
+                                         f"or `paysaga replay cleanup {replay_id}`")  # fmt: skip
+                plan = rp.Plan.load(rp.state_dir(mine) / rp.PLAN_FILE)
+            elif args.resume:
+                raise rp.ReplayError(f"no replay {replay_id} to resume")
+            else:
+                plan = await rp.make_plan(
+                    live, replay_id, from_offsets=args.from_offsets, from_time=args.from_time,
+                    from_duration=args.from_duration, to_offsets=args.to_offsets,
+                    to_time=args.to_time,
+                )  # fmt: skip
+            summary = await rp.run_replay(live, plan, args.verify)
+            rp.print_summary(summary)
+            return 0 if summary.verified in (None, True) else 3
+
+        return asyncio.run(go())
+    except (rp.ReplayError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _dlq(args: argparse.Namespace) -> int:
     from paysaga.streams.ops.inspection import dlq_list, dlq_show
 
@@ -391,6 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("show", "history"))
     p.add_argument("payment_id")
     _settings_opts(p, "web_host", "web_port", "web_token")
+
+    p = cmd("replay", _replay, "re-execute the live history into an isolated application "
+            "(docs/replay.md): replay ID [options], or replay cleanup ID")  # fmt: skip
+    p.add_argument("words", nargs="+", metavar="ID | cleanup ID")
+    p.add_argument("--from-offsets", help="topic:partition:offset,... to start at")
+    p.add_argument("--from-time", help="start at this time (ISO 8601 or epoch ms)")
+    p.add_argument("--from-duration", help="start this long ago (ISO 8601: P1D, PT6H)")
+    p.add_argument("--to-offsets", help="topic:partition:offset,... to stop before")
+    p.add_argument("--to-time", help="stop after this time (default: the end as of now)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the replayed payments table with the live one")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="finish a replay that was stopped")
+    _settings_opts(p, "bootstrap", "app_id", "topic_prefix", "data_dir", "partitions")
 
     p = cmd("dlq", _dlq, "inspect the dead-letter queue, redrive its letters")
     p.add_argument("action", choices=("list", "show", "redrive"))

@@ -75,7 +75,7 @@ def test_every_payment_is_answered_by_either_worker_and_rebalances_give_no_wrong
             assert headers[H_SERVED_BY] == endpoint[owner]
             assert headers.get(H_FORWARDED_BY) == (None if w is owner else endpoint[w])
     code, body, _ = a.request("/payments/pay_no_such_payment/")
-    assert code == 404 and json.loads(body)["error"] == "not found"
+    assert code == 404 and json.loads(body)["code"] == "not_found"
 
     # Rebalances under queries: a third worker joins, then one is SIGKILLed.
     stop = threading.Event()

@@ -1,0 +1,163 @@
+"""`paysaga replay` end to end: payments live through the full saga with the simulated
+gateway, inventory and shipping (timeouts, retries and declines included), then replays of
+that history into isolated applications.
+
+- a full replay from the start gives a payments table identical to the live one, byte for
+  byte (`--verify`), and writes nothing to any live topic (so no simulator sees a
+  replayed command);
+- a replay SIGKILLed half-way is refused as existing, then finished with `--resume`, with
+  the same identical table;
+- positions that do not exist are refused with the partition named, before anything is
+  written; `replay cleanup` deletes a replay's topics, group and state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from paysaga.streams.app.kafka_io import consumer, partitions
+from paysaga.streams.app.settings import Settings
+from paysaga.streams.app.topics import Topics, create_topics
+from paysaga.streams.dev.upstream import UpstreamConfig, produce
+from paysaga.streams.ops.replay import replay_settings
+from tests.saga_support import CODEC, World
+from tests.support import WorkerProcess, isolated_settings, paysaga, settings_env, wait_for
+
+PAYMENTS = 300
+SIM_ENV = {
+    "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
+    "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
+    "PAYSAGA_SIM_FAILURE_RATE": "0.05", "PAYSAGA_SIM_LATENCY_MS": "2", "PAYSAGA_SIM_SEED": "7",
+}  # fmt: skip
+
+
+async def _topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def _ends(bootstrap: str, names: list[str]) -> dict[tuple[str, int], int]:
+    c = consumer(bootstrap)
+    await c.start()
+    try:
+        tps = [tp for n in names for tp in await partitions(c, n, timeout=5.0)]
+        return {(tp.topic, tp.partition): o for tp, o in (await c.end_offsets(tps)).items()}
+    finally:
+        await c.stop()
+
+
+@pytest.fixture(scope="module")
+def live(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A live history: PAYMENTS payments through every saga path, then everything stopped,
+    so the live topics stand still while the replays run."""
+    tmp: Path = tmp_path_factory.mktemp("replay")
+    settings = isolated_settings(broker.bootstrap, tmp / "state", "rp", command_timeout_ms=2000,
+                                 punctuate_ms=200)  # fmt: skip
+    asyncio.run(create_topics(settings))
+    env = {**settings_env(settings), **SIM_ENV}
+    sims = [subprocess.Popen([sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind],
+                             env=env, stdout=open(tmp / f"sim-{kind}.log", "ab"),  # noqa: SIM115
+                             stderr=subprocess.STDOUT)
+            for kind in ("gateway", "inventory", "shipping")]  # fmt: skip
+    worker = WorkerProcess(settings, tmp / "worker.log").start()
+    world = World(settings)
+    try:
+        cfg = UpstreamConfig(count=PAYMENTS, seed=33, duplicate_rate=0.05, conflict_rate=0.02,
+                             manual_capture_rate=0.0, order_rate=0.3)  # fmt: skip
+        topic = Topics(settings.topic_prefix).initiated
+        asyncio.run(produce(settings.bootstrap, CODEC, cfg, rate=200, topic=topic, progress=False))
+        ended = lambda: {s["payment_id"] for s in world.statuses() if s["terminal"]}  # noqa: E731
+        wait_for(lambda: len(ended()) >= PAYMENTS * 0.85, 240, what="the live sagas ending")
+    finally:
+        worker.stop()
+        for p in sims:
+            p.terminate()
+            p.wait(10)
+    yield settings
+
+
+def _live_ends(settings: Settings) -> dict[tuple[str, int], int]:
+    mine = [t for t in asyncio.run(_topics(settings.bootstrap))
+            if t.startswith(settings.topic_prefix) and ".replay." not in t
+            and not t.startswith(f"{settings.topic_prefix}replay.")]  # fmt: skip
+    mine += [
+        t for t in asyncio.run(_topics(settings.bootstrap)) if t.startswith(f"{settings.app_id}-")
+    ]  # the live changelogs
+    return asyncio.run(_ends(settings.bootstrap, mine))
+
+
+def test_a_full_replay_reproduces_the_live_table_and_writes_nothing_live(live: Settings) -> None:
+    before = _live_ends(live)
+    done = paysaga(live, "replay", "full", "--verify", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify: identical payments table" in done.stdout, done.stdout
+    assert "records/s" in done.stdout
+    assert _live_ends(live) == before, "the replay wrote to a live topic"
+    # Its commands stayed on its own topics, where no service reads them.
+    replayed = replay_settings(live, "full")
+    commands = Topics(replayed.topic_prefix).commands
+    assert asyncio.run(_ends(live.bootstrap, [commands]))
+    again = paysaga(live, "replay", "full")
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    cleaned = paysaga(live, "replay", "cleanup", "full")
+    assert cleaned.returncode == 0, cleaned.stderr
+    left = [t for t in asyncio.run(_topics(live.bootstrap)) if t.startswith(replayed.topic_prefix)]
+    assert left == [] and not (replayed.data_dir / replayed.app_id).exists()
+
+
+def test_a_replay_killed_half_way_resumes_to_the_same_table(live: Settings) -> None:
+    env = settings_env(live)
+    proc = subprocess.Popen([sys.executable, "-m", "paysaga.streams.ops.cli", "replay", "kill",
+                             "--verify"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    mine = replay_settings(live, "kill")
+
+    async def committed() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=live.bootstrap)
+        await admin.start()
+        try:
+            return sum(o.offset for o in (await admin.list_consumer_group_offsets(
+                mine.app_id)).values())  # fmt: skip
+        finally:
+            await admin.close()
+
+    try:
+        wait_for(lambda: asyncio.run(committed()) > 0, 120, what="the replay committing")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    refused = paysaga(live, "replay", "kill", "--verify")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = paysaga(live, "replay", "kill", "--verify", "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "verify: identical payments table" in resumed.stdout, resumed.stdout
+
+
+def test_positions_that_do_not_exist_are_refused_before_anything_is_written(
+    live: Settings,
+) -> None:
+    t = Topics(live.topic_prefix)
+    past = paysaga(live, "replay", "bad", "--from-offsets", f"{t.initiated}:0:999999")
+    assert past.returncode == 2 and f"{t.initiated}[0]" in past.stderr and "past" in past.stderr
+    nowhere = paysaga(live, "replay", "bad", "--from-offsets", "payment.initiated:7:0")
+    assert nowhere.returncode == 2 and "[7]" in nowhere.stderr
+    duration = paysaga(live, "replay", "bad", "--from-duration", "one day")
+    assert duration.returncode == 2 and "ISO 8601" in duration.stderr
+    mine = replay_settings(live, "bad")
+    assert not [x for x in asyncio.run(_topics(live.bootstrap)) if x.startswith(mine.topic_prefix)]
+    recent = paysaga(live, "replay", "recent", "--from-duration", "PT1H", timeout=600)
+    assert recent.returncode == 0, recent.stdout + recent.stderr
