@@ -26,6 +26,13 @@ from paysaga.streams.engine.partitioner import partition_for
 from tests.support import wait_for
 
 CODEC = AvroCodec(SchemaRegistry())
+#: The simulators' faults in the end-to-end runs with them: declines, capture failures,
+#: transient errors, timeouts (commands silently answered late), service failures.
+SIMULATOR_FAULTS = {
+    "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
+    "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
+    "PAYSAGA_SIM_FAILURE_RATE": "0.05", "PAYSAGA_SIM_LATENCY_MS": "2", "PAYSAGA_SIM_SEED": "7",
+}  # fmt: skip
 
 
 def new_id() -> str:

@@ -306,3 +306,29 @@ class PacedProducer(threading.Thread):
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+async def topic_names(bootstrap: str) -> list[str]:
+    """Every topic on the broker, sorted."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return sorted(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def end_offsets(bootstrap: str, topics: list[str]) -> dict[Any, int]:
+    """The end offset of every partition of `topics` (TopicPartition -> offset), committed
+    or not: anything written counts (the "wrote nothing there" checks)."""
+    from paysaga.streams.app.kafka_io import consumer, partitions
+
+    probe = consumer(bootstrap, isolation="read_uncommitted")
+    await probe.start()
+    try:
+        tps = [tp for t in topics for tp in await partitions(probe, t, timeout=5.0)]
+        return dict(await probe.end_offsets(tps)) if tps else {}
+    finally:
+        await probe.stop()

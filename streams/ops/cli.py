@@ -181,23 +181,21 @@ def _get_json(settings: Settings, path: str) -> tuple[int, Any]:
 
 
 def _payment(args: argparse.Namespace) -> int:
-    """`show`: the payment as the API shows it (GET /v1/payments/{id}); `history`: the
-    inputs applied to it, oldest first, in UTC (GET /payments/{id}: the stored record)."""
+    """`show`: the payment as the API shows it (GET /v1/payments/{id}); `history`: its audit
+    trail from the topics, oldest first, in UTC (GET /payments/{id}/events)."""
     from urllib.parse import quote
 
-    from paysaga.streams.ops.inspection import utc
+    from paysaga.streams.ops.history import Trail, render
 
     pid = quote(args.payment_id, safe="")
     settings = _settings(args)
-    code, body = _get_json(settings, f"/payments/{pid}" if args.action == "history"
-                           else f"/v1/payments/{pid}")  # fmt: skip
+    path = f"/payments/{pid}/events" if args.action == "history" else f"/v1/payments/{pid}"
+    code, body = _get_json(settings, path)
     if code != 200:
         print(f"error: {code} {body}", file=sys.stderr)
         return 1
     if args.action == "history":
-        for entry in body.get("history", []):
-            print(f"{utc(entry['occurred_at'])}  {entry['status']:<10} {entry['kind']:<20} "
-                  f"{entry['event_id']}")  # fmt: skip
+        print(render(Trail.model_validate(body)))
     else:
         print(json.dumps(body, indent=2))
     return 0

@@ -23,6 +23,7 @@ from paysaga.streams.ops.api_models import (
     RefundBody,
     WriteAnswer,
 )
+from paysaga.streams.ops.history import Trail
 from paysaga.streams.ops.state_views import IdempotencyView
 from paysaga.streams.ops.topic_views import DlqView, ReconWindowDetail, ReconWindows
 
@@ -208,6 +209,19 @@ def openapi(max_wait_ms: int) -> dict[str, Any]:
                     "404": _json(ApiError, "no such payment"),
                     **_AUTH,
                     **_MOVING,
+                },
+            }
+        },
+        "/payments/{payment_id}/events": {
+            "get": {
+                "operationId": "paymentEvents",
+                "summary": "the payment's audit trail, from the topics (docs/replay.md)",
+                "parameters": [pid],
+                "responses": {
+                    "200": _json(Trail, "every input, command, retry and status"),
+                    "404": _json(ApiError, "no record of this payment"),
+                    **_AUTH,
+                    **_TOPICS,
                 },
             }
         },

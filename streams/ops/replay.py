@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.protocol.admin import DeleteGroupsRequest_v1
+from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.structs import TopicPartition
 
 from paysaga.domain.card import redact
@@ -302,7 +302,7 @@ async def cleanup(live: Settings, replay_id: str, out: TextIO = sys.stdout) -> i
         if names:
             await admin.delete_topics(names)
         node = await admin.find_coordinator(settings.app_id)
-        await admin._send_request_to_node(node, DeleteGroupsRequest_v1([settings.app_id]))
+        await admin._send_request_to_node(node, DeleteGroupsRequest([settings.app_id]))
     finally:
         await admin.close()
     shutil.rmtree(state_dir(settings), ignore_errors=True)

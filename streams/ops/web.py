@@ -26,6 +26,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.ops.api import ApiWriter, PaymentsApi, Reply
+from paysaga.streams.ops.history import trail
 from paysaga.streams.ops.metrics import CONTENT_TYPE, generate
 from paysaga.streams.ops.openapi import openapi
 from paysaga.streams.ops.recon_view import parse_window_start
@@ -33,6 +34,7 @@ from paysaga.streams.ops.routing import RETRY_AFTER_S, Answer, Forwarder, Router
 from paysaga.streams.ops.state_views import (
     idempotency_key,
     idempotency_path,
+    not_found,
     payment_key,
     payment_path,
     render_idempotency,
@@ -191,6 +193,25 @@ def register_views(app: faust.App, settings: Settings, engine: ExactlyOnceEngine
             a = await router.read(payment_key(payment_id), PAYMENTS, render_payment(payment_id),
                                   payment_path(payment_id), request)  # fmt: skip
             return answer(self, a)
+
+    @page(app, "/payments/{payment_id}/events")
+    class PaymentEvents(View):
+        """The payment's audit trail, from the topics (streams/ops/history.py): any worker
+        answers it alike."""
+
+        async def get(self, request: Request, payment_id: str) -> Response:
+            if (resp := denied(self, request)) is not None:
+                return resp
+            try:
+                found = await trail(settings, payment_id, settings.web_forward_timeout_ms / 100)
+            except (TimeoutError, OSError) as exc:
+                return self.json({"error": f"cannot read the history yet: {exc}",
+                                  "retry_after_s": RETRY_AFTER_S}, status=503,
+                                 headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+            if not found.events:
+                return self.bytes(not_found("payment", payment_id)[1], status=404,
+                                  content_type="application/json")  # fmt: skip
+            return self.bytes(found.model_dump_json().encode(), content_type="application/json")
 
     @page(app, "/idempotency/{merchant_id}/{key}")
     class IdempotencyView(View):

@@ -19,7 +19,7 @@ from paysaga.streams.app.topics import create_topics
 from paysaga.streams.engine.partitioner import partition_for
 from tests.saga_support import World, new_id
 from tests.samples import initiated
-from tests.support import WorkerProcess, isolated_settings, wait_for
+from tests.support import WorkerProcess, isolated_settings, paysaga, wait_for
 
 ITEMS = [{"sku": "sku_1", "quantity": 2}]
 _seq = iter(range(1000, 100_000))
@@ -363,3 +363,28 @@ def test_idempotency_keys_expire_by_event_time_and_are_purged(world: World) -> N
     world.wait_command(reuse["payment_id"], "AUTHORIZE")
     assert not [s for s in world.statuses(reuse["payment_id"])
                 if s["status"] == "IDEMPOTENCY_CONFLICT"]  # fmt: skip
+
+
+def test_the_history_of_a_compensated_order_lists_every_step_in_order(world: World) -> None:
+    """`paysaga payment history` (GET /payments/{id}/events): the audit trail rebuilt from
+    the topics, every input, command and status of a saga that compensated, in order."""
+    p = world.initiate(request(saga="ORDER", items=ITEMS))
+    pid = p["payment_id"]
+    for action, answer in (("RESERVE", "RESERVED"), ("AUTHORIZE", "AUTHORIZED"),
+                           ("CAPTURE", "CAPTURED"), ("CREATE_SHIPMENT", "CREATION_FAILED"),
+                           ("REFUND", "REFUNDED"), ("RELEASE", "RELEASED")):  # fmt: skip
+        world.answer(world.wait_command(pid, action), answer, reason="refused")
+    terminal_once(world, pid)
+    shown = paysaga(world.settings, "payment", "history", pid)
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split()[1:3] for line in shown.stdout.splitlines()[1:]]
+    inputs = [k for role, k in rows if role == "input"]
+    commands = [k for role, k in rows if role == "command"]
+    assert inputs == ["ACCEPTED", "RESERVED", "AUTHORIZED", "CAPTURED", "CREATION_FAILED",
+                      "REFUNDED", "RELEASED"]  # fmt: skip
+    assert commands == ["RESERVE", "AUTHORIZE", "CAPTURE", "CREATE_SHIPMENT", "REFUND", "RELEASE"]
+    # Each input comes before what it caused, and the saga's end is the last status.
+    assert rows.index(["input", "CAPTURED"]) < rows.index(["command", "CREATE_SHIPMENT"])
+    assert rows.index(["command", "REFUND"]) < rows.index(["input", "REFUNDED"])
+    assert "(end)" in [line for line in shown.stdout.splitlines() if " status " in line][-1]
+    assert all(line[:4].isdigit() and "Z " in line for line in shown.stdout.splitlines()[1:])

@@ -23,7 +23,7 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.dev.upstream import UpstreamConfig, produce
-from tests.saga_support import CODEC, World
+from tests.saga_support import CODEC, SIMULATOR_FAULTS, World
 from tests.support import (
     WorkerProcess,
     isolated_settings,
@@ -37,11 +37,7 @@ from tests.support import (
 RATE = 100
 MAX_PAYMENTS = 20_000
 KILLS = 5
-SIM_ENV = {
-    "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
-    "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
-    "PAYSAGA_SIM_FAILURE_RATE": "0.05", "PAYSAGA_SIM_LATENCY_MS": "2", "PAYSAGA_SIM_SEED": "7",
-}  # fmt: skip
+SIM_ENV = SIMULATOR_FAULTS
 
 
 class Upstream(threading.Thread):

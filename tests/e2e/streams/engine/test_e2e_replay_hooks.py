@@ -15,41 +15,20 @@ import asyncio
 import json
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.schemas.registry import SchemaRegistry
 from paysaga.streams.app.assembly import create_engine
-from paysaga.streams.app.kafka_io import consumer, partitions, read_all
+from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.engine import StartAt
 from tests.saga_support import World
 from tests.samples import initiated
-from tests.support import WorkerProcess, isolated_settings, wait_for
+from tests.support import WorkerProcess, end_offsets, isolated_settings, topic_names, wait_for
 
 CODEC = AvroCodec(SchemaRegistry())
-
-
-async def _end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
-    """Every partition's end offset (committed or not: anything written counts)."""
-    probe = consumer(bootstrap, isolation="read_uncommitted")
-    await probe.start()
-    try:
-        tps = [tp for t in topics for tp in await partitions(probe, t)]
-        return dict(await probe.end_offsets(tps)) if tps else {}
-    finally:
-        await probe.stop()
-
-
-async def _topics(bootstrap: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return sorted(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 def _statuses(bootstrap: str, topic: str) -> dict[str, dict]:
@@ -77,12 +56,12 @@ def test_a_replay_reads_live_inputs_between_offsets_and_writes_only_its_own(
     finally:
         worker.stop()
     mine = (live.topic_prefix, live.app_id + "-")
-    live_topics = [t for t in asyncio.run(_topics(live.bootstrap)) if t.startswith(mine)]
-    before = asyncio.run(_end_offsets(live.bootstrap, live_topics))
+    live_topics = [t for t in asyncio.run(topic_names(live.bootstrap)) if t.startswith(mine)]
+    before = asyncio.run(end_offsets(live.bootstrap, live_topics))
 
     # Inputs read: offsets [2, end - 2) of each live payment.initiated partition; every other
     # live input up to its end as of now.
-    ends = asyncio.run(_end_offsets(live.bootstrap, list(names.inputs)))
+    ends = asyncio.run(end_offsets(live.bootstrap, list(names.inputs)))
     initiated_tps = [tp for tp in ends if tp.topic == names.initiated]
     assert all(ends[tp] >= 5 for tp in initiated_tps), "too few inputs on a partition"
     start = {tp: StartAt(offset=2) for tp in initiated_tps}
@@ -116,7 +95,7 @@ def test_a_replay_reads_live_inputs_between_offsets_and_writes_only_its_own(
             await engine.stop()
 
     stats = asyncio.run(run_replay())
-    after = asyncio.run(_end_offsets(live.bootstrap, live_topics))
+    after = asyncio.run(end_offsets(live.bootstrap, live_topics))
     assert after == before, "the replay wrote to a live topic"
     assert stats["ticks"] == 0  # a bounded run writes no idle ticks of its own
 

@@ -14,49 +14,34 @@ that history into isolated applications.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from paysaga.streams.app.kafka_io import consumer, partitions
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.upstream import UpstreamConfig, produce
 from paysaga.streams.ops.replay import replay_settings
-from tests.saga_support import CODEC, World
-from tests.support import WorkerProcess, isolated_settings, paysaga, settings_env, wait_for
+from tests.saga_support import CODEC, SIMULATOR_FAULTS, World
+from tests.support import (
+    WorkerProcess,
+    end_offsets,
+    isolated_settings,
+    paysaga,
+    settings_env,
+    topic_names,
+    wait_for,
+)
 
-PAYMENTS = 300
-SIM_ENV = {
-    "PAYSAGA_SIM_APPROVAL_RATE": "0.85", "PAYSAGA_SIM_CAPTURE_FAILURE_RATE": "0.03",
-    "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
-    "PAYSAGA_SIM_FAILURE_RATE": "0.05", "PAYSAGA_SIM_LATENCY_MS": "2", "PAYSAGA_SIM_SEED": "7",
-}  # fmt: skip
-
-
-async def _topics(bootstrap: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return list(await admin.list_topics())
-    finally:
-        await admin.close()
-
-
-async def _ends(bootstrap: str, names: list[str]) -> dict[tuple[str, int], int]:
-    c = consumer(bootstrap)
-    await c.start()
-    try:
-        tps = [tp for n in names for tp in await partitions(c, n, timeout=5.0)]
-        return {(tp.topic, tp.partition): o for tp, o in (await c.end_offsets(tps)).items()}
-    finally:
-        await c.stop()
+PAYMENTS = 600
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +52,7 @@ def live(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
     settings = isolated_settings(broker.bootstrap, tmp / "state", "rp", command_timeout_ms=2000,
                                  punctuate_ms=200)  # fmt: skip
     asyncio.run(create_topics(settings))
-    env = {**settings_env(settings), **SIM_ENV}
+    env = {**settings_env(settings), **SIMULATOR_FAULTS}
     sims = [subprocess.Popen([sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind],
                              env=env, stdout=open(tmp / f"sim-{kind}.log", "ab"),  # noqa: SIM115
                              stderr=subprocess.STDOUT)
@@ -89,14 +74,16 @@ def live(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
     yield settings
 
 
-def _live_ends(settings: Settings) -> dict[tuple[str, int], int]:
-    mine = [t for t in asyncio.run(_topics(settings.bootstrap))
+def _live_ends(settings: Settings) -> dict[Any, int]:
+    mine = [t for t in asyncio.run(topic_names(settings.bootstrap))
             if t.startswith(settings.topic_prefix) and ".replay." not in t
             and not t.startswith(f"{settings.topic_prefix}replay.")]  # fmt: skip
     mine += [
-        t for t in asyncio.run(_topics(settings.bootstrap)) if t.startswith(f"{settings.app_id}-")
+        t
+        for t in asyncio.run(topic_names(settings.bootstrap))
+        if t.startswith(f"{settings.app_id}-")
     ]  # the live changelogs
-    return asyncio.run(_ends(settings.bootstrap, mine))
+    return asyncio.run(end_offsets(settings.bootstrap, mine))
 
 
 def test_a_full_replay_reproduces_the_live_table_and_writes_nothing_live(live: Settings) -> None:
@@ -109,13 +96,15 @@ def test_a_full_replay_reproduces_the_live_table_and_writes_nothing_live(live: S
     # Its commands stayed on its own topics, where no service reads them.
     replayed = replay_settings(live, "full")
     commands = Topics(replayed.topic_prefix).commands
-    assert asyncio.run(_ends(live.bootstrap, [commands]))
+    assert asyncio.run(end_offsets(live.bootstrap, [commands]))
     again = paysaga(live, "replay", "full")
     assert again.returncode == 2 and "exists" in again.stderr
 
     cleaned = paysaga(live, "replay", "cleanup", "full")
     assert cleaned.returncode == 0, cleaned.stderr
-    left = [t for t in asyncio.run(_topics(live.bootstrap)) if t.startswith(replayed.topic_prefix)]
+    left = [
+        t for t in asyncio.run(topic_names(live.bootstrap)) if t.startswith(replayed.topic_prefix)
+    ]
     assert left == [] and not (replayed.data_dir / replayed.app_id).exists()
 
 
@@ -140,6 +129,9 @@ def test_a_replay_killed_half_way_resumes_to_the_same_table(live: Settings) -> N
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+    at_kill = asyncio.run(committed())
+    plan = json.loads((mine.data_dir / mine.app_id / "replay-plan.json").read_text())
+    assert at_kill < sum(plan["stop"].values()), "the kill came after the replay's end"
     refused = paysaga(live, "replay", "kill", "--verify")
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = paysaga(live, "replay", "kill", "--verify", "--resume", timeout=600)
@@ -158,6 +150,8 @@ def test_positions_that_do_not_exist_are_refused_before_anything_is_written(
     duration = paysaga(live, "replay", "bad", "--from-duration", "one day")
     assert duration.returncode == 2 and "ISO 8601" in duration.stderr
     mine = replay_settings(live, "bad")
-    assert not [x for x in asyncio.run(_topics(live.bootstrap)) if x.startswith(mine.topic_prefix)]
+    assert not [
+        x for x in asyncio.run(topic_names(live.bootstrap)) if x.startswith(mine.topic_prefix)
+    ]
     recent = paysaga(live, "replay", "recent", "--from-duration", "PT1H", timeout=600)
     assert recent.returncode == 0, recent.stdout + recent.stderr
