@@ -103,6 +103,8 @@ def _summary(schema: str, v: dict[str, Any]) -> tuple[str, str]:
     if schema == "PaymentFailed":
         return "FAILED", f"{v['step']} failed: {v['reason_code']}" + (
             " (retryable)" if v.get("retryable") else "")  # fmt: skip
+    if schema == "PaymentReversed":  # a void or a refund the gateway made
+        return f"{v['kind']}ED", f"{v['kind']}ED {money}"
     outcome = v.get("outcome") or schema.removeprefix("Payment").upper()
     return str(outcome), f"{outcome} {money}".strip()
 

@@ -52,8 +52,10 @@ def test_operator_commands_and_web_token(worker_factory, topics: Settings) -> No
     assert shown.returncode == 0, shown.stderr
     assert f'"amount_minor": {event["amount_minor"]}' in shown.stdout
     history = paysaga(secured, "payment", "history", pid)
-    assert "INITIATED" in history.stdout and event["event_id"] in history.stdout
+    assert "INITIATED" in history.stdout and "ACCEPTED" in history.stdout
     assert utc(event["occurred_at"]) in history.stdout  # UTC, not epoch millis
+    code, trail = worker.get(f"/payments/{pid}/events")
+    assert code == 200 and event["event_id"] in [e["event_id"] for e in trail["events"]]
 
     unauthenticated = topics.model_copy(update={"web_token": None})
     denied = paysaga(unauthenticated, "payment", "show", pid)
