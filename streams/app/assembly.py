@@ -67,6 +67,7 @@ def create_engine(
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,
         punctuate_ms=settings.punctuate_ms,
+        slice_ms=settings.engine_slice_ms,
         session_timeout_ms=settings.session_timeout_ms,
         redact=redact,
         tick_topic=names.stream_time if topology.uses_stream_time else None,

@@ -87,6 +87,10 @@ class Settings(BaseModel):
         "min=CALLS,wait_ms=MS,half_open=CALLS,half_open_max_ms=MS (any subset; docs/retries.md)",
     )
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
+    engine_slice_ms: float = Field(
+        2.0, ge=0, description="how long a batch's agents run before the event loop gets a "
+        "turn (views, heartbeats, other tasks); 0: each batch at once",
+    )  # fmt: skip
     idle_ms: int = Field(
         5_000,
         ge=100,

@@ -63,7 +63,7 @@ class SagaRig:
     processes. Several workers share the application id, so the group splits the tasks."""
 
     def __init__(self, bootstrap: str, prefix: str, work: Path, partitions: int,
-                 workers: int = 1) -> None:  # fmt: skip
+                 workers: int = 1, **overrides: Any) -> None:  # fmt: skip
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.settings = Settings(
@@ -71,7 +71,7 @@ class SagaRig:
             topic_prefix=prefix, partitions=partitions, data_dir=work / "state",
             web_port=free_port(),
             # Batches that submit within the run: each payment's SETTLE goes out, as live.
-            settlement_batch_ms=2_000, settlement_cutoff_ms=500,
+            settlement_batch_ms=2_000, settlement_cutoff_ms=500, **overrides,
         )  # fmt: skip
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSAGA_")}
         for name, value in self.settings.model_dump(mode="json").items():

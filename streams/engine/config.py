@@ -80,6 +80,9 @@ class EngineConfig:
     #: member learns which endpoint owns each task (streams/engine/assignor.py). None: the
     #: plain range assignor, and no owner map.
     endpoint: str | None = None
+    #: How long a batch's agents run before the event loop gets a turn (views, heartbeats,
+    #: other tasks' commits); 0: a batch runs to its end at once.
+    slice_ms: float = 2.0
     #: Where each committed transaction records what it processed, for replays
     #: (streams/engine/journal.py). None: no journal.
     journal_topic: str | None = None

@@ -16,8 +16,8 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Protocol, cast
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -67,6 +67,10 @@ def _page(scan: Callable[[], Sequence[tuple[Any, Any]]], handle: Callable[..., N
 def _or_never(due: int | None) -> int:
     """An index's next due time for its `TimerClock` (NEVER: nothing armed)."""
     return NEVER if due is None else due
+
+
+#: How often (every SLICE_CHECK + 1 records) a batch looks at the time it has run.
+SLICE_CHECK = 7
 
 
 class Clock(Protocol):
@@ -260,7 +264,7 @@ class TaskRunner:
                         return True
                     stream_time = task.stream_time
                 else:
-                    ran = self.run_records(task, txn, outputs, records)
+                    ran = await self._run_records(task, txn, outputs, records, now)
                     if ran is None:
                         continue  # an agent raised: that record is now poison; again
                     stream_time = ran
@@ -319,9 +323,40 @@ class TaskRunner:
     def run_records(
         self, task: Task, txn: TaskTransaction, outputs: list[Output], records: list[ConsumerRecord]
     ) -> int | None:
-        """Run the agents over the batch; returns the batch's stream time, or None if
-        something raised (that record is marked poison and the batch runs again)."""
+        """Run the agents over the batch at once (the test driver); see `_run_steps`."""
+        steps = self._run_steps(task, txn, outputs, records)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return cast(int | None, done.value)
+
+    async def _run_records(self, task: Task, txn: TaskTransaction, outputs: list[Output],
+                           records: list[ConsumerRecord], now: int) -> int | None:  # fmt: skip
+        """Run the agents over the batch, giving the event loop a turn every `slice_ms` of
+        it: a view, a heartbeat or another task's commit never waits for a whole batch
+        (docs/architecture.md#slices). The batch is still one transaction: nothing of it
+        is visible before its commit, whatever runs in between."""
+        steps = self._run_steps(task, txn, outputs, records)
+        self.now = now
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return cast(int | None, done.value)
+            self.now = None
+            await asyncio.sleep(0)
+            self.now = now  # another task's batch may have run meanwhile
+
+    def _run_steps(
+        self, task: Task, txn: TaskTransaction, outputs: list[Output], records: list[ConsumerRecord]
+    ) -> Generator[None, None, int | None]:
+        """Run the agents over the batch, pausing (a `yield`) once a slice of time has
+        passed; returns the batch's stream time, or None if something raised (that record
+        is marked poison and the batch runs again)."""
         ctx = self.context(task, txn, outputs)
+        slice_s = self.state.config.slice_ms / 1000 or float("inf")
+        slice_end = time.perf_counter() + slice_s
         stats = self.state.stats
         routes = self.routes
         poison = task.poison
@@ -332,6 +367,9 @@ class TaskRunner:
         real_input = False
         try:
             for i, record in enumerate(records):
+                if not i & SLICE_CHECK and i and time.perf_counter() > slice_end:
+                    yield
+                    slice_end = time.perf_counter() + slice_s
                 ctx.record = record
                 ctx.index = i
                 ctx.timestamp = record.timestamp  # until the agent's extractor says otherwise
