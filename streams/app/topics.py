@@ -272,8 +272,7 @@ async def create_topics(
             for name, code, *_ in resp.topic_errors:
                 if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS, a concurrent creator won
                     raise RuntimeError(f"creating topic {name} failed with error code {code}")
-            for s in missing:
-                result[s.name] = "created"
+                result[name] = "created" if code == 0 else "exists"
         # Check the final state, not the listing taken before: a topic created meanwhile
         # (by another process, or not yet in the broker's metadata) is checked too.
         await _wait_for_metadata(admin, {s.name for s in specs})
@@ -290,9 +289,46 @@ async def create_topics(
             )
         if missing:
             await _wait_until_served(settings.bootstrap, final, [s.name for s in missing])
+        existed = {name for name, how in result.items() if how == "exists"}
+        for name, why in (await _short_retention(admin, specs, existed)).items():
+            result[name] = f"exists, {why}"
+            if log is not None:
+                log(f"warning: {name} {why}")
         return result
     finally:
         await admin.close()
+
+
+def retention_shortfall(declared: int, actual: int) -> bool:
+    """Whether a topic keeps records for less time than declared (-1: forever)."""
+    if declared < 0:
+        return actual >= 0
+    return 0 <= actual < declared
+
+
+async def _short_retention(admin: AIOKafkaAdminClient, specs: list[TopicSpec],
+                           existed: set[str]) -> dict[str, str]:  # fmt: skip
+    """Existing topics kept shorter than declared (a created one has its declaration): the
+    audit trail and replays reach back only that far (docs/replay.md)."""
+    kept = [s for s in specs if s.name in existed and s.cleanup_policy == "delete"]
+    if not kept:
+        return {}
+    resp = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, s.name) for s in kept])  # fmt: skip
+    actual: dict[str, int] = {}
+    for r in resp:
+        for res in r.resources:
+            values = {e[0]: e[1] for e in res[4]}
+            if values.get("retention.ms") is not None:
+                actual[res[3]] = int(values["retention.ms"])
+    out = {}
+    for s in kept:
+        have = actual.get(s.name)
+        if have is not None and retention_shortfall(s.retention_ms, have):
+            want = "forever" if s.retention_ms < 0 else f"{s.retention_ms} ms"
+            out[s.name] = (f"keeps records {have} ms, shorter than declared ({want}): the audit "
+                           f"trail and replays reach back only that far")  # fmt: skip
+    return out
 
 
 async def _partition_counts(

@@ -81,7 +81,8 @@ def _topics(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     created = sorted(k for k, v in result.items() if v == "created")
-    print(f"{len(result)} topics: {len(created)} created, {len(result) - len(created)} existed")
+    print(f"{len(result)} topics: {len(created)} created, {len(result) - len(created)} existed"
+          f" (warnings above, if any)")  # fmt: skip
     for name in created:
         print(f"  + {name}")
     return 0

@@ -68,3 +68,27 @@ def test_existing_topic_with_other_partition_count_is_reported(settings: Setting
     asyncio.run(precreate())
     with pytest.raises(RuntimeError, match=r"payment\.failed: has 2 partitions, declared 3"):
         asyncio.run(create_topics(settings))
+
+
+def test_an_audit_topic_kept_shorter_than_declared_is_reported(settings: Settings) -> None:
+    """A topic that exists with a shorter retention than its declaration (the audit trail,
+    replays) is reported by `topics create`, with what it keeps; it is not changed."""
+    name = settings.topic_prefix + "payment.status"
+
+    async def precreate() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            short = NewTopic(name=name, num_partitions=3, replication_factor=1,
+                             topic_configs={"retention.ms": "3600000"})  # fmt: skip
+            await admin.create_topics([short])
+        finally:
+            await admin.close()
+
+    asyncio.run(precreate())
+    said: list[str] = []
+    result = asyncio.run(create_topics(settings, log=said.append))
+    assert result[name].startswith("exists, keeps records 3600000 ms")
+    assert [line for line in said if name in line and "shorter than declared" in line]
+    assert not [k for k, v in result.items() if "shorter" in v and k != name]
+    assert describe_configs_sync(settings, name)["retention.ms"] == "3600000"
