@@ -636,7 +636,8 @@ class Orchestrator:
         it, as if it had come in time. A failure that says "try again" resolves nothing
         (an operator resumes with `paysaga dlq redrive`). Refused, `p` is unchanged."""
         inquiry = outcome.step == INQUIRY_STEP or outcome.code == NEVER_SEEN
-        if inquiry or gateway_failed(outcome.kind, outcome.retryable, outcome.code):
+        try_again = outcome.retryable and outcome.kind == self._expected(p, o)[1]
+        if inquiry or try_again:  # any service's "try again", not only the gateway's
             why = outcome.code or "retryable"
             raise Unmatched(f"{outcome.kind} ({why}) answers {o.action}, given up: "
                             "resume it with `paysaga dlq redrive`")  # fmt: skip

@@ -10,13 +10,13 @@ Money is integer minor units with an ISO 4217 currency (docs/api.md).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
 
 from paysaga.domain.payment import Payment
 from paysaga.schemas.models import Envelope, PaymentInitiated
+from paysaga.streams.ops.inspection import utc
 
 _ENVELOPE = set(Envelope.model_fields)
 _HEADER_FIELDS = {"idempotency_key"}
@@ -99,9 +99,7 @@ class RefundView(BaseModel):
 
 def utc_iso(ms: int | None) -> str | None:
     """Epoch millis as ISO 8601 UTC with millis (`2026-12-03T10:15:30.123Z`)."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    return None if ms is None else utc(ms)
 
 
 class PaymentResource(BaseModel):

@@ -38,7 +38,7 @@ _TIMES = (H_FIRST_FAILED_AT, H_LAST_FAILED_AT, H_FAILED_AT, H_ORIGIN_FIRST_FAILE
 def utc(ms: str | int | None) -> str:
     """Epoch millis as an ISO 8601 UTC time (`?` when absent or unreadable)."""
     try:
-        at = datetime.fromtimestamp(int(ms or "") / 1000, UTC)
+        at = datetime.fromtimestamp(int("" if ms is None else ms) / 1000, UTC)
     except (TypeError, ValueError, OverflowError, OSError):
         return "?"
     return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"

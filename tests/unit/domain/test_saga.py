@@ -155,7 +155,12 @@ class Run:
         assert invariant_violations(p) == []
         saga = p.saga
         assert saga is not None
-        # The terminal flag: raised exactly when the saga becomes finished, so at most once.
+        if eff.reopened:  # IN_DOUBT taken up again (a late answer): it is not finished
+            assert before["saga"]["state"] == "IN_DOUBT" and was_finished
+            was_finished, self.finished_state = False, None
+            self.terminal_flags -= 1
+        # The terminal flag: raised exactly when the saga becomes finished, so once for
+        # each time it finishes (an IN_DOUBT reopened finishes again).
         assert eff.terminal == (not was_finished and saga.finished), (eff, saga)
         self.terminal_flags += eff.terminal
         assert self.terminal_flags <= 1
@@ -208,11 +213,12 @@ class Run:
             assert p.status is not S.INITIATED, "a finished saga's final word is never INITIATED"
 
 
-def fire_timeout(run: Run, data: st.DataObject) -> str:
+def fire_timeout(run: Run, data: st.DataObject, now: int | None = None) -> str:
     orch, p = run.orch, run.p
     before, was_finished = snapshot(p), p.saga is not None and p.saga.finished
     outstanding = {k: o.model_copy() for k, o in p.outstanding.items()}
-    now = data.draw(st.sampled_from([run.clock, orch.next_deadline(p) or run.clock]))
+    if now is None:
+        now = data.draw(st.sampled_from([run.clock, orch.next_deadline(p) or run.clock]))
     run.clock = max(run.clock, now)
     eff = orch.on_timeout(p, now)
     for key, o in outstanding.items():
@@ -245,15 +251,87 @@ def fire_timeout(run: Run, data: st.DataObject) -> str:
     return "review" if eff.review else "retry"
 
 
+def book_answer(run: Run, o: Outstanding, success: bool) -> None:
+    """What the driver keeps of the final answer to `o`."""
+    ok, failure = run.orch._expected(run.p, o)
+    run.answered[o.idempotency_key] = ok if success else failure
+    if success and o.action == "REFUND":
+        run.refunded_by_key[o.idempotency_key] = o.amount_minor
+    if not success and o.action == "REFUND" and o.role == "compensation":
+        run.stuck_refunds += o.amount_minor  # the saga is in doubt: a human decides
+
+
+def late_answer(run: Run, data: st.DataObject, before: dict, was_finished: bool) -> str:
+    """An answer to a command given up (`Payment.doubts`), arriving after all: a success
+    or a final failure is applied as if in time; "try again", another kind, a wrong amount
+    or another service's answer is refused, and the payment is as it was."""
+    orch, p = run.orch, run.p
+    o = data.draw(
+        st.sampled_from(sorted(p.doubts.values(), key=lambda o: o.idempotency_key))
+    ).model_copy()
+    ok, failure = orch._expected(p, o)
+    how = data.draw(st.sampled_from(["success", "success", "final", "again", "kind", "amount",
+                                     "service"]), label="late")  # fmt: skip
+    if failure == "_none_" and how in ("final", "again"):
+        how = "success"
+    if o.service != "payment" and how == "amount":
+        how = "kind"  # only the gateway's answers carry money
+    kind = {"final": failure, "again": failure}.get(how, ok)
+    if how == "kind":
+        kind = data.draw(st.sampled_from([k for k in ("AUTHORIZED", "CAPTURED", "VOIDED",
+                                                      "REFUNDED", "RESERVED", "CREATED")
+                                          if k not in (ok, failure)]))  # fmt: skip
+    amount = o.amount_minor if (o.service == "payment" and kind == ok) else 0
+    out = GatewayOutcome(
+        kind=kind,
+        event_id=f"ev-{next(_ids)}",
+        occurred_at=run.clock,
+        amount_minor=-1 if how == "amount" else amount,
+        command_id=command_id(o.idempotency_key, data.draw(st.integers(1, o.attempt))),
+        step=None if kind == ok else o.step,
+        reason=None if kind == ok else "declined",
+        retryable=how == "again",
+    )
+    service = o.service
+    if how == "service":
+        service = data.draw(st.sampled_from([s for s in ("payment", "inventory", "shipping")
+                                             if s != o.service]))  # fmt: skip
+    if how in ("again", "kind", "amount", "service"):
+        with pytest.raises((Unmatched, InvalidTransition)) as refused:
+            orch.on_outcome(p, service, out, run.clock)
+        assert snapshot(p) == before
+        assert isinstance(refused.value, Unmatched) == (how in ("again", "service"))
+        return f"late {how} refused"
+    try:
+        q, eff = orch.on_outcome(p, service, out, run.clock)
+    except InvalidTransition:
+        # As in time: the one well-formed answer the record refuses (see "answer refused").
+        assert (o.action, p.status, how) == ("SETTLE", S.REVERSED, "success")
+        assert snapshot(p) == before
+        return "late answer refused"
+    run.p = p = q
+    key = o.idempotency_key
+    assert key not in p.doubts and key not in p.outstanding
+    assert eff.notes[0].startswith(f"late answer to {o.action}")
+    if o.action == "REFUND" and (o.role == "compensation" or o.role == "request"):
+        run.stuck_refunds -= o.amount_minor  # no longer given up: it is answered now
+    del run.answered[key]
+    book_answer(run, o, how == "success")
+    run.record(eff, before, was_finished)
+    return f"late {how}"
+
+
 def act(run: Run, data: st.DataObject) -> str:
     """One random input; returns its name (for hypothesis statistics)."""
     orch, p = run.orch, run.p
     run.clock += data.draw(st.integers(0, 3_000), label="tick")
     choices = ["timeout", "expiry", "capture", "cancel", "refund", "stray", "wrong_kind"]
     if p.outstanding:
-        choices += ["answer"] * 8
+        choices += ["answer"] * 8 + ["silence"]
     if any(o.phase == INQUIRING for o in p.outstanding.values()):
         choices += ["inquiry"] * 3
+    if p.doubts:
+        choices += ["late"] * 3
     if p.saga is not None and p.saga.awaiting_request:
         choices += ["capture", "capture", "cancel", "expiry"]
     if p.saga is not None and p.saga.state == "COMPLETED":
@@ -265,7 +343,7 @@ def act(run: Run, data: st.DataObject) -> str:
         o = data.draw(
             st.sampled_from(sorted(p.outstanding.values(), key=lambda o: o.idempotency_key))
         ).model_copy()  # as it was: the orchestrator changes the payment's own in place
-        ok, failure = orch._expected(p, o)
+        _, failure = orch._expected(p, o)
         success = failure == "_none_" or data.draw(
             st.sampled_from([True] * 3 + [False]), label="success"
         )
@@ -293,13 +371,12 @@ def act(run: Run, data: st.DataObject) -> str:
                 k: v for k, v in snapshot(p).items() if k != "outstanding"
             }
         else:
-            run.answered[key] = ok if success else failure
-            if success and o.action == "REFUND":
-                run.refunded_by_key[key] = o.amount_minor
-            if not success and o.action == "REFUND" and o.role == "compensation":
-                run.stuck_refunds += o.amount_minor  # the saga is in doubt: a human decides
+            book_answer(run, o, success)
         run.record(eff, before, was_finished)
         return f"answer {o.action} {'ok' if success else 'failed'}"
+
+    if what == "late":
+        return late_answer(run, data, before, was_finished)
 
     if what == "inquiry":  # the gateway on an inquiry: never saw the key, or a 503
         o = data.draw(st.sampled_from(sorted((o for o in p.outstanding.values()
@@ -326,6 +403,12 @@ def act(run: Run, data: st.DataObject) -> str:
                 run.stuck_refunds += o.amount_minor
         run.record(eff, before, was_finished)
         return f"inquiry {'never seen' if unseen else 'failed'}"
+
+    if what == "silence":  # nobody answers one command: it is given up (a doubt, mostly)
+        key = data.draw(st.sampled_from(sorted(p.outstanding)), label="silenced")
+        while key in run.p.outstanding:
+            fire_timeout(run, data, now=max(run.clock, run.p.outstanding[key].deadline))
+        return "silence"
 
     if what == "timeout":  # one timer firing, or several in a row (exhausting retries)
         names = [fire_timeout(run, data) for _ in range(data.draw(st.sampled_from([1, 1, 12])))]
@@ -430,7 +513,11 @@ def act(run: Run, data: st.DataObject) -> str:
         assert snapshot(p) == before
         return "wrong kind"
     candidates = [None, "not-a-command-id"]
-    candidates += [command_id(k, a) for k, a in run.attempts.items() if k not in p.outstanding]
+    candidates += [
+        command_id(k, a)
+        for k, a in run.attempts.items()
+        if k not in p.outstanding and k not in p.doubts  # a doubt's answer: "late"
+    ]
     candidates += [command_id(k, o.attempt + 1) for k, o in p.outstanding.items()]
     cid = data.draw(st.sampled_from(candidates), label="stray id")
     service = data.draw(st.sampled_from(services))

@@ -144,17 +144,24 @@ def test_the_create_body_is_payment_initiated_without_envelope_or_key() -> None:
     assert not fields & {"event_id", "occurred_at", "payment_id", "idempotency_key"}
 
 
+def captured_by(states: States, key: str, fp: str, amount: int) -> Callable[[str, bytes], None]:
+    """A write hook: as the API's write lands, another capture (`key`, body `fp`) of
+    `amount` has won the race, and the payment's committed state says so."""
+
+    def won(topic: str, k: bytes) -> None:
+        p = authorized()
+        p.requests[key] = fp
+        p.status, p.captured_minor, p.saga.awaiting_request = PaymentStatus.CAPTURED, amount, False  # type: ignore[union-attr]
+        store(states, p)
+
+    return won
+
+
 def test_a_capture_that_lost_the_race_for_its_key_is_409_not_the_winner_s_answer() -> None:
     states = States()
     store(states, authorized())
 
-    def another_body_won(topic: str, key: bytes) -> None:
-        p = authorized()
-        p.requests["cap-1"] = "fingerprint-of-another-body"
-        p.status, p.captured_minor, p.saga.awaiting_request = PaymentStatus.CAPTURED, 500, False  # type: ignore[union-attr]
-        store(states, p)
-
-    a, writer = api(states, another_body_won)
+    a, writer = api(states, captured_by(states, "cap-1", "fingerprint-of-another-body", 500))
     reply = asyncio.run(a.request("capture", "pay_1", {"Idempotency-Key": "cap-1"},
                                   b'{"amount_minor": 800}', {"wait": "2000"}))  # fmt: skip
     assert len(writer.sent) == 1
@@ -165,13 +172,7 @@ def test_a_capture_the_saga_refused_meanwhile_ends_the_wait_with_409() -> None:
     states = States()
     store(states, authorized())
 
-    def another_capture_won(topic: str, key: bytes) -> None:
-        p = authorized()
-        p.requests["cap-other"] = "f"
-        p.status, p.captured_minor, p.saga.awaiting_request = PaymentStatus.CAPTURED, 1000, False  # type: ignore[union-attr]
-        store(states, p)
-
-    a, _ = api(states, another_capture_won)
+    a, _ = api(states, captured_by(states, "cap-other", "f", 1000))
     loop_time = asyncio.new_event_loop()
     try:
         started = loop_time.time()
