@@ -8,8 +8,11 @@ Waiting is always a poll with a deadline.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -23,7 +26,7 @@ from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine.deadletter import parse_headers
 from paysaga.streams.engine.driver import TopologyTestDriver
 from paysaga.streams.engine.partitioner import partition_for
-from tests.support import wait_for
+from tests.support import WorkerProcess, settings_env, wait_for
 
 CODEC = AvroCodec(SchemaRegistry())
 #: The simulators' faults in the end-to-end runs with them: declines, capture failures,
@@ -33,6 +36,46 @@ SIMULATOR_FAULTS = {
     "PAYSAGA_SIM_TRANSIENT_ERROR_RATE": "0.05", "PAYSAGA_SIM_TIMEOUT_RATE": "0.03",
     "PAYSAGA_SIM_FAILURE_RATE": "0.05", "PAYSAGA_SIM_LATENCY_MS": "2", "PAYSAGA_SIM_SEED": "7",
 }  # fmt: skip
+
+
+def simulators(settings: Settings, tmp: Path) -> list[subprocess.Popen]:
+    """The simulated gateway, inventory and shipping, with SIMULATOR_FAULTS, each in its
+    own process logging to `tmp`."""
+    env = {**settings_env(settings), **SIMULATOR_FAULTS}
+    procs = []
+    for kind in ("gateway", "inventory", "shipping"):
+        log = open(tmp / f"sim-{kind}.log", "ab")  # noqa: SIM115 - owned by the child
+        cmd = [sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(10)
+
+
+def live_history(settings: Settings, tmp: Path, payments: int, seed: int) -> None:
+    """A live history: `payments` payments (duplicates, conflicts, orders) through every
+    saga path with the simulators, until 85 % of the sagas ended; then the worker and the
+    simulators stopped, so the live topics stand still."""
+    from paysaga.streams.dev.upstream import UpstreamConfig, produce
+
+    sims = simulators(settings, tmp)
+    worker = WorkerProcess(settings, tmp / "worker.log").start()
+    world = World(settings)
+    try:
+        cfg = UpstreamConfig(count=payments, seed=seed, duplicate_rate=0.05, conflict_rate=0.02,
+                             manual_capture_rate=0.0, order_rate=0.3)  # fmt: skip
+        topic = Topics(settings.topic_prefix).initiated
+        asyncio.run(produce(settings.bootstrap, CODEC, cfg, rate=200, topic=topic, progress=False))
+        ended = lambda: {s["payment_id"] for s in world.statuses() if s["terminal"]}  # noqa: E731
+        wait_for(lambda: len(ended()) >= payments * 0.85, 240, what="the live sagas ending")
+    finally:
+        worker.stop()
+        stop_all(sims)
 
 
 def new_id() -> str:

@@ -55,14 +55,17 @@ def create_engine(
     metrics: MetricSink | None = None,
     endpoint: str | None = None,
     replay: ReplaySource | None = None,
+    group_id: str | None = None,
 ) -> ExactlyOnceEngine:
     """The engine running `settings.topology`; `start` and `stop` bound a replay's input,
-    `replay` names the live journal it re-executes (docs/replay.md)."""
+    `replay` names the live journal it re-executes (docs/replay.md), `group_id` a group
+    other than the application's (a reset's rebuild)."""
     topology = load_topology(settings)
     names = Topics(settings.topic_prefix, settings.input_topic_prefix)
     config = EngineConfig(
         bootstrap=settings.bootstrap,
         app_id=settings.app_id,
+        group_id=group_id,
         dlq_topic=names.dlq,
         changelog=lambda table: changelog_topic(settings, table),
         max_batch=settings.max_batch,

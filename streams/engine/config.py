@@ -35,6 +35,10 @@ class ReplaySource:
 
     journal_topic: str
     rename: dict[str, str] = field(default_factory=dict)
+    #: A reset's rebuild of the live application's own state (docs/replay.md#reset): the
+    #: re-executed transactions write their changelog records and nothing else. Their
+    #: outputs are in the live topics already, and the services have had the commands.
+    rebuild: bool = False
 
 
 @dataclass

@@ -36,7 +36,7 @@ from paysaga.streams.engine.processor import (
     WindowSpec,
 )
 from paysaga.streams.engine.state import EngineState
-from paysaga.streams.engine.task import Task, TaskBroken
+from paysaga.streams.engine.task import RebuildRefused, Task, TaskBroken
 from paysaga.tables.store import StoreError
 from paysaga.tables.timers import KeyedTimers
 from paysaga.tables.transaction import TableTransaction, TaskTransaction
@@ -157,6 +157,10 @@ class TaskRunner:
                     await self.process_batch(task, [], tick=True)
                 else:
                     break
+        except RebuildRefused as exc:
+            log.error("task %s: %s", task.partition, exc)
+            s.fatal = str(exc)  # the rebuild is over: `paysaga reset` reports it
+            task.closing = True
         except Exception as exc:
             # Not a Kafka error the batch loop retries: a failed abort, an aiokafka state
             # assertion, a RocksDB write that failed after the commit, a bug. The task's
@@ -413,6 +417,10 @@ class TaskRunner:
             reason = self.state.config.redact(f"{who} raised {type(exc).__name__}: {exc}")[:500]
             log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
                       record.offset, reason)  # fmt: skip
+            replay = self.state.config.replay
+            if replay is not None and replay.rebuild:
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                raise RebuildRefused(f"{where}, which the live run processed: {reason}") from exc
             at = self.clock.wall_ms()
             poison[(record.topic, record.partition, record.offset)] = ("poison", reason, at)
             stats["aborts"] += 1

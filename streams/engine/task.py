@@ -26,6 +26,11 @@ class TaskBroken(Exception):
     """The task cannot go on with what it has: close it and open it again (a rebuild)."""
 
 
+class RebuildRefused(Exception):
+    """A reset's rebuild met a record the live run processed and this code refuses: the
+    rebuilt state could not be the live one, so the rebuild stops (and says which)."""
+
+
 def stream_time_metadata(stream_time: int) -> str:
     return f"{STREAM_TIME_META}{stream_time}"
 

@@ -246,6 +246,34 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
 
 
+def _reset(args: argparse.Namespace) -> int:
+    """`paysaga reset` (streams/ops/reset.py): 0 done, 2 refused, 3 verify differs."""
+    import logging
+
+    from paysaga.streams.ops import reset as rs
+
+    live = _settings(args)
+    logging.basicConfig(level=live.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    given = [x for x in (args.to_offsets, args.to_datetime, args.by_duration) if x is not None]
+    if len(given) + args.to_earliest > 1:
+        print("error: give one of --to-earliest, --to-offsets, --to-datetime and --by-duration",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        summary = asyncio.run(rs.reset(
+            live, to_offsets=args.to_offsets, to_datetime=args.to_datetime,
+            by_duration=args.by_duration, force=args.force, dry_run=args.dry_run,
+            verify=args.verify))  # fmt: skip
+    except rs.ReplayError as exc:  # ResetError too: refused, the reason says what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary is None:
+        return 0  # a dry run
+    rs.print_summary(live, summary)
+    return 0 if summary.verified in (None, True) else 3
+
+
 def _dlq(args: argparse.Namespace) -> int:
     from paysaga.streams.ops.inspection import dlq_list, dlq_show
 
@@ -446,6 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare the replayed payments table with the live one")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish a replay that was stopped")
+    _settings_opts(p, "bootstrap", "app_id", "topic_prefix", "data_dir", "partitions")
+
+    p = cmd("reset", _reset, "rebuild the live application's state from its recorded history "
+            "(docs/replay.md#reset); stop every worker first")  # fmt: skip
+    p.add_argument("--to-earliest", action="store_true", help="from the start (the default)")
+    p.add_argument("--to-offsets", help="topic:partition:offset,... to start at")
+    p.add_argument("--to-datetime", help="start at this time (ISO 8601 or epoch ms)")
+    p.add_argument("--by-duration", help="start this long ago (ISO 8601: P1D, PT6H)")
+    p.add_argument("--force", action="store_true",
+                   help="remove the group's members (workers that died within their session "
+                        "timeout)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print every action, change nothing")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the rebuilt payments table with the one it replaces",
+    )
     _settings_opts(p, "bootstrap", "app_id", "topic_prefix", "data_dir", "partitions")
 
     p = cmd("dlq", _dlq, "inspect the dead-letter queue, redrive its letters")

@@ -301,14 +301,20 @@ async def cleanup(live: Settings, replay_id: str, out: TextIO = sys.stdout) -> i
                  or (t.startswith(f"{settings.app_id}-") and t.endswith("-changelog"))]  # fmt: skip
         if names:
             await admin.delete_topics(names)
-        node = await admin.find_coordinator(settings.app_id)
-        await admin._send_request_to_node(node, DeleteGroupsRequest([settings.app_id]))
+        await delete_group(admin, settings.app_id)
     finally:
         await admin.close()
     shutil.rmtree(state_dir(settings), ignore_errors=True)
     print(f"replay {replay_id}: deleted {len(names)} topics, group {settings.app_id}, "
           f"state {state_dir(settings)}", file=out)  # fmt: skip
     return 0
+
+
+async def delete_group(admin: AIOKafkaAdminClient, group: str) -> None:
+    """Delete a consumer group (an unknown one is no error: the broker's answer says so,
+    and nothing is left to delete)."""
+    node = await admin.find_coordinator(group)
+    await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
 
 
 # ---- the digest -------------------------------------------------------------------------
@@ -414,7 +420,7 @@ async def run_replay(live: Settings, plan: Plan, verify: bool, out: TextIO = sys
     start, stop = plan.engine_bounds()
     source = ReplaySource(plan.journal, rename_map(live, settings))
     engine = create_engine(settings, start=start, stop=stop, replay=source)
-    progress = _progress(plan, out)
+    progress = progress_display(plan, out, f"replay {plan.replay_id}")
     t0 = time.monotonic()
     await engine.start()
     try:
@@ -446,9 +452,9 @@ async def run_replay(live: Settings, plan: Plan, verify: bool, out: TextIO = sys
     return summary
 
 
-def _progress(plan: Plan, out: TextIO) -> Any:
-    """Records replayed and journal lag per task: a rich bar on a terminal, a line every
-    5 s otherwise."""
+def progress_display(plan: Plan, out: TextIO, label: str) -> Any:
+    """Journal offsets re-executed and lag per task (of a replay, or a reset's rebuild): a
+    rich bar on a terminal, a line every 5 s otherwise."""
     tty = hasattr(out, "isatty") and out.isatty()
     last = [0.0]
     total = sum(plan.stop[p] - plan.start[p] for p in plan.stop)
@@ -456,7 +462,7 @@ def _progress(plan: Plan, out: TextIO) -> Any:
     if tty:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        bar = Progress(TextColumn("replay {task.description}"), BarColumn(),
+        bar = Progress(TextColumn(label + " {task.description}"), BarColumn(),
                        MofNCompleteColumn(), TextColumn("{task.fields[lag]}"))  # fmt: skip
         ids = {p: bar.add_task(f"task {p}", total=max(1, plan.stop[p] - plan.start[p]), lag="")
                for p in sorted(plan.stop)}  # fmt: skip
@@ -468,6 +474,8 @@ def _progress(plan: Plan, out: TextIO) -> Any:
             task = engine.tasks.get(p)
             at = task.next_offsets.get(TopicPartition(plan.journal, p)) if task else None
             positions[p] = plan.start[p] if at is None else at
+        if final:  # through: what is left is the journal's last transaction marker
+            positions = dict(plan.stop)
         if bar is not None:
             for p, at in positions.items():
                 bar.update(ids[p], completed=at - plan.start[p], lag=f"lag {plan.stop[p] - at}")
@@ -480,7 +488,7 @@ def _progress(plan: Plan, out: TextIO) -> Any:
             done = sum(positions[p] - plan.start[p] for p in positions)
             lags = " ".join(f"p{p}:{plan.stop[p] - at}" for p, at in sorted(positions.items()))
             print(
-                f"replay {plan.replay_id}: {done}/{total} journal offsets, "
+                f"{label}: {done}/{total} journal offsets, "
                 f"{int(engine.stats['records'])} records; lag {lags}",
                 file=out,
                 flush=True,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-import sys
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,12 +21,11 @@ from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
 from paysaga.streams.dev.broker import LocalBroker
 from paysaga.streams.dev.upstream import UpstreamConfig, produce
-from tests.saga_support import CODEC, SIMULATOR_FAULTS, World
+from tests.saga_support import CODEC, World, simulators
 from tests.support import (
     WorkerProcess,
     isolated_settings,
     kill_repeatedly,
-    settings_env,
     wait_for,
 )
 
@@ -37,7 +34,6 @@ from tests.support import (
 RATE = 100
 MAX_PAYMENTS = 20_000
 KILLS = 5
-SIM_ENV = SIMULATOR_FAULTS
 
 
 class Upstream(threading.Thread):
@@ -79,16 +75,6 @@ def _sent(settings: Settings) -> list[dict]:
     return [CODEC.decode(r.value, "PaymentInitiated") for r in records]
 
 
-def _simulators(settings: Settings, tmp: Path) -> list[subprocess.Popen]:
-    env = {**settings_env(settings), **SIM_ENV}
-    procs = []
-    for kind in ("gateway", "inventory", "shipping"):
-        log = open(tmp / f"sim-{kind}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
 @pytest.mark.slow
 def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
     # A shorter session: each restart waits that long for its killed self to leave the group.
@@ -102,7 +88,7 @@ def test_full_sagas_survive_kill9(broker: LocalBroker, tmp_path: Path) -> None:
     # all finished before it would leave nothing in flight to crash into.
     cfg = UpstreamConfig(count=MAX_PAYMENTS, seed=21, duplicate_rate=0.05, conflict_rate=0.01,
                          manual_capture_rate=0.0, order_rate=0.3)  # fmt: skip
-    sims = _simulators(settings, tmp_path)
+    sims = simulators(settings, tmp_path)
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     upstream = Upstream(settings, cfg, rate=RATE)
     upstream.start()

@@ -29,11 +29,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
-from paysaga.streams.dev.upstream import UpstreamConfig, produce
 from paysaga.streams.ops.replay import replay_settings
-from tests.saga_support import CODEC, SIMULATOR_FAULTS, World
+from tests.saga_support import CODEC, live_history
 from tests.support import (
-    WorkerProcess,
     end_offsets,
     isolated_settings,
     paysaga,
@@ -53,25 +51,7 @@ def live(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
     settings = isolated_settings(broker.bootstrap, tmp / "state", "rp", command_timeout_ms=2000,
                                  punctuate_ms=200)  # fmt: skip
     asyncio.run(create_topics(settings))
-    env = {**settings_env(settings), **SIMULATOR_FAULTS}
-    sims = [subprocess.Popen([sys.executable, "-m", "paysaga.streams.ops.cli", "simulate", kind],
-                             env=env, stdout=open(tmp / f"sim-{kind}.log", "ab"),  # noqa: SIM115
-                             stderr=subprocess.STDOUT)
-            for kind in ("gateway", "inventory", "shipping")]  # fmt: skip
-    worker = WorkerProcess(settings, tmp / "worker.log").start()
-    world = World(settings)
-    try:
-        cfg = UpstreamConfig(count=PAYMENTS, seed=33, duplicate_rate=0.05, conflict_rate=0.02,
-                             manual_capture_rate=0.0, order_rate=0.3)  # fmt: skip
-        topic = Topics(settings.topic_prefix).initiated
-        asyncio.run(produce(settings.bootstrap, CODEC, cfg, rate=200, topic=topic, progress=False))
-        ended = lambda: {s["payment_id"] for s in world.statuses() if s["terminal"]}  # noqa: E731
-        wait_for(lambda: len(ended()) >= PAYMENTS * 0.85, 240, what="the live sagas ending")
-    finally:
-        worker.stop()
-        for p in sims:
-            p.terminate()
-            p.wait(10)
+    live_history(settings, tmp, PAYMENTS, seed=33)
     yield settings
 
 
