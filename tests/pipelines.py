@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
@@ -135,3 +136,24 @@ def create_topics(settings: Settings) -> None:
             await admin.close()
 
     asyncio.run(go())
+
+
+def refusing_saga_topology(settings: Settings) -> Topology:
+    """paysaga's topology, with a saga that raises on every input of one payment (the
+    environment's TEST_REFUSE_PAYMENT): code that refuses records the live run processed."""
+    import os
+    from dataclasses import replace
+
+    from paysaga.streams.app.topology import paysaga_topology
+
+    topology = paysaga_topology(settings)
+    builder = topology.builder("paysaga.saga")
+    target, process = os.environ["TEST_REFUSE_PAYMENT"], builder.agent.process
+
+    def refusing(ctx: ProcessorContext, value: Any) -> None:
+        if getattr(value[1], "payment_id", None) == target:
+            raise ValueError(f"this code refuses {target}")
+        process(ctx, value)
+
+    builder.agent = replace(builder.agent, process=refusing)
+    return topology

@@ -199,3 +199,24 @@ def test_a_forced_reset_killed_half_way_is_finished_and_reproduces_the_live_stat
     finally:
         worker.stop()
         stop_all(sims)
+
+
+def test_a_rebuild_that_meets_a_record_the_code_refuses_stops_and_says_which(
+    live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _ = live
+    wait_for(lambda: not _members(settings), 60, what="the stopped worker leaving the group")
+    target = sorted(k for k in _payments(settings) if k[:1] != b"\x01")[0].decode()
+    monkeypatch.setenv("TEST_REFUSE_PAYMENT", target)
+    refusing = settings.model_copy(update={"topology": "tests.pipelines:refusing_saga_topology"})
+    stopped = paysaga(refusing, "reset", "--verify", timeout=300)
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert "the rebuild stopped" in stopped.stderr and "which the live run processed" in (
+        stopped.stderr
+    )
+    assert f"this code refuses {target}" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert plan_path(settings).exists(), "a stopped rebuild keeps its plan"
+    done = paysaga(settings, "reset", "--verify", timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finishing the reset interrupted" in done.stdout
+    assert "verify: identical to the payments table it replaced" in done.stdout, done.stdout
