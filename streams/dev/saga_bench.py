@@ -10,6 +10,10 @@ simulators run as processes of their own beside the benchmark's broker. Two phas
   gateway's answers, and their command timeouts decide the tail, not the worker), and the
   CPU seconds of the worker, each simulator and the broker over the backlog, apart, with
   the worker's CPU per payment;
+- replay: the backlog's history replayed from its journal (docs/replay.md) into an
+  isolated application and verified against the live payments table; its records/s
+  against the live worker's over the backlog (the live rate waits on the simulators'
+  round trips, the replay reads their recorded answers, so it should run ahead);
 - latency: a fresh deployment at a fixed offered rate; per payment, from its
   PaymentInitiated's event time to its AUTHORIZED status being visible to a read_committed
   consumer, after a warm-up at that rate (as the intake comparison measures).
@@ -20,6 +24,7 @@ Figures are reported, never asserted (docs/exactly-once.md#how-it-is-measured).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -215,11 +220,24 @@ async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec
         # Engine counters up to the 90 % point (inputs include the start-up's, if any).
         "inputs_per_payment": inputs / at90 if at90 else 0.0,
         "inputs_per_batch": inputs / batches if batches else 0.0,
+        "live_records_per_s": inputs / t90 if t90 else 0.0,
     }  # fmt: skip
+    result["replay"] = await replay_of(rig.settings)
     if opts.profile is not None and (opts.profile / "worker.raw").exists():
         raw = opts.profile / "worker.raw"
         result["profile"] = {**report(raw), "raw": str(raw)}
     return result
+
+
+async def replay_of(settings: Settings) -> dict[str, Any]:
+    """The live history of `settings` replayed whole and verified (its start-up included)."""
+    from paysaga.streams.ops.replay import make_plan, run_replay
+
+    plan = await make_plan(settings, "bench")
+    summary = await run_replay(settings, plan, verify=True, out=io.StringIO())
+    return {"records": summary.records, "seconds": summary.seconds,
+            "working_seconds": summary.working_seconds,
+            "records_per_s": summary.working_rate, "verified": summary.verified}  # fmt: skip
 
 
 async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
@@ -300,6 +318,15 @@ def saga_summary(r: dict[str, Any]) -> str:
         f"inputs per payment {r.get('inputs_per_payment', 0):.2f}, per transaction "
         f"{r.get('inputs_per_batch', 0):.1f}",
     ]  # fmt: skip
+    if "replay" in r:
+        rp, live = r["replay"], r.get("live_records_per_s", 0.0)
+        ratio = rp["records_per_s"] / live if live else 0.0
+        lines.append(
+            f"replay of the backlog: {rp['records']:,} records in {rp['seconds']:.1f} s "
+            f"({rp.get('working_seconds', 0):.1f} s from its first commit): "
+            f"{rp['records_per_s']:,.0f} records/s, {ratio:.2f}x the live worker's "
+            f"{live:,.0f}; verify " + ("identical" if rp["verified"] else "DIFFERENT")
+        )
     if "profile" in r:
         lines.append(stage_table(r["profile"], r["worker_cpu_ms_per_payment"],
                                  r.get("inputs_per_payment", 0)))  # fmt: skip

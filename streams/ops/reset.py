@@ -41,6 +41,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import create_topics, internal_specs
 from paysaga.streams.engine.config import ReplaySource
+from paysaga.streams.ops.inspection import utc
 from paysaga.streams.ops.replay import (
     Plan,
     ReplayError,
@@ -50,6 +51,7 @@ from paysaga.streams.ops.replay import (
     live_table,
     make_plan,
     progress_display,
+    run_to_end,
     state_dir,
 )
 from paysaga.tables.payments import PAYMENTS
@@ -131,6 +133,7 @@ class ResetSummary:
     entries: int = 0
     records: int = 0
     seconds: float = 0.0
+    working_seconds: float = 0.0
     verified: bool | None = None
     rebuilt_sha256: str | None = None
     expected_sha256: str | None = None
@@ -139,7 +142,7 @@ class ResetSummary:
 
     @property
     def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
+        return self.records / self.working_seconds if self.working_seconds > 0 else 0.0
 
 
 async def reset(live: Settings, *, to_offsets: str | None = None, to_datetime: str | None = None,
@@ -162,7 +165,7 @@ async def reset(live: Settings, *, to_offsets: str | None = None, to_datetime: s
         saved = plan_path(live)
         plan: ResetPlan | None = ResetPlan.load(saved) if saved.exists() else None
         if plan is not None:
-            say(f"finishing the reset interrupted at {_utc(plan.started_at)} "
+            say(f"finishing the reset interrupted at {utc(plan.started_at)} "
                 f"(its plan: {saved}); the positions given now are ignored")  # fmt: skip
         else:
             journal = await make_plan(live, "reset", from_offsets=to_offsets,
@@ -245,35 +248,15 @@ async def _rebuild(live: Settings, plan: ResetPlan, out: TextIO,
     start, stop = j.engine_bounds()
     engine = create_engine(live, start=start, stop=stop, group_id=REBUILD_GROUP.format(
         app=live.app_id), replay=ReplaySource(j.journal, {}, rebuild=True))  # fmt: skip
-    progress = progress_display(j, out, "reset")
-    t0 = time.monotonic()
-    await engine.start()
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not await engine.finished():
-            if engine.shared.fatal is not None:
-                raise ResetError(
-                    f"the rebuild stopped: {engine.shared.fatal}; the state is "
-                    "partly rebuilt: fix the cause and run paysaga reset again"
-                )
-            if loop.time() > deadline:
-                raise ResetError(f"the rebuild did not finish in {timeout_s:.0f}s; run "
-                                 "paysaga reset again to finish it")  # fmt: skip
-            progress(engine, False)
-            await asyncio.sleep(0.2)  # the progress display's pace
-        progress(engine, True)
-        summary = ResetSummary(int(engine.stats["batches"]), int(engine.stats["records"]),
-                               time.monotonic() - t0)  # fmt: skip
-        rebuilt: dict[bytes, bytes] = {}
-        for p in sorted(engine.tasks):
-            store = engine.store(PAYMENTS, p)
-            if store is not None:
-                rebuilt.update(store.items())
-        d = digest(rebuilt)
-        summary.rebuilt_sha256, summary.keys = d.sha256, d.keys
-    finally:
-        await engine.stop()
+        run = await run_to_end(engine, progress_display(j, out, "reset"), timeout_s,
+                               "the rebuild")  # fmt: skip
+    except ReplayError as exc:
+        raise ResetError(f"{exc}; the state is partly rebuilt: fix the cause and run "
+                         "paysaga reset again to finish it") from None  # fmt: skip
+    d = digest(run.payments)
+    summary = ResetSummary(run.entries, run.records, run.seconds, run.working_seconds,
+                           rebuilt_sha256=d.sha256, keys=d.keys)  # fmt: skip
     admin = AIOKafkaAdminClient(bootstrap_servers=live.bootstrap)
     await admin.start()
     try:
@@ -282,19 +265,13 @@ async def _rebuild(live: Settings, plan: ResetPlan, out: TextIO,
         print(f"warning: the rebuild's group was not deleted: {exc!r}", file=out)
     finally:
         await admin.close()
-    return summary, rebuilt
-
-
-def _utc(ms: int) -> str:
-    from paysaga.streams.ops.inspection import utc
-
-    return utc(ms)
+    return summary, run.payments
 
 
 def print_summary(live: Settings, s: ResetSummary, out: TextIO = sys.stdout) -> None:
     print(f"reset {live.app_id}: {s.entries} transactions, {s.records} records re-executed "
-          f"in {s.seconds:.1f} s ({s.rate:,.0f} records/s); payments table {s.keys} keys, "
-          f"sha256 {s.rebuilt_sha256}", file=out)  # fmt: skip
+          f"in {s.seconds:.1f} s ({s.rate:,.0f} records/s from the first commit); payments "
+          f"table {s.keys} keys, sha256 {s.rebuilt_sha256}", file=out)  # fmt: skip
     if s.verified is True:
         print("verify: identical to the payments table it replaced", file=out)
     elif s.verified is False:
