@@ -183,9 +183,9 @@ async def reset(live: Settings, *, to_offsets: str | None = None, to_datetime: s
         actions += [f"delete topic {t} (and create it again, empty)" if t in existing
                     else f"create topic {t} (empty)" for t in changelogs(live)]  # fmt: skip
         actions.append(f"delete the state directory {state_dir(live)}")
-        actions.append(f"rebuild every table from journal {j.journal}: {entries} recorded "
-                       "transactions, " + ", ".join(f"task {p} offsets {j.start[p]}..{j.stop[p]}"
-                                                    for p in sorted(j.stop)))  # fmt: skip
+        tasks = ", ".join(f"task {p} offsets {j.start[p]}..{j.stop[p]}" for p in sorted(j.stop))
+        actions.append(f"rebuild every table from journal {j.journal}: {entries} journal "
+                       f"offsets (each transaction, and its commit marker), {tasks}")  # fmt: skip
         actions.append(
             "keep every other topic: the inputs, the outputs, the journal, and the "
             "saga's repartition topic (recorded input of the saga, and its audit "
