@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from paysaga.agents import metrics as m
 from paysaga.domain.saga import command_id
@@ -149,7 +150,12 @@ def test_the_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
     promtool("check", "config", "--syntax-only", "prometheus.yml")
     names = set(re.findall(r"- alert: (\w+)", (PROM / "alerts.yml").read_text()))
     assert {"HighDeclineRate", "ReconciliationMismatch", "PaymentGatewayDown",
-            "PaymentSuccessRateLow", "DeadLettersHigh"} <= names  # fmt: skip
+            "PaymentSuccessRateLow", "DeadLettersHigh", "SettlementLagHigh"} <= names  # fmt: skip
+    # Every rule is exercised by the unit tests, firing (an expected alert) at least once.
+    tests = yaml.safe_load((PROM / "alerts.test.yml").read_text())["tests"]
+    fired = {case["alertname"] for t in tests for case in t["alert_rule_test"]
+             if case.get("exp_alerts")}  # fmt: skip
+    assert names <= fired, f"rules no unit test fires: {sorted(names - fired)}"
 
 
 def _known_names() -> set[str]:
