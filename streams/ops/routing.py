@@ -13,12 +13,13 @@ body and has open multi-worker bugs, faust-streaming #514; this does not use it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from paysaga.streams.engine import ExactlyOnceEngine
 from paysaga.streams.engine.partitioner import partition_for
@@ -39,6 +40,17 @@ RETRY_AFTER_S = 1
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-connection",
                          "te", "trailer", "transfer-encoding", "upgrade", "host",
                          "content-length"})  # fmt: skip
+
+
+def forwardable(headers: Any) -> list[tuple[str, str]]:
+    """A request's headers as they go on to the owner: every value of a repeated header,
+    in order, without those that describe the client's connection, the fixed ones and
+    any its `Connection` header names (RFC 9110 section 7.6.1)."""
+    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    drop = _HOP_BY_HOP | named
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
 #: Response headers passed back from the owner.
 _PASSED_BACK = ("Content-Type", H_PARTITION, H_SERVED_BY, "Retry-After")
 
@@ -84,14 +96,16 @@ class Forwarder:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
-    async def send(self, method: str, owner: str, path_qs: str, headers: dict[str, str],
-                   body: bytes, partition: int) -> Answer:  # fmt: skip
+    async def send(self, method: str, owner: str, path_qs: str,
+                   headers: Iterable[tuple[str, str]], body: bytes,
+                   partition: int) -> Answer:  # fmt: skip
         """`method path_qs` on `owner`, marked as a hop: its answer, or a 503 that says the
-        owner did not answer."""
-        headers = {**headers, H_HOP: "1"}
+        owner did not answer. `headers` may repeat a name: each value goes."""
+        sent = CIMultiDict(headers)
+        sent[H_HOP] = "1"
         try:
             async with self._client().request(
-                method, f"http://{owner}{path_qs}", headers=headers, data=body or None
+                method, f"http://{owner}{path_qs}", headers=sent, data=body or None
             ) as resp:
                 payload = await resp.read()
                 passed = {h: resp.headers[h] for h in _PASSED_BACK if h in resp.headers}
@@ -143,8 +157,8 @@ class Router:
             return unavailable_answer(partition, why)
         if request is not None:
             req = cast(web.Request, request)
-            headers = {k: v for k, v in req.headers.items() if k.lower() not in _HOP_BY_HOP}
-            return await self.forwarder.send(req.method, owner, req.path_qs, headers,
-                                             await req.read(), partition)  # fmt: skip
-        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            return await self.forwarder.send(req.method, owner, req.path_qs,
+                                             forwardable(req.headers), await req.read(),
+                                             partition)  # fmt: skip
+        auth = [("Authorization", f"Bearer {self.token}")] if self.token else []
         return await self.forwarder.send("GET", owner, path, auth, b"", partition)

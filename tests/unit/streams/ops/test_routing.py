@@ -22,7 +22,13 @@ from aiohttp import web
 
 from paysaga.streams.app.net import free_port
 from paysaga.streams.app.settings import Settings
-from paysaga.streams.ops.routing import H_FORWARDED_BY, H_PARTITION, H_SERVED_BY, Forwarder
+from paysaga.streams.ops.routing import (
+    H_FORWARDED_BY,
+    H_PARTITION,
+    H_SERVED_BY,
+    Forwarder,
+    forwardable,
+)
 from tests.support import WorkerProcess
 
 #: A stand-in worker: its first request is answered, the next one never is (it is in its
@@ -126,7 +132,7 @@ def test_a_forward_over_a_pooled_connection_the_owner_dropped_answers_503(
 
         async def view(request: web.Request) -> web.StreamResponse:
             owner_at = f"127.0.0.1:{owner_port}"
-            answer = await forwarder.send(request.method, owner_at, request.path_qs, {}, b"", 0)
+            answer = await forwarder.send(request.method, owner_at, request.path_qs, [], b"", 0)
             return answer.response()
 
         app = web.Application()
@@ -152,3 +158,58 @@ def test_a_forward_over_a_pooled_connection_the_owner_dropped_answers_503(
     assert h1[H_FORWARDED_BY] == "front"
     assert code2 == 503 and h2["Retry-After"] and h2[H_PARTITION] == "0", (code2, body2)
     assert h2[H_FORWARDED_BY] == "front" and "did not answer" in body2["error"]
+
+
+def test_a_forward_keeps_repeated_headers_and_drops_those_of_the_connection() -> None:
+    """Every value of a repeated header reaches the owner, in order; the client's
+    connection headers do not, nor any header its Connection header names (RFC 9110
+    section 7.6.1), and the hop mark is added."""
+
+    async def main() -> dict[str, Any]:
+        async def echo(request: web.Request) -> web.StreamResponse:
+            h = request.headers
+            return web.json_response({"multi": h.getall("X-Multi", []), "secret": h.get("X-Secret"),
+                                      "keep": h.get("Keep-Alive"), "hop": h.get("X-Paysaga-Hop"),
+                                      "auth": h.getall("Authorization", [])})  # fmt: skip
+
+        forwarder = Forwarder("front", 2000)
+
+        async def front(request: web.Request) -> web.StreamResponse:
+            answer = await forwarder.send(request.method, f"127.0.0.1:{owner_port}",
+                                          request.path_qs, forwardable(request.headers),
+                                          await request.read(), 0)  # fmt: skip
+            return answer.response()
+
+        runners = []
+        ports = []
+        for handler in (echo, front):
+            app = web.Application()
+            app.router.add_get("/payments/{pid}/", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
+            ports.append(port)
+        owner_port, front_port = ports
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", front_port)
+            writer.write(b"GET /payments/p/ HTTP/1.1\r\nHost: front\r\n"
+                         b"X-Multi: a\r\nX-Multi: b\r\nAuthorization: Bearer t\r\n"
+                         b"Connection: keep-alive, X-Secret\r\nX-Secret: s\r\n"
+                         b"Keep-Alive: timeout=5\r\n\r\n")  # fmt: skip
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))  # fmt: skip
+            body = await reader.readexactly(length)
+            writer.close()
+            return dict(json.loads(body))
+        finally:
+            await forwarder.close()
+            for runner in runners:
+                await runner.cleanup()
+
+    seen = asyncio.run(main())
+    assert seen == {"multi": ["a", "b"], "secret": None, "keep": None, "hop": "1",
+                    "auth": ["Bearer t"]}  # fmt: skip
