@@ -82,26 +82,46 @@ async def iter_records(
         tps = [tp for t in topics for tp in await partitions(c, t)]
         if not tps:
             raise RuntimeError(f"no partitions for {topics}: were the topics created?")
-        c.assign(tps)
-        for tp, offset in (await c.beginning_offsets(tps)).items():
-            c.seek(tp, offset)  # explicit: seek_to_beginning can lose to the initial reset
-        end = await c.end_offsets(tps) if not follow else {}
-        remaining = {tp for tp in tps if not follow and end[tp] > 0}
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while follow or remaining:
-            if deadline is not None and loop.time() > deadline:
-                raise TimeoutError(f"reading {topics} did not reach the end in {timeout}s")
-            batch = await c.getmany(timeout_ms=200, max_records=5000)
-            for tp, records in batch.items():
-                for r in records:
-                    if follow or r.offset < end[tp]:
-                        yield r
-                if not follow and await c.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-            if not follow:
-                for tp in list(remaining):
-                    if await c.position(tp) >= end[tp]:
-                        remaining.discard(tp)
+        async for r in _read(c, tps, follow, timeout, str(topics)):
+            yield r
     finally:
         await c.stop()
+
+
+async def iter_partitions(
+    bootstrap: str, tps: list[TopicPartition], timeout: float | None = None
+) -> AsyncIterator[ConsumerRecord]:
+    """Committed records of these partitions, from their beginning to today's end (one
+    payment's partition of each topic, for its history or a replay's state)."""
+    c = consumer(bootstrap)
+    await c.start()
+    try:
+        async for r in _read(c, tps, False, timeout, str(sorted({tp.topic for tp in tps}))):
+            yield r
+    finally:
+        await c.stop()
+
+
+async def _read(c: AIOKafkaConsumer, tps: list[TopicPartition], follow: bool,
+                timeout: float | None, what: str) -> AsyncIterator[ConsumerRecord]:  # fmt: skip
+    c.assign(tps)
+    for tp, offset in (await c.beginning_offsets(tps)).items():
+        c.seek(tp, offset)  # explicit: seek_to_beginning can lose to the initial reset
+    end = await c.end_offsets(tps) if not follow else {}
+    remaining = {tp for tp in tps if not follow and end[tp] > 0}
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while follow or remaining:
+        if deadline is not None and loop.time() > deadline:
+            raise TimeoutError(f"reading {what} did not reach the end in {timeout}s")
+        batch = await c.getmany(timeout_ms=200, max_records=5000)
+        for tp, records in batch.items():
+            for r in records:
+                if follow or r.offset < end[tp]:
+                    yield r
+            if not follow and await c.position(tp) >= end[tp]:
+                remaining.discard(tp)
+        if not follow:
+            for tp in list(remaining):
+                if await c.position(tp) >= end[tp]:
+                    remaining.discard(tp)

@@ -188,8 +188,10 @@ def _payment(args: argparse.Namespace) -> int:
 
     from paysaga.streams.ops.history import Trail, render
 
-    pid = quote(args.payment_id, safe="")
     settings = _settings(args)
+    if args.app is not None:
+        return _replayed_payment(settings, args)
+    pid = quote(args.payment_id, safe="")
     path = f"/payments/{pid}/events" if args.action == "history" else f"/v1/payments/{pid}"
     code, body = _get_json(settings, path)
     if code != 200:
@@ -199,6 +201,29 @@ def _payment(args: argparse.Namespace) -> int:
         print(render(Trail.model_validate(body)))
     else:
         print(json.dumps(body, indent=2))
+    return 0
+
+
+def _replayed_payment(live: Settings, args: argparse.Namespace) -> int:
+    """`payment show|history ID --app REPLAY`: the payment in a replay's state, as the API
+    shows a live one, or its trail in the replay's own topics (docs/replay.md)."""
+    from paysaga.domain.payment import Payment
+    from paysaga.streams.ops import replay as rp
+    from paysaga.streams.ops.api_models import PaymentResource
+    from paysaga.streams.ops.history import render, trail
+
+    try:
+        if args.action == "history":
+            print(render(asyncio.run(trail(rp.replay_settings(live, args.app), args.payment_id))))
+            return 0
+        raw = asyncio.run(rp.replayed_payment(live, args.app, args.payment_id))
+    except rp.ReplayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if raw is None:
+        print(f"error: no payment {args.payment_id} in replay {args.app}", file=sys.stderr)
+        return 1
+    print(PaymentResource.of(Payment.from_json(raw)).model_dump_json(indent=2))
     return 0
 
 
@@ -461,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("payment", _payment, "show a payment or its history (through the web views)")
     p.add_argument("action", choices=("show", "history"))
     p.add_argument("payment_id")
-    _settings_opts(p, "web_host", "web_port", "web_token")
+    p.add_argument("--app", metavar="REPLAY_ID",
+                   help="from a replay's state and topics instead of the live views")  # fmt: skip
+    _settings_opts(p, "web_host", "web_port", "web_token", "bootstrap", "app_id",
+                   "topic_prefix", "data_dir", "partitions")  # fmt: skip
 
     p = cmd("replay", _replay, "re-execute the live history into an isolated application "
             "(docs/replay.md): replay ID [options], or replay cleanup ID")  # fmt: skip

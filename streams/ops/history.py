@@ -11,7 +11,6 @@ record. `paysaga payment history ID` prints it; `GET /payments/{id}/events` serv
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -19,7 +18,7 @@ from pydantic import BaseModel
 
 from paysaga.agents.rekey import H_SOURCE
 from paysaga.schemas.codec import AvroCodec, DecodeError
-from paysaga.streams.app.kafka_io import consumer
+from paysaga.streams.app.kafka_io import iter_partitions
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.engine.partitioner import partition_for
@@ -119,33 +118,15 @@ async def trail(settings: Settings, payment_id: str, timeout_s: float = 30.0) ->
     key = payment_id.encode()
     part = partition_for(key, settings.partitions)
     tps = [TopicPartition(name, part) for name in [*sources, t.saga_repartition]]
-    c = consumer(settings.bootstrap)
-    await c.start()
     events: list[TrailEvent] = []
     try:
-        c.assign(tps)
-        ends = await c.end_offsets(tps)
-        begins = await c.beginning_offsets(tps)
-        for tp in tps:
-            c.seek(tp, begins[tp])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        left = {tp for tp in tps if ends[tp] > begins[tp]}
-        while left:
-            if loop.time() > deadline:
-                raise TimeoutError(f"reading the history of {payment_id} took over {timeout_s}s")
-            batch = await c.getmany(*left, timeout_ms=200, max_records=5000)
-            for tp, records in batch.items():
-                for r in records:
-                    if r.key == key and r.offset < ends[tp]:
-                        found = _event(codec, sources, t, r)
-                        if found is not None:
-                            events.append(found)
-            for tp in list(left):
-                if await c.position(tp) >= ends[tp]:
-                    left.discard(tp)
-    finally:
-        await c.stop()
+        async for r in iter_partitions(settings.bootstrap, tps, timeout=timeout_s):
+            if r.key == key:
+                found = _event(codec, sources, t, r)
+                if found is not None:
+                    events.append(found)
+    except TimeoutError:
+        raise TimeoutError(f"reading the history of {payment_id} took over {timeout_s}s") from None
     events.sort(key=lambda e: (e.at, _RANK.get(e.role, 9), e.topic, e.offset))
     return Trail(payment_id=payment_id, events=events)
 

@@ -32,7 +32,7 @@ from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.structs import TopicPartition
 
 from paysaga.domain.card import redact
-from paysaga.streams.app.kafka_io import consumer, iter_records, partitions
+from paysaga.streams.app.kafka_io import consumer, iter_partitions, iter_records, partitions
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.app.topology import load_topology
@@ -40,6 +40,7 @@ from paysaga.streams.engine import StartAt
 from paysaga.streams.engine.config import ReplaySource
 from paysaga.streams.engine.journal import Entry, JournalError
 from paysaga.streams.engine.journal import decode as decode_entry
+from paysaga.streams.engine.partitioner import partition_for
 from paysaga.streams.ops.redrive import parse_time
 from paysaga.tables.payments import PAYMENTS
 
@@ -315,6 +316,22 @@ async def delete_group(admin: AIOKafkaAdminClient, group: str) -> None:
     and nothing is left to delete)."""
     node = await admin.find_coordinator(group)
     await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+
+
+async def replayed_payment(live: Settings, replay_id: str, payment_id: str) -> bytes | None:
+    """The payment as replay `replay_id` left it (the `payments` table's JSON), or None:
+    the last value of its key in the replay's payments changelog. No worker serves a
+    replay's state, and its changelog is the committed truth of it."""
+    settings = replay_settings(live, replay_id)
+    if not await exists(settings):
+        raise ReplayError(f"no replay {replay_id}")
+    key = payment_id.encode()
+    tp = TopicPartition(changelog_topic(settings, PAYMENTS), partition_for(key, live.partitions))
+    value = None
+    async for r in iter_partitions(live.bootstrap, [tp], timeout=60):
+        if r.key == key:
+            value = r.value
+    return value
 
 
 # ---- the digest -------------------------------------------------------------------------

@@ -26,10 +26,13 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from paysaga.domain.payment import Payment
 from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, create_topics
-from paysaga.streams.ops.replay import replay_settings
+from paysaga.streams.ops.api_models import PaymentResource
+from paysaga.streams.ops.replay import live_table, replay_settings
+from paysaga.tables.payments import PAYMENTS as PAYMENTS_TABLE
 from tests.saga_support import CODEC, live_history
 from tests.support import (
     end_offsets,
@@ -80,6 +83,23 @@ def test_a_full_replay_reproduces_the_live_table_and_writes_nothing_live(live: S
     assert asyncio.run(end_offsets(live.bootstrap, [commands]))
     again = paysaga(live, "replay", "full")
     assert again.returncode == 2 and "exists" in again.stderr
+    # The replayed state is queryable like the live one: as the API shows a payment.
+    table = asyncio.run(live_table(live, PAYMENTS_TABLE, Topics(live.topic_prefix).journal,
+                                   {p: 1 << 62 for p in range(live.partitions)}))  # fmt: skip
+    pid, raw = next((k.decode(), v) for k, v in sorted(table.items()) if k[:1] != b"\x01")
+    shown = paysaga(live, "payment", "show", pid, "--app", "full")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == PaymentResource.of(Payment.from_json(raw)).model_dump(
+        mode="json"
+    )
+    trail = paysaga(live, "payment", "history", pid, "--app", "full")
+    assert trail.returncode == 0 and f"{replayed.topic_prefix}payment.commands" in trail.stdout, (
+        trail.stdout + trail.stderr
+    )
+    missing = paysaga(live, "payment", "show", "pay_nobody", "--app", "full")
+    assert missing.returncode == 1 and "no payment pay_nobody in replay full" in missing.stderr
+    unknown = paysaga(live, "payment", "show", pid, "--app", "nosuch")
+    assert unknown.returncode == 2 and "no replay nosuch" in unknown.stderr
 
     cleaned = paysaga(live, "replay", "cleanup", "full")
     assert cleaned.returncode == 0, cleaned.stderr
