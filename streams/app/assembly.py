@@ -103,11 +103,12 @@ def create_app(settings: Settings) -> Paysaga:
         autodiscover=False,
     )
     app.producer_only = True  # no Faust consumer group: the engine owns consumption
-    from paysaga.streams.ops.metrics import PrometheusSink, WorkerCollector
+    from paysaga.streams.ops.metrics import LoopWatch, PrometheusSink, WorkerCollector
     from paysaga.streams.ops.web import register_views
 
     sink = PrometheusSink(tuple(v.name for v in settings.retry_policy().variants))
     engine = create_engine(settings, metrics=sink, endpoint=settings.web_endpoint)
     sink.registry.register(WorkerCollector(engine, settings.breaker_config()))
+    app.task(LoopWatch(sink.registry).run)
     register_views(app, settings, engine, sink.registry)
     return Paysaga(settings, app, engine)

@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.streams.app.topics import Topics
 from paysaga.streams.dev.measure import percentile
 from paysaga.streams.dev.saga_bench import SagaRig
 from paysaga.streams.dev.upstream import UpstreamConfig, generate, produce
+from paysaga.streams.ops.metrics import LoopWatch
 from paysaga.streams.ops.routing import H_FORWARDED_BY
 
 
@@ -89,6 +92,7 @@ async def run_views(seconds: float, bootstrap: str, run: str, work: Path, partit
                 pool, _ask, rig.ports, ids, rate, queries_per_s, started, seconds)  # fmt: skip
             await produce(bootstrap, codec, cfg, rate=rate, topic=names.initiated, progress=False)
             samples, codes = await client
+        lags = [await asyncio.to_thread(loop_lag, port) for port in rig.ports]
     finally:
         rig.stop()
     return {
@@ -97,7 +101,30 @@ async def run_views(seconds: float, bootstrap: str, run: str, work: Path, partit
         "slice_ms": rig.settings.engine_slice_ms,
         "codes": dict(codes),
         **{hop: _figures(s) for hop, s in samples.items()},
+        "loop_lag": lags,
     }
+
+
+def loop_lag(port: int) -> dict[str, float]:
+    """A worker's event-loop lag since its start (`paysaga_event_loop_lag_seconds`): the
+    share of its 50 ms ticks that ran over 5, 10 and 25 ms late. A view waits as long for
+    a turn, so this tells a busy loop from a slow answer."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    buckets, late = {}, {"busy": 0.0, "waiting": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == LoopWatch.NAME:
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    buckets[s.labels["le"]] = s.value
+        if family.name == LoopWatch.LATE:
+            late.update({s.labels["cause"]: s.value for s in family.samples
+                         if s.name.endswith("_total")})  # fmt: skip
+    total = buckets.get("+Inf", 0.0)
+    shares = {f"over_{ms}ms": (total - buckets.get(le, total)) / total if total else 0.0
+              for ms, le in ((5, "0.005"), (10, "0.01"), (25, "0.025"))}  # fmt: skip
+    lagged = late["busy"] + late["waiting"]
+    return {"ticks": total, **shares, "busy_share": late["busy"] / lagged if lagged else 0.0}
 
 
 def views_summary(r: dict[str, Any]) -> str:
@@ -108,4 +135,9 @@ def views_summary(r: dict[str, Any]) -> str:
         f = r[hop]
         rows.append(f"  {hop:<10} p50 {f['p50_ms']:.1f} ms, p95 {f['p95_ms']:.1f} ms, "
                     f"p99 {f['p99_ms']:.1f} ms ({f['samples']} answers)")  # fmt: skip
+    for i, lag in enumerate(r.get("loop_lag", []), 1):
+        rows.append(f"  worker {i} event loop: {lag['ticks']:.0f} ticks of 50 ms, late by over "
+                    f"5 ms {lag['over_5ms']:.1%}, 10 ms {lag['over_10ms']:.1%}, 25 ms "
+                    f"{lag['over_25ms']:.1%}; of the lag, {lag.get('busy_share', 0):.0%} running "
+                    "code, the rest waiting for a core")  # fmt: skip
     return "\n".join(rows)

@@ -16,8 +16,10 @@ alert rules (docker/prometheus/alerts.yml) work on rates and sums across workers
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -50,6 +52,40 @@ ENGINE_COUNTERS = {
     "fenced": "Tasks fenced by a newer producer of the same transactional id.",
     "rejoins": "Times the worker rejoined its consumer group after being fenced.",
 }
+
+
+class LoopWatch:
+    """How late the worker's event loop runs a short timer: the time a view, a heartbeat or
+    another task's commit waits for a turn, as `paysaga_event_loop_lag_seconds`. Each late
+    tick's lag is split by the main thread's CPU time over it: busy (the loop ran code: a
+    batch's slice, a commit being built, a collection) or waiting (for a core, or in a
+    blocking call), as `paysaga_event_loop_late_seconds_total{cause}`."""
+
+    NAME = "paysaga_event_loop_lag_seconds"
+    LATE = "paysaga_event_loop_late_seconds"
+
+    def __init__(self, registry: CollectorRegistry, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.histogram = Histogram(
+            self.NAME, "How late the event loop ran a 50 ms timer (seconds).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )  # fmt: skip
+        self.late = Counter(self.LATE, "Event-loop lag, by what the main thread did meanwhile.",
+                            ["cause"], registry=registry)  # fmt: skip
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked, cpu = loop.time(), time.thread_time()
+            await asyncio.sleep(self.interval_s)  # the probe itself: how late it wakes
+            lag = max(0.0, loop.time() - asked - self.interval_s)
+            self.histogram.observe(lag)
+            if lag > 0.001:
+                # CPU used beyond the tick's own idle wait is the loop running code.
+                busy = min(lag, max(0.0, time.thread_time() - cpu))
+                self.late.labels("busy").inc(busy)
+                self.late.labels("waiting").inc(lag - busy)
 
 
 class PrometheusSink:

@@ -5,15 +5,18 @@ checked by promtool too. Through a broker: tests/e2e/streams/ops/test_e2e_metric
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from paysaga.agents import metrics as m
 from paysaga.domain.saga import command_id
@@ -22,7 +25,7 @@ from paysaga.streams.app.topology import paysaga_topology
 from paysaga.streams.engine import ProcessorContext, Topology
 from paysaga.streams.engine.driver import TopologyTestDriver
 from paysaga.streams.engine.metrics import DEAD_LETTERS
-from paysaga.streams.ops.metrics import ENGINE_COUNTERS, PrometheusSink, generate
+from paysaga.streams.ops.metrics import ENGINE_COUNTERS, LoopWatch, PrometheusSink, generate
 from tests.saga_support import DriverWorld
 from tests.samples import initiated
 
@@ -162,7 +165,47 @@ def _known_names() -> set[str]:
     names = {metric.name for metric in m.METRICS}
     names |= {f"paysaga_engine_{n}" for n in ENGINE_COUNTERS} | {"paysaga_engine_restore_seconds"}
     return names | {"paysaga_ready", "paysaga_tasks", "paysaga_consumer_lag",
-                    "paysaga_breaker_state", "paysaga_breaker_held"}  # fmt: skip
+                    "paysaga_breaker_state", "paysaga_breaker_held", LoopWatch.NAME,
+                    LoopWatch.LATE}  # fmt: skip
+
+
+def test_the_loop_watch_sees_a_blocked_loop_and_tells_busy_from_waiting() -> None:
+    """A loop blocked for 40 ms shows as a tick more than 25 ms late; 40 ms of code
+    running counts as busy, 40 ms in a blocking call as waiting."""
+    registry = CollectorRegistry()
+    watch = LoopWatch(registry, interval_s=0.01)
+
+    async def tick_after(block: Callable[[], None]) -> None:
+        seen = _count(registry, "+Inf")
+        block()
+        while _count(registry, "+Inf") == seen:  # the late tick observed
+            await asyncio.sleep(0.005)
+
+    def spin() -> None:  # code running on the loop's thread
+        end = time.perf_counter() + 0.04
+        while time.perf_counter() < end:
+            pass
+
+    async def main() -> None:
+        task = asyncio.create_task(watch.run())
+        try:
+            while _count(registry, "+Inf") < 3:  # free ticks first
+                await asyncio.sleep(0.005)
+            await tick_after(lambda: time.sleep(0.04))  # a blocking call, not a wait
+            await tick_after(spin)
+        finally:
+            task.cancel()
+
+    asyncio.run(main())
+    assert _count(registry, "+Inf") - _count(registry, "0.025") >= 2
+    busy = registry.get_sample_value(f"{LoopWatch.LATE}_total", {"cause": "busy"}) or 0.0
+    waiting = registry.get_sample_value(f"{LoopWatch.LATE}_total", {"cause": "waiting"}) or 0.0
+    assert busy >= 0.02 and waiting >= 0.02, (busy, waiting)
+
+
+def _count(registry: CollectorRegistry, le: str) -> float:
+    value = registry.get_sample_value(f"{LoopWatch.NAME}_bucket", {"le": le})
+    return value or 0.0
 
 
 def _base(name: str) -> str:
