@@ -283,6 +283,10 @@ class TaskManager:
         p = task.partition
         log.warning("task %s fenced: its producer was replaced; rejoining the group", p)
         s.stats["fenced"] += 1
+        if s.config.replay is not None and s.config.replay.rebuild:
+            # A reset's rebuild has the live ids: a worker of the application started.
+            s.fatal = (f"task {p} fenced: a producer with the application's transactional "
+                       "id started (is a worker running?)")  # fmt: skip
         task.closing = True
         s.rejoin = f"task {p} fenced; rejoining the group"
         if s.tasks.get(p) is task:

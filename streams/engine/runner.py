@@ -124,6 +124,13 @@ class TaskRunner:
         self.has_wall_work = state.config.replay is None and bool(
             self.wall_schedules or self.wall_timers or self.writes_ticks)  # fmt: skip
 
+    @property
+    def _rebuilding(self) -> bool:
+        """A reset's rebuild (config.py `ReplaySource.rebuild`): what it cannot re-execute
+        as recorded stops it, instead of becoming poison or a skipped punctuation."""
+        replay = self.state.config.replay
+        return replay is not None and replay.rebuild
+
     def _wall_ms(self) -> int:
         return self.now if self.now is not None else self.clock.wall_ms()
 
@@ -415,12 +422,11 @@ class TaskRunner:
             assert record is not None
             who = f"agent {agent.name}" if agent is not None else "stream-time work"
             reason = self.state.config.redact(f"{who} raised {type(exc).__name__}: {exc}")[:500]
-            log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
-                      record.offset, reason)  # fmt: skip
-            replay = self.state.config.replay
-            if replay is not None and replay.rebuild:
+            if self._rebuilding:
                 where = f"{record.topic}[{record.partition}]@{record.offset}"
                 raise RebuildRefused(f"{where}, which the live run processed: {reason}") from exc
+            log.error("poison record %s[%s]@%s: %s", record.topic, record.partition,
+                      record.offset, reason)  # fmt: skip
             at = self.clock.wall_ms()
             poison[(record.topic, record.partition, record.offset)] = ("poison", reason, at)
             stats["aborts"] += 1
@@ -577,6 +583,11 @@ class TaskRunner:
         except StoreError:
             raise  # the database, not the timer: the task is rebuilt
         except Exception as exc:
+            if self._rebuilding:  # a recorded punctuation skipped would change the state
+                reason = self.state.config.redact(f"{type(exc).__name__}: {exc}")[:500]
+                which = ", ".join(only or ()) or "its timers"
+                raise RebuildRefused(f"a punctuation the live run ran ({which})"
+                                     f" raised {reason}") from exc  # fmt: skip
             log.exception("punctuation failed on task %s", task.partition)
             self.state.stats["punctuate_errors"] += 1
             task.failure = f"punctuation: {type(exc).__name__}"

@@ -285,18 +285,22 @@ def _reset(args: argparse.Namespace) -> int:
         print("error: give one of --to-earliest, --to-offsets, --to-datetime and --by-duration",
               file=sys.stderr)  # fmt: skip
         return 2
+    from aiokafka.errors import KafkaError
+
     try:
         summary = asyncio.run(rs.reset(
             live, to_offsets=args.to_offsets, to_datetime=args.to_datetime,
             by_duration=args.by_duration, force=args.force, dry_run=args.dry_run,
-            verify=args.verify))  # fmt: skip
-    except rs.ReplayError as exc:  # ResetError too: refused, the reason says what to do
+            verify=args.verify, discard_earlier_state=args.discard_earlier_state))  # fmt: skip
+    except (ValueError, KafkaError, RuntimeError, OSError) as exc:
+        # ResetError (a ValueError) says what to do; the others are Kafka or the disk
+        # failing: the saved plan, if any, lets the next run finish the reset.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary is None:
         return 0  # a dry run
     rs.print_summary(live, summary)
-    return 0 if summary.verified in (None, True) else 3
+    return 3 if args.verify and summary.verified is not True else 0
 
 
 def _dlq(args: argparse.Namespace) -> int:
@@ -518,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="compare the rebuilt payments table with the one it replaces",
+    )
+    p.add_argument(
+        "--discard-earlier-state",
+        action="store_true",
+        help="from a later position: start the state over there, losing what came before",
     )
     _settings_opts(p, "bootstrap", "app_id", "topic_prefix", "data_dir", "partitions")
 

@@ -312,10 +312,15 @@ async def cleanup(live: Settings, replay_id: str, out: TextIO = sys.stdout) -> i
 
 
 async def delete_group(admin: AIOKafkaAdminClient, group: str) -> None:
-    """Delete a consumer group (an unknown one is no error: the broker's answer says so,
-    and nothing is left to delete)."""
+    """Delete a consumer group; an unknown one is no error (nothing is left to delete). A
+    group with members (NON_EMPTY_GROUP) is: something still runs under it."""
     node = await admin.find_coordinator(group)
-    await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+    response = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+    for result in response.to_object()["results"]:
+        if result["error_code"] not in (0, 69):  # GROUP_ID_NOT_FOUND: gone already
+            why = "it has members" if result["error_code"] == 68 else "error"
+            raise ReplayError(f"group {group} was not deleted: {why} "
+                              f"({result['error_code']})")  # fmt: skip
 
 
 async def replayed_payment(live: Settings, replay_id: str, payment_id: str) -> bytes | None:
@@ -365,8 +370,8 @@ async def live_table(live: Settings, table: str, journal: str,
         for p, at in stop.items():
             jtp = TopicPartition(journal, p)
             end = (await c.end_offsets([jtp]))[jtp]
-            nxt = [e for o, e in await _entries_from(c, jtp, at, end) if o >= at][:1]
-            upto[p] = dict(nxt[0].changelog).get(table, -1) if nxt else None
+            nxt = await first_entry(c, jtp, at, end)
+            upto[p] = dict(nxt.changelog).get(table, -1) if nxt is not None else None
     finally:
         await c.stop()
     out: dict[bytes, bytes] = {}
@@ -381,18 +386,19 @@ async def live_table(live: Settings, table: str, journal: str,
     return out
 
 
-async def _entries_from(c: AIOKafkaConsumer, tp: TopicPartition, at: int,
-                        end: int) -> list[tuple[int, Entry]]:  # fmt: skip
+async def first_entry(c: AIOKafkaConsumer, tp: TopicPartition, at: int,
+                      end: int) -> Entry | None:  # fmt: skip
+    """The first journal entry of `tp` at or after offset `at`, before `end`."""
     if at >= end:
-        return []
+        return None
     c.assign([tp])
     c.seek(tp, at)
     while True:
         for records in (await c.getmany(tp, timeout_ms=200, max_records=1)).values():
             for r in records:
-                return [(r.offset, decode_entry(r.value))]
+                return decode_entry(r.value) if r.offset < end else None
         if await c.position(tp) >= end:
-            return []
+            return None
 
 
 def differences(a: dict[bytes, bytes], b: dict[bytes, bytes], n: int = 8) -> list[str]:
@@ -434,7 +440,7 @@ class Summary:
 
 
 async def run_replay(live: Settings, plan: Plan, verify: bool, out: TextIO = sys.stdout,
-                     timeout_s: float = 3600.0) -> Summary:  # fmt: skip
+                     stall_s: float = 600.0) -> Summary:  # fmt: skip
     from paysaga.streams.app.assembly import create_engine
 
     settings = replay_settings(live, plan.replay_id)
@@ -445,7 +451,7 @@ async def run_replay(live: Settings, plan: Plan, verify: bool, out: TextIO = sys
     source = ReplaySource(plan.journal, rename_map(live, settings))
     engine = create_engine(settings, start=start, stop=stop, replay=source)
     progress = progress_display(plan, out, f"replay {plan.replay_id}")
-    run = await run_to_end(engine, progress, timeout_s, f"the replay {plan.replay_id}")
+    run = await run_to_end(engine, progress, stall_s, f"the replay {plan.replay_id}")
     summary = Summary(plan.replay_id, run.entries, run.records, run.seconds,
                       working_seconds=run.working_seconds)  # fmt: skip
     if verify:
@@ -471,21 +477,29 @@ class Run:
     payments: dict[bytes, bytes]
 
 
-async def run_to_end(engine: Any, progress: Any, timeout_s: float, what: str) -> Run:
+async def run_to_end(engine: Any, progress: Any, stall_s: float, what: str) -> Run:
     """Start a replay-mode `engine` (a replay, or a reset's rebuild), run it until every
     task reached its stop, and stop it. Raises ReplayError when it halted (a rebuild that
-    met a record its code refuses) or did not finish in `timeout_s`."""
+    met what its code refuses, or was fenced), when nothing committed for `stall_s`, or
+    when it stayed unhealthy (a task broken, Kafka refusing) for a minute."""
     t0 = time.monotonic()
     await engine.start()
     try:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         working = None
+        last, moved_at, failing_since = -1.0, loop.time(), None
         while not await engine.finished():
+            now = loop.time()
             if engine.shared.fatal is not None:
                 raise ReplayError(f"{what} stopped: {engine.shared.fatal}")
-            if loop.time() > deadline:
-                raise ReplayError(f"{what} did not finish in {timeout_s:.0f}s")
+            failing = engine.failed if engine.assigned else None
+            failing_since = None if failing is None else (failing_since or now)
+            if failing_since is not None and now - failing_since > 60:
+                raise ReplayError(f"{what} stopped: unhealthy for a minute: {failing}")
+            if engine.stats["batches"] != last:
+                last, moved_at = engine.stats["batches"], now
+            elif now - moved_at > stall_s:
+                raise ReplayError(f"{what} committed nothing for {stall_s:.0f}s")
             if working is None and engine.stats["batches"]:
                 working = time.monotonic()
             progress(engine, False)

@@ -29,7 +29,7 @@ from paysaga.streams.app.kafka_io import read_all
 from paysaga.streams.app.settings import Settings
 from paysaga.streams.app.topics import Topics, changelog_topic, create_topics
 from paysaga.streams.dev.upstream import UpstreamConfig, produce
-from paysaga.streams.ops.replay import live_table
+from paysaga.streams.ops.replay import ReplayError, delete_group, live_table
 from paysaga.streams.ops.reset import REBUILD_GROUP, plan_path
 from paysaga.tables.payments import PAYMENTS
 from tests.saga_support import CODEC, World, live_history, simulators, stop_all
@@ -76,6 +76,18 @@ def _committed(settings: Settings, group: str) -> dict[Any, int]:
     return asyncio.run(go())
 
 
+def _groups(settings: Settings) -> list[str]:
+    async def go() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            return [g for g, *_ in await admin.list_consumer_groups()]
+        finally:
+            await admin.close()
+
+    return asyncio.run(go())
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -96,6 +108,8 @@ def test_a_reset_refuses_while_a_worker_runs_and_a_dry_run_changes_nothing(live)
         refused = paysaga(settings, "reset")
         assert refused.returncode == 2, refused.stdout + refused.stderr
         assert "active member" in refused.stderr and "Stop every worker" in refused.stderr
+        with pytest.raises(ReplayError, match="it has members"):  # a running group stays
+            _delete_group(settings, settings.app_id)
     finally:
         worker.stop()
     wait_for(lambda: not _members(settings), 60, what="the stopped worker leaving the group")
@@ -109,6 +123,29 @@ def test_a_reset_refuses_while_a_worker_runs_and_a_dry_run_changes_nothing(live)
     assert "would delete the state directory" in dry.stdout
     assert (_ends(settings), _committed(settings, settings.app_id)) == (ends, committed)
     assert _files(settings.data_dir) == files, "the dry run changed local state"
+    # From a second ago, no journal entry rebuilds the state there is: refused, unless
+    # the operator says to start the state over (the dry run says what would be lost).
+    later = paysaga(settings, "reset", "--by-duration", "PT1S")
+    assert later.returncode == 2 and "--discard-earlier-state" in later.stderr, later.stderr
+    assert "idempotency keys with it" in later.stderr
+    dry_later = paysaga(settings, "reset", "--by-duration", "PT1S", "--discard-earlier-state",
+                        "--dry-run")  # fmt: skip
+    assert dry_later.returncode == 0, dry_later.stderr
+    assert "would discard the state from before the position" in dry_later.stdout
+    assert (_ends(settings), _committed(settings, settings.app_id)) == (ends, committed)
+    assert _files(settings.data_dir) == files
+
+
+def _delete_group(settings: Settings, group: str) -> None:
+    async def go() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        await admin.start()
+        try:
+            await delete_group(admin, group)
+        finally:
+            await admin.close()
+
+    asyncio.run(go())
 
 
 def _final(p: dict[str, Any]) -> bool:
@@ -167,7 +204,9 @@ def test_a_forced_reset_killed_half_way_is_finished_and_reproduces_the_live_stat
     assert "records/s" in done.stdout
     assert not plan_path(settings).exists()
     assert _payments(settings) == before, "the rebuilt changelog is not the live table"
-    assert not _committed(settings, REBUILD_GROUP.format(app=settings.app_id))
+    assert not [
+        g for g in _groups(settings) if g.startswith(REBUILD_GROUP.format(app=settings.app_id))
+    ], "the rebuild's groups are left"
     # Nothing written but the changelogs: no command sent again, no status, no letter.
     after = _ends(settings)
     mine = settings.topic_prefix  # every topic but the changelogs (named by the app id)
