@@ -119,6 +119,17 @@ async def stale_owner(mode: str) -> tuple[asyncio.Server, int]:
     return server, server.sockets[0].getsockname()[1]
 
 
+async def serve(view: Any) -> tuple[web.AppRunner, int]:
+    """`view` answering GET /payments/{pid}/ on a free loopback port."""
+    app = web.Application()
+    app.router.add_get("/payments/{pid}/", view)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 @pytest.mark.parametrize("mode", ["close", "reset"])
 def test_a_forward_over_a_pooled_connection_the_owner_dropped_answers_503(
     mode: str, tmp_path: Path
@@ -135,12 +146,7 @@ def test_a_forward_over_a_pooled_connection_the_owner_dropped_answers_503(
             answer = await forwarder.send(request.method, owner_at, request.path_qs, [], b"", 0)
             return answer.response()
 
-        app = web.Application()
-        app.router.add_get("/payments/{pid}/", view)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await serve(view)
         w = WorkerProcess(Settings(web_port=port), tmp_path / "front.log")
         try:
             answers = []
@@ -180,18 +186,8 @@ def test_a_forward_keeps_repeated_headers_and_drops_those_of_the_connection() ->
                                           await request.read(), 0)  # fmt: skip
             return answer.response()
 
-        runners = []
-        ports = []
-        for handler in (echo, front):
-            app = web.Application()
-            app.router.add_get("/payments/{pid}/", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            port = free_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            runners.append(runner)
-            ports.append(port)
-        owner_port, front_port = ports
+        (owner, owner_port), (runner, front_port) = await serve(echo), await serve(front)
+        runners = [owner, runner]
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", front_port)
             writer.write(b"GET /payments/p/ HTTP/1.1\r\nHost: front\r\n"
