@@ -250,7 +250,9 @@ async def reset(
             await remove_members(admin, group, [mid for mid, _, _ in members])
             await _stays_empty(admin, group, live.session_timeout_ms / 1000 / 3 + 1.0)
         replaced: dict[bytes, bytes] | None = None
-        if not saved.exists():
+        if saved.exists():
+            plan.save(saved)  # as carried on (a dry run saves nothing)
+        else:
             if verify:
                 replaced = await live_table(live, PAYMENTS, j.journal, j.stop)
                 before = digest(replaced)
@@ -283,7 +285,7 @@ async def _plan(live: Settings, saved: Path, say: Callable[[str], None], to_offs
                 to_datetime: str | None, by_duration: str | None) -> ResetPlan:  # fmt: skip
     """A new plan, or the interrupted reset's, carried to the journal's end if the journal
     moved on since (a worker ran on partly rebuilt state: what it recorded is rebuilt too,
-    and the table it replaced can no longer be compared)."""
+    and the table it replaced can no longer be compared). Saved by the caller."""
     if not saved.exists():
         journal = await make_plan(live, "reset", from_offsets=to_offsets, from_time=to_datetime,
                                   from_duration=by_duration)  # fmt: skip
@@ -305,7 +307,6 @@ async def _plan(live: Settings, saved: Path, say: Callable[[str], None], to_offs
                 f"task {p} to {e}" for p, e in sorted(moved.items())))  # fmt: skip
         plan.journal.stop.update(moved)
         plan.expected_sha256, plan.expected_keys = None, 0
-        plan.save(saved)
     return plan
 
 
