@@ -104,7 +104,7 @@ async def commit(
         positions = {name: at for name, store in task.stores.items()
                      if (at := store.changelog_offset()) is not None}  # fmt: skip
         entry = encode_entry(task.attempt_now, stream_time, records, task.poison,
-                             task.attempt_ticked, positions)  # fmt: skip
+                             task.attempt_ticked, positions, task.attempt_decoded)  # fmt: skip
         batches.add(journal, task.partition, None, entry, None, task.attempt_now, None)
     changelog: list[tuple[str, TableTransaction, TopicPartition]] = []
     for name, table_txn in txn.changed():

@@ -48,6 +48,9 @@ class Entry:
     #: Per table, the task's changelog offset before this transaction: where the live
     #: table stood, for a replay's comparison (`--verify`).
     changelog: tuple[tuple[str, int], ...] = ()
+    #: Inputs whose decoding an agent refused (a dead letter each); None in entries
+    #: written before the journal kept them (then nobody knows).
+    decoded: tuple[tuple[str, int, int], ...] | None = None
 
     @property
     def records(self) -> int:
@@ -61,6 +64,7 @@ def encode(
     poison: Mapping[tuple[str, int, int], tuple[str, str, int]],
     ticked: Sequence[str] | None,
     changelog: Mapping[str, int] | None = None,
+    decoded: Sequence[tuple[str, int, int]] = (),
 ) -> bytes:
     """The journal value of a transaction over `records` (in processing order)."""
     index: dict[tuple[str, int], int] = {}
@@ -94,6 +98,7 @@ def encode(
         doc["t"] = list(ticked)
     if changelog:
         doc["cl"] = dict(changelog)
+    doc["dl"] = [list(d) for d in dict.fromkeys(decoded)]  # always: none is a fact too
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -115,7 +120,11 @@ def decode(raw: bytes | None) -> Entry:
         raw_ticked = doc.get("t")
         ticked = None if raw_ticked is None else tuple(str(x) for x in raw_ticked)
         changelog = tuple((str(k), int(v)) for k, v in doc.get("cl", {}).items())
-        return Entry(int(doc["w"]), int(doc["st"]), inputs, order, poison, ticked, changelog)
+        raw_decoded = doc.get("dl")
+        decoded = None if raw_decoded is None else tuple(
+            (str(t), int(p), int(o)) for t, p, o in raw_decoded)  # fmt: skip
+        return Entry(int(doc["w"]), int(doc["st"]), inputs, order, poison, ticked, changelog,
+                     decoded)  # fmt: skip
     except JournalError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -263,6 +263,8 @@ class TaskRunner:
             outputs: list[Output] = []
             now = self.clock.wall_ms() if replay is None else replay[0].now
             task.attempt_now, task.attempt_ticked = now, None
+            task.attempt_decoded.clear()
+            task.attempt_entry = None if replay is None else replay[0]
             self.now = now
             try:
                 if tick:
@@ -399,7 +401,7 @@ class TaskRunner:
                     real_input = True
                     for agent in agents:
                         ctx._agent = agent
-                        value = record if agent.decode is None else self._decode(ctx, agent)
+                        value = record if agent.decode is None else self._decode(ctx, agent, task)
                         if value is _SKIP:
                             continue
                         ts = (
@@ -435,14 +437,23 @@ class TaskRunner:
             task.idle_since = self.clock.monotonic()
         return ctx.stream_time
 
-    def _decode(self, ctx: ProcessorContext, agent: Agent) -> object:
+    def _decode(self, ctx: ProcessorContext, agent: Agent, task: Task) -> object:
         record = ctx.record
         assert record is not None and agent.decode is not None
         try:
             return agent.decode(record)
         except BadRecord as bad:
+            where = (record.topic, record.partition, record.offset)
+            entry = task.attempt_entry
+            if self._rebuilding and entry is not None and entry.decoded is not None and (
+                    where not in entry.decoded):  # fmt: skip
+                raise RebuildRefused(
+                    f"{record.topic}[{record.partition}]@{record.offset}, "
+                    f"which the live run decoded: {bad.reason}"
+                ) from bad
             ctx.dead_letter(bad.kind, bad.reason)
             self.state.stats["dead_letters"] += 1
+            task.attempt_decoded.append(where)
             return _SKIP
 
     def _tick_input(self, ctx: ProcessorContext, record: ConsumerRecord) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -17,6 +18,9 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from paysaga.streams.engine.metrics import MetricSink, Report, flush
 from paysaga.streams.engine.processor import TimerClock
 from paysaga.tables.store import PartitionStore
+
+if TYPE_CHECKING:
+    from paysaga.streams.engine.journal import Entry
 
 #: Prefix of the offset-commit metadata that carries a task's stream time.
 STREAM_TIME_META = "paysaga:st="
@@ -95,6 +99,11 @@ class Task:
     attempt_now: int = 0
     #: The schedules the current wall-clock punctuation ran (None: a batch of inputs).
     attempt_ticked: list[str] | None = None
+    #: Inputs of the current attempt an agent's decoder refused (their dead letters), for
+    #: the journal: a rebuild tells a decode failure the live run had from a new one.
+    attempt_decoded: list[tuple[str, int, int]] = field(default_factory=list)
+    #: The journal entry the current attempt re-executes (a replay's), else None.
+    attempt_entry: Entry | None = None
 
     def queued(self) -> int:
         return sum(len(records) for records in self.inbox.values())

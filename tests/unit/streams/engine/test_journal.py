@@ -39,6 +39,15 @@ def test_an_entry_keeps_ranges_merge_order_clock_poison_and_positions() -> None:
     assert dict(entry.changelog) == {"payments": 77}
 
 
+def test_an_entry_keeps_the_inputs_a_decoder_refused_and_an_old_one_says_it_did_not() -> None:
+    records = [rec("a", 0, 5), rec("a", 0, 6)]
+    entry = decode(encode(1, 1, records, {}, None, None, [("a", 0, 6), ("a", 0, 6)]))
+    assert entry.decoded == (("a", 0, 6),)  # once, though two agents refused it
+    assert decode(encode(1, 1, records, {}, None)).decoded == ()  # none: a fact too
+    old = b'{"v":1,"w":1,"st":1,"in":[["a",0,5,6]],"o":[[0,2]]}'
+    assert decode(old).decoded is None  # written before the journal kept them
+
+
 def test_a_punctuation_entry_names_its_schedules_and_reads_nothing() -> None:
     entry = decode(encode(5, -1, [], {}, ["breaker"], None))
     assert entry.ticked == ("breaker",) and entry.inputs == () and entry.records == 0

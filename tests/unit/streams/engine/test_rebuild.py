@@ -16,6 +16,7 @@ from paysaga.streams.engine import ProcessorContext, PunctuationType, Topology
 from paysaga.streams.engine.config import ReplaySource
 from paysaga.streams.engine.driver import TopologyTestDriver
 from paysaga.streams.engine.journal import Entry
+from paysaga.streams.engine.processor import BadRecord
 from paysaga.streams.engine.task import RebuildRefused
 from paysaga.tables.transaction import TaskTransaction
 
@@ -81,5 +82,48 @@ def test_outside_a_rebuild_the_same_raise_is_poison(tmp_path: Path) -> None:
         driver.pipe("in", b'{"k": "p2", "refuse": true}', key=b"p2")
         [letter] = driver.outputs("dlq")
         assert letter.key == b"p2" and not driver.table(T)
+    finally:
+        driver.close()
+
+
+def _decoding_topology() -> Topology:
+    topology = Topology()
+
+    def decode(r: ConsumerRecord) -> dict[str, Any]:
+        if r.value == b"BAD":
+            raise BadRecord("decode", "this code cannot read it")
+        return dict(json.loads(r.value))
+
+    @topology.agent("a", sources=["in"], tables=[T], decode=decode)
+    def agent(ctx: ProcessorContext, event: dict[str, Any]) -> None:
+        ctx.table(T).set(event["k"].encode(), b"seen")
+
+    return topology
+
+
+@pytest.mark.parametrize("live_refused", [True, False])
+def test_a_decode_failure_stops_a_rebuild_unless_the_live_run_had_it(
+    tmp_path: Path, live_refused: bool
+) -> None:
+    """The journal keeps the inputs a decoder refused (`Entry.decoded`): the same refusal
+    again is the live run's dead letter (in the DLQ already); a new one would drop a
+    record from the rebuilt state without a word, so it stops the rebuild."""
+    driver = TopologyTestDriver(_decoding_topology(), tmp_path, wall_ms=0)
+    try:
+        _rebuilding(driver)
+        task = driver._task(0)
+        record = driver._record("in", 0, b"p1", b"BAD", 1, [])
+        decoded = (("in", 0, 0),) if live_refused else ()
+        task.attempt_entry = Entry(now=0, stream_time=0, decoded=decoded)
+        outputs: list[Any] = []
+        run = lambda: driver.runner.run_records(  # noqa: E731
+            task, TaskTransaction(task.stores), outputs, [record]
+        )
+        if live_refused:
+            assert run() is not None and [o[0] for o in outputs] == ["dlq"]
+            assert task.attempt_decoded == [("in", 0, 0)]
+        else:
+            with pytest.raises(RebuildRefused, match="which the live run decoded"):
+                run()
     finally:
         driver.close()
