@@ -71,6 +71,7 @@ def create_engine(
         max_batch=settings.max_batch,
         punctuate_ms=settings.punctuate_ms,
         slice_ms=settings.engine_slice_ms,
+        commit_interval_ms=settings.engine_commit_interval_ms,
         session_timeout_ms=settings.session_timeout_ms,
         redact=redact,
         tick_topic=names.stream_time if topology.uses_stream_time else None,

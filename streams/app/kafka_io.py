@@ -21,7 +21,7 @@ def consumer(bootstrap: str, isolation: str = "read_committed", **kw: Any) -> AI
         isolation_level=isolation,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=5,
+        fetch_max_wait_ms=100,
         **kw,
     )
 

@@ -88,8 +88,13 @@ class Settings(BaseModel):
     )
     punctuate_ms: int = Field(500, ge=10, description="how often timers are checked")
     engine_slice_ms: float = Field(
-        2.0, ge=0, description="how long a batch's agents run before the event loop gets a "
+        1.0, ge=0, description="how long a batch's agents run before the event loop gets a "
         "turn (views, heartbeats, other tasks); 0: each batch at once",
+    )  # fmt: skip
+    engine_commit_interval_ms: float = Field(
+        100.0, ge=0, le=1_000, description="a task starts a transaction at most this often: "
+        "records arriving sooner wait in its queue for the next (fewer, larger transactions "
+        "at light load); 0: as soon as the last one committed",
     )  # fmt: skip
     idle_ms: int = Field(
         5_000,

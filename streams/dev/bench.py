@@ -78,6 +78,9 @@ class BenchOptions:
     views_seconds: float = 0.0
     #: Payments/s offered while the views are asked (`make run`'s default rate).
     views_rate: float = 500.0
+    #: Settings every paysaga worker of the bench runs with (intake, saga, views), by field
+    #: name (`--worker-setting engine_commit_interval_ms=0`): the figures under others.
+    worker_settings: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,7 +95,8 @@ class PipelineResult:
 class Pipeline:
     """One pipeline process reading `source` and writing statuses to `output`."""
 
-    def __init__(self, kind: str, bootstrap: str, prefix: str, work: Path, partitions: int):
+    def __init__(self, kind: str, bootstrap: str, prefix: str, work: Path, partitions: int,
+                 worker_settings: dict[str, str] | None = None) -> None:  # fmt: skip
         self.kind = kind
         self.bootstrap = bootstrap
         self.work = work
@@ -102,6 +106,7 @@ class Pipeline:
             bootstrap=bootstrap, app_id=f"{prefix}{kind}".replace(".", "-"), topic_prefix=prefix,
             partitions=partitions, data_dir=work / "state", web_port=free_port(),
             topology="paysaga.streams.dev.bench_pipelines:intake_topology",
+            **(worker_settings or {}),
         )  # fmt: skip
         names = Topics(prefix)
         self.source = names.initiated
@@ -302,11 +307,12 @@ async def _pipelines(
     cfg = UpstreamConfig(count=opts.events, seed=2026)
     await produce(bootstrap, codec, cfg, topic=shared.source)
     for kind in opts.pipelines:
-        p = Pipeline(kind, bootstrap, f"{run}.", work / kind, opts.partitions)
+        p = Pipeline(kind, bootstrap, f"{run}.", work / kind, opts.partitions,
+                     opts.worker_settings)  # fmt: skip
         await p.prepare()
         res = await _throughput(p, opts, codec)
         lat = Pipeline(kind, bootstrap, f"{run}-lat-{kind}.", work / f"lat-{kind}",
-                       opts.partitions)  # fmt: skip
+                       opts.partitions, opts.worker_settings)  # fmt: skip
         await lat.prepare()
         res.p50_ms, res.p99_ms = await _latency(lat, opts, codec)
         results["pipelines"][kind] = res.__dict__
@@ -329,6 +335,7 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "latency_warmup_seconds": opts.latency_warmup_seconds,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "pipelines": {},
+        "worker_settings": opts.worker_settings,
     }  # fmt: skip
     ok = False
     try:
@@ -342,7 +349,8 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
                                warmup_seconds=opts.latency_warmup_seconds,
                                partitions=opts.saga_partitions or opts.partitions,
                                workers=opts.saga_workers, profile=opts.profile,
-                               upstream_key=opts.saga_upstream_key)  # fmt: skip
+                               upstream_key=opts.saga_upstream_key,
+                               worker_settings=opts.worker_settings)  # fmt: skip
             pid = broker.pid() if broker is not None else None
             results["saga"] = await run_saga(saga, bootstrap, run, work, codec, pid)
         if opts.retries_waiting > 0:
@@ -350,8 +358,12 @@ async def run_bench(opts: BenchOptions) -> dict[str, Any]:
             results["retries"] = await run_retries_waiting(n, bootstrap, run, work,
                                                            opts.partitions, codec)  # fmt: skip
         if opts.views_seconds > 0:
+            pid = broker.pid() if broker is not None else None
             results["views"] = await run_views(opts.views_seconds, bootstrap, run, work,
-                                               opts.partitions, codec, opts.views_rate)  # fmt: skip
+                                               opts.partitions, codec, opts.views_rate,
+                                               worker_settings=opts.worker_settings,
+                                               profile=opts.profile,
+                                               broker_pid=pid)  # fmt: skip
         if opts.recon_open > 0:
             results["recon"] = await run_recon_open(opts.recon_open, bootstrap, run, work,
                                                     opts.partitions, codec)  # fmt: skip
@@ -380,6 +392,10 @@ def summary(results: dict[str, Any]) -> str:
         head += (
             f", {results['events']} events, latency at {results['rate']:.0f}/s offered "
             f"(after {results.get('latency_warmup_seconds', 0):.0f} s at that rate)"
+        )
+    if results.get("worker_settings"):
+        head += "; workers with " + ", ".join(
+            f"{k}={v}" for k, v in results["worker_settings"].items()
         )
     lines = [head]
     if results["pipelines"]:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class SagaOptions:
     upstream_key: str = "payment"
     #: Where py-spy's samples of the worker over the backlog go (None: not profiled).
     profile: Path | None = None
+    #: Settings every worker runs with (`paysaga bench --worker-setting`), by field name.
+    worker_settings: dict[str, str] = field(default_factory=dict)
 
 
 class SagaRig:
@@ -156,7 +158,8 @@ def _ended(status: dict[str, Any]) -> bool:
 
 async def backlog(opts: SagaOptions, bootstrap: str, run: str, work: Path, codec: AvroCodec,
                   broker_pid: int | None) -> dict[str, Any]:  # fmt: skip
-    rig = SagaRig(bootstrap, f"{run}-saga.", work / "saga", opts.partitions, opts.workers)
+    rig = SagaRig(bootstrap, f"{run}-saga.", work / "saga", opts.partitions, opts.workers,
+                  **opts.worker_settings)  # fmt: skip
     await rig.prepare()
     names = Topics(rig.settings.topic_prefix)
     cfg = UpstreamConfig(count=opts.payments, seed=2027, manual_capture_rate=0.0,
@@ -244,7 +247,7 @@ async def latency(opts: SagaOptions, bootstrap: str, run: str, work: Path,
                   codec: AvroCodec) -> dict[str, float]:  # fmt: skip
     """p50/p95/p99 ms from a PaymentInitiated's event time to its AUTHORIZED status."""
     rig = SagaRig(bootstrap, f"{run}-saga-lat.", work / "saga-lat", opts.partitions,
-                  opts.workers)  # fmt: skip
+                  opts.workers, **opts.worker_settings)  # fmt: skip
     await rig.prepare()
     names = Topics(rig.settings.topic_prefix)
     rig.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 import urllib.request
 from collections import Counter
@@ -25,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from paysaga.schemas.codec import AvroCodec
 from paysaga.streams.app.topics import Topics
-from paysaga.streams.dev.measure import percentile
+from paysaga.streams.dev.measure import cpu_seconds, percentile
+from paysaga.streams.dev.profile import attach, detach, report
 from paysaga.streams.dev.saga_bench import SagaRig
 from paysaga.streams.dev.upstream import UpstreamConfig, generate, produce
 from paysaga.streams.ops.metrics import LoopWatch
@@ -75,34 +77,56 @@ def _ask(
 
 async def run_views(seconds: float, bootstrap: str, run: str, work: Path, partitions: int,
                     codec: AvroCodec, rate: float = 500.0, queries_per_s: float = 200.0,
-                    slice_ms: float | None = None) -> dict[str, Any]:  # fmt: skip
-    """`slice_ms`: the workers' `engine_slice_ms` (None: the default)."""
-    extra = {} if slice_ms is None else {"engine_slice_ms": slice_ms}
-    rig = SagaRig(bootstrap, f"{run}-views.", work / "views", partitions, workers=2, **extra)
+                    worker_settings: dict[str, str] | None = None,
+                    profile: Path | None = None,
+                    broker_pid: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """`worker_settings`: what the two workers run with, by settings field (None: the
+    defaults); `profile`: where py-spy's samples of the first worker go while the views
+    are asked (None: none); `broker_pid`: the broker's, for its share of the cores."""
+    rig = SagaRig(bootstrap, f"{run}-views.", work / "views", partitions, workers=2,
+                  **(worker_settings or {}))  # fmt: skip
     await rig.prepare()
     rig.start()
+    profiler = None
     try:
         await rig.ready()
         cfg = UpstreamConfig(count=int(rate * seconds), seed=2031, manual_capture_rate=0.0)
         ids = [e["payment_id"] for e in generate(cfg)]
         names = Topics(rig.settings.topic_prefix)
+        stats0, cpu0 = rig.stats(), self_and(rig.cpu(broker_pid))
+        if profile is not None:
+            profiler = attach(rig.workers[0].pid, profile / "views.raw")
         started = time.monotonic()
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             client = asyncio.get_running_loop().run_in_executor(
                 pool, _ask, rig.ports, ids, rate, queries_per_s, started, seconds)  # fmt: skip
             await produce(bootstrap, codec, cfg, rate=rate, topic=names.initiated, progress=False)
             samples, codes = await client
+        took = time.monotonic() - started
+        stats1, cpu1 = rig.stats(), self_and(rig.cpu(broker_pid))
         lags = [await asyncio.to_thread(loop_lag, port) for port in rig.ports]
     finally:
+        if profiler is not None:
+            detach(profiler)
         rig.stop()
     return {
         "rate": rate,
         "seconds": seconds,
         "slice_ms": rig.settings.engine_slice_ms,
+        "commit_interval_ms": rig.settings.engine_commit_interval_ms,
         "codes": dict(codes),
         **{hop: _figures(s) for hop, s in samples.items()},
         "loop_lag": lags,
+        "cpu_share": {k: (cpu1[k] - cpu0[k]) / took for k in cpu1},
+        "batches": stats1.get("batches", 0) - stats0.get("batches", 0),
+        "records": stats1.get("records", 0) - stats0.get("records", 0),
+        **({} if profile is None else {"profile": report(profile / "views.raw")}),
     }
+
+
+def self_and(cpu: dict[str, float]) -> dict[str, float]:
+    """`SagaRig.cpu`'s figures and this process's own (upstream's producer)."""
+    return {**cpu, "upstream": cpu_seconds(os.getpid())}
 
 
 def loop_lag(port: int) -> dict[str, float]:
@@ -129,15 +153,28 @@ def loop_lag(port: int) -> dict[str, float]:
 
 def views_summary(r: dict[str, Any]) -> str:
     rows = [f"payment views while {r['rate']:.0f} payments/s flow through two workers "
-            f"({r['seconds']:.0f} s, engine slices of {r.get('slice_ms', '?')} ms; answers "
+            f"({r['seconds']:.0f} s, engine slices of {r.get('slice_ms', '?')} ms, commit interval "
+            f"{r.get('commit_interval_ms', 0):.0f} ms; answers "
             f"{dict(sorted(r['codes'].items()))}):"]  # fmt: skip
     for hop in ("owner", "forwarded"):
         f = r[hop]
         rows.append(f"  {hop:<10} p50 {f['p50_ms']:.1f} ms, p95 {f['p95_ms']:.1f} ms, "
                     f"p99 {f['p99_ms']:.1f} ms ({f['samples']} answers)")  # fmt: skip
+    if "cpu_share" in r:
+        batches = r["batches"]
+        rows.append(
+            f"  {batches} transactions, {r['records'] / max(1, batches):.1f} records "
+            "each; cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_share"].items())
+        )
     for i, lag in enumerate(r.get("loop_lag", []), 1):
         rows.append(f"  worker {i} event loop: {lag['ticks']:.0f} ticks of 50 ms, late by over "
                     f"5 ms {lag['over_5ms']:.1%}, 10 ms {lag['over_10ms']:.1%}, 25 ms "
                     f"{lag['over_25ms']:.1%}; of the lag, {lag.get('busy_share', 0):.0%} running "
                     "code, the rest waiting for a core")  # fmt: skip
+    if "profile" in r:
+        rep = r["profile"]
+        rows.append(
+            f"  worker 1 CPU by stage ({rep['samples']} samples): "
+            + ", ".join(f"{stage} {share:.0%}" for stage, share in rep["stages"].items())
+        )
     return "\n".join(rows)

@@ -52,9 +52,11 @@ class EngineConfig:
     max_batch: int = 2000
     linger_ms: int = 0
     poll_timeout_ms: int = 100
-    #: How long the broker may hold a fetch waiting for data. aiokafka's default (500 ms)
-    #: adds up to half a second of latency per hop when traffic is light.
-    fetch_max_wait_ms: int = 5
+    #: How long the broker may hold a fetch that finds no data (docs/operations.md#fetching).
+    #: It costs no latency: a fetch returns as soon as a record is there. Shorter, each idle
+    #: consumer asks the broker again and again: at 5 ms, two idle workers and the three
+    #: simulators kept nearly a core of this machine busy, the broker's half of it.
+    fetch_max_wait_ms: int = 100
     #: How often the fetch loop looks for due wall-clock schedules (each schedule has its
     #: own interval; this is the resolution).
     punctuate_ms: int = 500
@@ -86,7 +88,17 @@ class EngineConfig:
     endpoint: str | None = None
     #: How long a batch's agents run before the event loop gets a turn (views, heartbeats,
     #: other tasks' commits); 0: a batch runs to its end at once.
-    slice_ms: float = 2.0
+    slice_ms: float = 1.0
+    #: The shortest time between the starts of two batches of one task (Kafka Streams'
+    #: `commit.interval.ms`): records fetched sooner wait in the task's queue and join the
+    #: next batch. Fewer, larger transactions when records trickle in; 0: a batch starts
+    #: as soon as the last one committed. Never applied to a replay (each journal entry
+    #: is its own transaction) or to a batch that is full already.
+    commit_interval_ms: float = 0.0
+    #: With a commit interval, how much data a fetch waits for (up to the interval) before
+    #: the broker answers: fetching the records of a batch that waits anyway, one by one,
+    #: is CPU for nothing on both sides.
+    interval_fetch_min_bytes: int = 65_536
     #: Where each committed transaction records what it processed, for replays
     #: (streams/engine/journal.py). None: no journal.
     journal_topic: str | None = None

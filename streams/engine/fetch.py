@@ -44,6 +44,16 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.engine.acquire({tp.partition for tp in assigned})
 
 
+def fetch_wait(config: EngineConfig) -> dict[str, int]:
+    """How the consumer's fetches wait: with a commit interval, for a batch's worth of
+    data up to the interval (the batch would wait as long); otherwise for the first record,
+    up to `fetch_max_wait_ms` when there is none (docs/operations.md#fetching)."""
+    interval = int(config.commit_interval_ms)
+    if interval > 0 and config.replay is None:
+        return {"fetch_max_wait_ms": interval, "fetch_min_bytes": config.interval_fetch_min_bytes}
+    return {"fetch_max_wait_ms": config.fetch_max_wait_ms, "fetch_min_bytes": 1}
+
+
 class ExactlyOnceEngine(mode.Service):
     """Consume, process and produce with exactly-once semantics (docs/exactly-once.md)."""
 
@@ -186,7 +196,7 @@ class ExactlyOnceEngine(mode.Service):
             partition_assignment_strategy=(RangePartitionAssignor,)
             if self.assignor is None
             else (self.assignor, RangePartitionAssignor),
-            fetch_max_wait_ms=config.fetch_max_wait_ms,
+            **fetch_wait(config),
             max_poll_interval_ms=600_000,
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.session_timeout_ms // 3,
@@ -259,7 +269,10 @@ class ExactlyOnceEngine(mode.Service):
                     if task is None or task.closing or tp not in task.next_offsets:
                         continue  # not ours any more: the next owner reads them
                     task.inbox.setdefault(tp, []).extend(records)
-                    if not task.paused and task.queued() > limit:
+                    queued = task.queued()
+                    if queued >= s.config.max_batch:
+                        task.wake.set()  # a full batch: no commit interval to wait out
+                    if not task.paused and queued > limit:
                         # Backpressure per task: a slow or retrying task stops fetching for
                         # itself only; the runner resumes it once it has caught up.
                         s.pause(task.partition)

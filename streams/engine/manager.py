@@ -259,6 +259,7 @@ class TaskManager:
         if task is None:
             return None
         task.closing = True  # queued records are left to the next owner
+        task.wake.set()  # a runner waiting out its commit interval stops now
         if task.runner is not None:
             await task.runner
         if s.tasks.get(p) is not task:

@@ -13,6 +13,7 @@ drain loop, which hands the task to the manager).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -67,10 +68,6 @@ def _page(scan: Callable[[], Sequence[tuple[Any, Any]]], handle: Callable[..., N
 def _or_never(due: int | None) -> int:
     """An index's next due time for its `TimerClock` (NEVER: nothing armed)."""
     return NEVER if due is None else due
-
-
-#: How often (every SLICE_CHECK + 1 records) a batch looks at the time it has run.
-SLICE_CHECK = 7
 
 
 class Clock(Protocol):
@@ -153,6 +150,10 @@ class TaskRunner:
         try:
             while s.current(task):
                 if task.inbox:
+                    await self._interval(task)
+                    if not s.current(task):
+                        break
+                    task.batch_started = self.clock.monotonic()
                     lists = [records for records in task.inbox.values() if records]
                     task.inbox = {}
                     await self._process_task(task, lists)
@@ -181,6 +182,19 @@ class TaskRunner:
             task.closing = True
             assert self.manager is not None
             self.manager.mark_broken(task.partition, exc)
+
+    async def _interval(self, task: Task) -> None:
+        """Wait out the rest of the commit interval since the task's last batch started
+        (config.py `commit_interval_ms`); the fetch loop keeps queueing records meanwhile,
+        and they join this batch. Not when the batch is full, nor in a replay."""
+        config = self.state.config
+        if config.commit_interval_ms <= 0 or config.replay is not None or task.closing:
+            return
+        left = task.batch_started + config.commit_interval_ms / 1000 - self.clock.monotonic()
+        if left > 0 and task.queued() < config.max_batch:
+            task.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.wake.wait(), left)
 
     def _fresh(self, task: Task, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
         """The records not processed yet, and before the partition's stop (if any)."""
@@ -380,7 +394,7 @@ class TaskRunner:
         real_input = False
         try:
             for i, record in enumerate(records):
-                if not i & SLICE_CHECK and i and time.perf_counter() > slice_end:
+                if i and time.perf_counter() > slice_end:  # looked at every record
                     yield
                     slice_end = time.perf_counter() + slice_s
                 ctx.record = record

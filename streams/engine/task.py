@@ -69,6 +69,11 @@ class Task:
     #: Fetched records waiting for this task's next batch, per input partition, in order.
     inbox: dict[TopicPartition, list[ConsumerRecord]] = field(default_factory=dict)
     runner: asyncio.Future[None] | None = None
+    #: When (monotonic) the task's last batch of inputs started: the commit interval's mark.
+    batch_started: float = 0.0
+    #: Set when the task's queue holds a full batch, or when the task is being closed: a
+    #: runner waiting out the commit interval starts (or stops) at once.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
     #: Why this task's last attempt failed (None once a batch committed again).
     failure: str | None = None

@@ -404,6 +404,20 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _worker_settings(pairs: list[str]) -> dict[str, str]:
+    """`--worker-setting FIELD=VALUE` pairs, each field one of the settings' own."""
+    from paysaga.streams.app.settings import Settings
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in Settings.model_fields:
+            raise SystemExit(f"--worker-setting {pair!r}: expected FIELD=VALUE with a settings "
+                             "field, such as engine_commit_interval_ms=0")  # fmt: skip
+        out[name] = value
+    return out
+
+
 def _bench(args: argparse.Namespace) -> int:
     from paysaga.streams.dev.bench import PIPELINES, BenchOptions, run_bench
 
@@ -418,7 +432,7 @@ def _bench(args: argparse.Namespace) -> int:
         saga_partitions=args.saga_partitions or None,
         profile=Path(args.profile) if args.profile else None, recon_open=args.recon_open,
         retries_waiting=args.retries_waiting, views_seconds=args.views_seconds,
-        views_rate=args.views_rate,
+        views_rate=args.views_rate, worker_settings=_worker_settings(args.worker_setting),
     )  # fmt: skip
     asyncio.run(run_bench(opts))
     return 0
@@ -604,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="seconds of payment views asked of two workers under load (0 skips)")  # fmt: skip
     _env_opt(p, "--views-rate", "PAYSAGA_BENCH_VIEWS_RATE", 500.0, float,
              help="payments/s offered while the views are asked")  # fmt: skip
+    p.add_argument("--worker-setting", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a setting every bench worker runs with (repeatable), e.g. "
+                   "engine_commit_interval_ms=0")  # fmt: skip
     _env_opt(p, "--results-dir", "PAYSAGA_BENCH_RESULTS", "bench/results", str,
              help="where JSON results go")  # fmt: skip
 
