@@ -44,12 +44,18 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.engine.acquire({tp.partition for tp in assigned})
 
 
+#: The shortest commit interval fetches are held for: a shorter hold would ask an idle
+#: broker more often than `fetch_max_wait_ms` does.
+MIN_HOLD_MS = 50
+
+
 def fetch_wait(config: EngineConfig) -> dict[str, int]:
-    """How the consumer's fetches wait: with a commit interval, for a batch's worth of
-    data up to the interval (the batch would wait as long); otherwise for the first record,
-    up to `fetch_max_wait_ms` when there is none (docs/operations.md#fetching)."""
+    """How the consumer's fetches wait: with a commit interval (of `MIN_HOLD_MS` or more),
+    for a batch's worth of data up to the interval (the batch would wait as long);
+    otherwise for the first record, up to `fetch_max_wait_ms` when there is none
+    (docs/operations.md#fetching)."""
     interval = int(config.commit_interval_ms)
-    if interval > 0 and config.replay is None:
+    if interval >= MIN_HOLD_MS and config.replay is None:
         return {"fetch_max_wait_ms": interval, "fetch_min_bytes": config.interval_fetch_min_bytes}
     return {"fetch_max_wait_ms": config.fetch_max_wait_ms, "fetch_min_bytes": 1}
 
@@ -268,10 +274,7 @@ class ExactlyOnceEngine(mode.Service):
                     task = s.tasks.get(tp.partition)
                     if task is None or task.closing or tp not in task.next_offsets:
                         continue  # not ours any more: the next owner reads them
-                    task.inbox.setdefault(tp, []).extend(records)
-                    queued = task.queued()
-                    if queued >= s.config.max_batch:
-                        task.wake.set()  # a full batch: no commit interval to wait out
+                    queued = task.enqueue(tp, records, s.config.max_batch)
                     if not task.paused and queued > limit:
                         # Backpressure per task: a slow or retrying task stops fetching for
                         # itself only; the runner resumes it once it has caught up.

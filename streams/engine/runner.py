@@ -153,7 +153,6 @@ class TaskRunner:
                     await self._interval(task)
                     if not s.current(task):
                         break
-                    task.batch_started = self.clock.monotonic()
                     lists = [records for records in task.inbox.values() if records]
                     task.inbox = {}
                     await self._process_task(task, lists)
@@ -194,7 +193,8 @@ class TaskRunner:
         if left > 0 and task.queued() < config.max_batch:
             task.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(task.wake.wait(), left)
+                async with asyncio.timeout(left):
+                    await task.wake.wait()
 
     def _fresh(self, task: Task, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
         """The records not processed yet, and before the partition's stop (if any)."""
@@ -213,7 +213,8 @@ class TaskRunner:
     async def _process_task(self, task: Task, lists: list[list[ConsumerRecord]]) -> None:
         lists = [kept for records in lists if (kept := self._fresh(task, records))]
         if not lists:
-            return
+            return  # only records committed already: no batch, the interval not restarted
+        task.batch_started = self.clock.monotonic()
         if self.state.config.replay is not None:
             await self._replay(task, [r for records in lists for r in records])
             return

@@ -113,6 +113,15 @@ class Task:
     def queued(self) -> int:
         return sum(len(records) for records in self.inbox.values())
 
+    def enqueue(self, tp: TopicPartition, records: list[ConsumerRecord], full: int) -> int:
+        """Queue fetched records of input partition `tp`; how many are queued now. At
+        `full` (a whole batch) a runner waiting out the commit interval is woken."""
+        self.inbox.setdefault(tp, []).extend(records)
+        queued = self.queued()
+        if queued >= full:
+            self.wake.set()
+        return queued
+
     def begin_attempt(self) -> None:
         """Start an attempt at a batch. After one that did not commit, the timer clocks are
         forgotten (a scan of the thrown-away transaction may have raised them past a timer

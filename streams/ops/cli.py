@@ -413,9 +413,18 @@ def _worker_settings(pairs: list[str]) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep or name not in Settings.model_fields:
             raise SystemExit(f"--worker-setting {pair!r}: expected FIELD=VALUE with a settings "
-                             "field, such as engine_commit_interval_ms=0")  # fmt: skip
+                             "field, such as engine_commit_interval_ms=100")  # fmt: skip
+        if name in BENCH_OWNED:
+            raise SystemExit(f"--worker-setting {name}: the bench sets it for each worker")
         out[name] = value
     return out
+
+
+#: Settings the bench gives each worker itself (its broker, names, state, port, topology,
+#: the whole saga's settlement batches).
+BENCH_OWNED = frozenset({"bootstrap", "app_id", "topic_prefix", "input_topic_prefix",
+                         "partitions", "data_dir", "web_port", "topology",
+                         "settlement_batch_ms", "settlement_cutoff_ms"})  # fmt: skip
 
 
 def _bench(args: argparse.Namespace) -> int:

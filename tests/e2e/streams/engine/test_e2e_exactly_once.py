@@ -129,7 +129,10 @@ def _consumed(settings: Settings) -> int:
 @pytest.mark.slow
 def test_kill9_during_batches(broker: LocalBroker, tmp_path: Path) -> None:
     # A shorter session: each restart waits that long for its killed self to leave the group.
-    settings = _settings(broker, tmp_path, "kill", max_batch=50, session_timeout_ms=6000)
+    # A commit interval, so kills also land while a task waits to gather its next batch and
+    # while fetches are held (the other kill tests run without one, the default).
+    settings = _settings(broker, tmp_path, "kill", max_batch=50, session_timeout_ms=6000,
+                         engine_commit_interval_ms=100)  # fmt: skip
     pipelines.create_topics(settings)
     # Inputs keep arriving until the last kill (the list only bounds the test): a worker that
     # caught up with a finished load would leave nothing in flight to crash into.
@@ -824,16 +827,27 @@ def test_the_commit_interval_gathers_a_trickle_into_few_transactions(
     interval_ms = 400
     settings, inputs, outputs = _recovery_case(broker, tmp_path, "interval", 600, seed=23)
     settings = settings.model_copy(update={"engine_commit_interval_ms": interval_ms})
+    source = pipelines.names(settings)[0]
 
     async def body(engine) -> None:
         await _first_processed(engine, settings, inputs[:30], outputs)
         before, started = engine.stats["batches"], time.monotonic()
-        for at in range(30, len(inputs), 6):
-            await _send(settings, inputs[at : at + 6])
-            await asyncio.sleep(0.02)  # the trickle's pace, not a synchronisation
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        await producer.start()
+        groups = 0
+        try:
+            for at in range(30, len(inputs), 6):
+                for key, value in inputs[at : at + 6]:
+                    await producer.send(source, json.dumps(value).encode(), key=key)
+                await producer.flush()
+                groups += 1
+                await asyncio.sleep(0.02)  # the trickle's pace, not a synchronisation
+        finally:
+            await producer.stop()
         await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
         batches = engine.stats["batches"] - before
         most = 3 * (int((time.monotonic() - started) * 1000 / interval_ms) + 2)
+        assert groups > most, f"{groups} groups in {most} intervals: no trickle to gather"
         assert 0 < batches <= most, f"{batches} batches, at most {most} with the interval"
 
     _engine_scenario(settings, body)

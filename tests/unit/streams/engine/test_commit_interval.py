@@ -20,7 +20,9 @@ from aiokafka.structs import TopicPartition
 from paysaga.streams.engine import ProcessorContext, Topology
 from paysaga.streams.engine.config import EngineConfig, ReplaySource
 from paysaga.streams.engine.driver import TopologyTestDriver
-from paysaga.streams.engine.fetch import fetch_wait
+from paysaga.streams.engine.fetch import MIN_HOLD_MS, fetch_wait
+from paysaga.streams.engine.manager import TaskManager
+from paysaga.streams.engine.recovery import Recovery
 from paysaga.streams.engine.task import Task
 
 INTERVAL_MS = 60_000  # far longer than any test here: a wait is never cut by the clock
@@ -61,9 +63,10 @@ async def _waits(driver: TopologyTestDriver, task: Task, turns: int = 20) -> asy
     return waiting
 
 
-def _started_now(driver: TopologyTestDriver, n: int) -> Task:
-    task = driver._task(0)
-    task.batch_started = driver.clock.monotonic()  # the last batch started just now
+def _started_now(driver: TopologyTestDriver, n: int, p: int = 0) -> Task:
+    """Task `p`, whose last batch started just now, with `n` records queued."""
+    task = driver._task(p)
+    task.batch_started = driver.clock.monotonic()
     _queue(driver, task, n)
     return task
 
@@ -87,24 +90,45 @@ def test_a_full_batch_closing_task_or_passed_interval_does_not_wait(
         full = _started_now(driver, driver.state.config.max_batch)
         await asyncio.wait_for(driver.runner._interval(full), 5)
 
-        closing = _started_now(driver, 1)
+        closing = _started_now(driver, 1, p=1)
         closing.closing = True
         await asyncio.wait_for(driver.runner._interval(closing), 5)
 
-        late = _started_now(driver, 1)
-        driver.clock.now_ms += INTERVAL_MS  # the interval is over
+        late = _started_now(driver, 1, p=2)
+        await _waits(driver, late)  # not over yet ...
+        driver.clock.now_ms += INTERVAL_MS  # ... and now it is
         await asyncio.wait_for(driver.runner._interval(late), 5)
 
     asyncio.run(go())
 
 
-def test_a_task_closed_while_waiting_stops_waiting(driver: TopologyTestDriver) -> None:
+def test_queueing_a_full_batch_wakes_the_waiting_runner(driver: TopologyTestDriver) -> None:
+    async def go() -> None:
+        task = _started_now(driver, 0)
+        task.inbox = {}
+        waiting = await _waits(driver, task)
+        records = [driver._record("in", 0, b"k", b"v", i, []) for i in range(10)]
+        # What the fetch loop does with each fetch (streams/engine/fetch.py).
+        assert task.enqueue(TopicPartition("in", 0), records[:9], full=10) == 9
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not waiting.done(), "nine records of a batch of ten started it"
+        assert task.enqueue(TopicPartition("in", 0), records[9:], full=10) == 10
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_closing_a_task_ends_its_runner_s_wait(driver: TopologyTestDriver) -> None:
+    """A revocation (`TaskManager.detach`) waits for the task's runner: a runner waiting out
+    a minute-long interval must stop at once, not hold the rebalance up."""
+
     async def go() -> None:
         task = _started_now(driver, 2)
-        waiting = await _waits(driver, task)
-        task.closing = True
-        task.wake.set()  # as `TaskManager.detach` does
-        await asyncio.wait_for(waiting, 5)
+        task.runner = await _waits(driver, task)
+        manager = TaskManager(driver.state, Recovery(driver.state))
+        detached = await asyncio.wait_for(manager.detach(0), 5)
+        assert detached is task and task.closing and 0 not in driver.state.tasks
 
     asyncio.run(go())
 
@@ -129,3 +153,5 @@ def test_fetches_wait_for_a_batch_of_data_only_with_an_interval() -> None:
                                  "fetch_min_bytes": base.interval_fetch_min_bytes}  # fmt: skip
     replay = dataclasses.replace(timed, replay=ReplaySource(journal_topic="j"))
     assert fetch_wait(replay)["fetch_min_bytes"] == 1  # a replay's batches never wait
+    short = dataclasses.replace(base, commit_interval_ms=MIN_HOLD_MS - 1)
+    assert fetch_wait(short) == fetch_wait(base)  # no hold shorter than an idle fetch's wait
