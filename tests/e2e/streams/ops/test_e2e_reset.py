@@ -244,9 +244,16 @@ def test_a_forced_reset_killed_half_way_is_finished_and_reproduces_the_live_stat
     try:
         settled = [(k, v) for k, v in before.items() if k[:1] != b"\x01" and _final(json.loads(v))]
         assert len(settled) >= 20, "too few payments at their end to compare"
-        for key, value in settled[:60]:  # served from the rebuilt state, as it was
-            code, body = worker.fetch(f"/payments/{key.decode()}")
-            assert (code, body) == (200, value)
+        served = {}
+        for key, _ in settled[:60]:  # served from the rebuilt state
+            code, served[key] = worker.fetch(f"/payments/{key.decode()}")
+            assert code == 200
+        # As it was, or as the worker's own committed transactions changed it since (a
+        # wall-clock schedule can still touch a settled payment after the restart).
+        current = _payments(settings)
+        moved = [k for k, body in served.items() if body != before[k]]
+        assert all(served[k] == current[k] for k in moved), "served a value never committed"
+        assert len(moved) <= len(served) // 4, f"{len(moved)} of {len(served)} not as rebuilt"
         world = World(settings)
         initiated = Topics(settings.topic_prefix).initiated
         known = _initiated(settings)
