@@ -832,18 +832,12 @@ def test_the_commit_interval_gathers_a_trickle_into_few_transactions(
     async def body(engine) -> None:
         await _first_processed(engine, settings, inputs[:30], outputs)
         before, started = engine.stats["batches"], time.monotonic()
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
-        await producer.start()
-        groups = 0
-        try:
-            for at in range(30, len(inputs), 6):
-                for key, value in inputs[at : at + 6]:
-                    await producer.send(source, json.dumps(value).encode(), key=key)
-                await producer.flush()
-                groups += 1
-                await asyncio.sleep(0.02)  # the trickle's pace, not a synchronisation
-        finally:
-            await producer.stop()
+        trickle = PacedProducer(settings, source, [(k, json.dumps(v).encode())
+                                                   for k, v in inputs[30:]], 240)  # fmt: skip
+        trickle.start()
+        await asyncio.to_thread(trickle.join, 60)
+        assert trickle.error is None and trickle.sent == len(inputs) - 30
+        groups = trickle.sent  # sent one by one, a few milliseconds apart
         await _until(lambda: _at_least(outputs, len(inputs)), 60, "every input processed")
         batches = engine.stats["batches"] - before
         most = 3 * (int((time.monotonic() - started) * 1000 / interval_ms) + 2)
